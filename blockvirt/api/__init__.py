@@ -1,0 +1,1 @@
+"""Management HTTP API (aiohttp) and /metrics."""

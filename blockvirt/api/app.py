@@ -1,0 +1,132 @@
+"""Management API (aiohttp, same event loop as the NBD listener).
+
+Every error is JSON: {"error": {"code": ..., "message": ...}} with a 4xx/5xx status; see
+protocol/mgmt-api.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from blockvirt.metrics.registry import build_registry
+from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size
+from blockvirt.storage.volumes import VolumeManager
+
+log = logging.getLogger("blockvirt.api")
+
+_STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507}
+VOLUMES = web.AppKey("volumes", VolumeManager)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except CatalogError as e:
+        return _error(_STATUS.get(e.kind, 400), e.kind, e.message)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return _error(e.status, "http", e.reason)
+        raise
+    except Exception:
+        log.exception("API error on %s %s", request.method, request.path)
+        return _error(500, "internal", "internal server error (see the server log)")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CatalogError("invalid", "request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise CatalogError("invalid", "request body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    if key not in body:
+        if default is ...:
+            raise CatalogError("invalid", f"missing field {key!r}")
+        return default
+    value = body[key]
+    if kind is bool and not isinstance(value, bool):
+        raise CatalogError("invalid", f"field {key!r} must be true or false")
+    if kind is str and not isinstance(value, str):
+        raise CatalogError("invalid", f"field {key!r} must be a string")
+    return value
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    return web.json_response({"volumes": request.app[VOLUMES].list_info()})
+
+
+async def create_volume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    name = _field(body, "name", str)
+    raw_size = body.get("size")
+    if raw_size is None:
+        raise CatalogError("invalid", "missing field 'size'")
+    if isinstance(raw_size, bool) or not isinstance(raw_size, int | str):
+        raise CatalogError("invalid", "field 'size' must be bytes or a string like '10G'")
+    size = parse_size(raw_size)
+    thick = _field(body, "thick", bool, False)
+    pool = _field(body, "pool", str, DEFAULT_POOL)
+    info = await request.app[VOLUMES].create(name, size, thick=thick, pool=pool)
+    return web.json_response(info, status=201)
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    return web.json_response(request.app[VOLUMES].info(request.match_info["name"]))
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    await request.app[VOLUMES].delete(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def list_pools(request: web.Request) -> web.Response:
+    cat = request.app[VOLUMES].catalog
+    return web.json_response({"pools": [p.to_dict() for p in cat.pools()]})
+
+
+async def create_pool(request: web.Request) -> web.Response:
+    body = await _body(request)
+    rec = request.app[VOLUMES].catalog.add_pool(_field(body, "name", str), _field(body, "path", str))
+    return web.json_response(rec.to_dict(), status=201)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_app(volumes: VolumeManager) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+    app[VOLUMES] = volumes
+    registry = build_registry(volumes)
+
+    async def metrics(request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/api/v1/volumes", list_volumes)
+    app.router.add_post("/api/v1/volumes", create_volume)
+    app.router.add_get("/api/v1/volumes/{name}", get_volume)
+    app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
+    app.router.add_get("/api/v1/pools", list_pools)
+    app.router.add_post("/api/v1/pools", create_pool)
+    app.router.add_get("/metrics", metrics)
+    return app

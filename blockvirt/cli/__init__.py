@@ -1,0 +1,1 @@
+"""Command line: `blockvirt serve` and the management commands (over the HTTP API)."""

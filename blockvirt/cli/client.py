@@ -1,0 +1,54 @@
+"""A small blocking HTTP client for the management API (stdlib only, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class ApiClient:
+    def __init__(self, base_url: str, timeout: float = 120.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)["error"]
+                raise ApiError(err["message"], e.code, err.get("code", "")) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(f"HTTP {e.code}: {raw[:200].decode(errors='replace')}", e.code) from None
+        except urllib.error.URLError as e:
+            raise ApiError(
+                f"cannot reach the blockvirt API at {self.base}: {e.reason} (is `blockvirt serve` running?)"
+            ) from None
+        except (TimeoutError, ConnectionError) as e:
+            raise ApiError(f"cannot reach the blockvirt API at {self.base}: {e}") from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

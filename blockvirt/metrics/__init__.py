@@ -1,0 +1,1 @@
+"""Prometheus metrics from one explicit registry; values are read from live state at scrape time."""

@@ -1,0 +1,9 @@
+"""Sans-I/O NBD protocol: bytes in, typed events out; no sockets, no asyncio, no clock."""
+
+from __future__ import annotations
+
+from blockvirt.nbd.connection import ClientConnection, ServerConnection
+from blockvirt.nbd.events import ExportInfo
+from blockvirt.nbd.handshake import ExportCatalog, TLSMode
+
+__all__ = ["ClientConnection", "ExportCatalog", "ExportInfo", "ServerConnection", "TLSMode"]

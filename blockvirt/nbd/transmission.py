@@ -1,0 +1,324 @@
+"""Transmission phase, both roles: request framing, simple and structured replies.
+
+The server side is on the hot path: headers go through precompiled structs, commands are built
+through a table, and reply encoders return buffers the adapter hands to `writelines` as-is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from blockvirt.nbd import wire
+from blockvirt.nbd.buffer import ReceiveBuffer
+from blockvirt.nbd.constants import (
+    MAX_PAYLOAD_SERVED,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+)
+from blockvirt.nbd.events import (
+    BlockStatusCmd,
+    CacheCmd,
+    Command,
+    DiscCmd,
+    Extent,
+    FlushCmd,
+    ReadCmd,
+    Reply,
+    TrimCmd,
+    UnknownCmd,
+    WriteCmd,
+    WriteZeroesCmd,
+)
+from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
+
+_NO_PAYLOAD: dict[int, type[Command]] = {
+    Cmd.READ: ReadCmd,
+    Cmd.DISC: DiscCmd,
+    Cmd.FLUSH: FlushCmd,
+    Cmd.TRIM: TrimCmd,
+    Cmd.CACHE: CacheCmd,
+    Cmd.WRITE_ZEROES: WriteZeroesCmd,
+    Cmd.BLOCK_STATUS: BlockStatusCmd,
+}
+_REQ = wire.REQUEST
+_REQ_SIZE = wire.REQUEST.size
+_WRITE = int(Cmd.WRITE)
+_SIMPLE = wire.SIMPLE_REPLY
+_SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
+
+
+class ServerTransmission:
+    """Parses requests from the client; encodes our replies."""
+
+    __slots__ = ("_skip", "_skip_hdr", "buffer", "closed", "structured")
+
+    def __init__(self, structured: bool, buffer: ReceiveBuffer | None = None) -> None:
+        self.structured = structured
+        self.buffer = buffer if buffer is not None else ReceiveBuffer()
+        self.closed = False
+        self._skip = 0  # bytes of an oversized WRITE payload still to discard
+        self._skip_hdr: tuple[int, int, int, int] | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffer.feed(data)
+
+    def next_event(self) -> Command | None:
+        """The next complete request, or None if more bytes are needed."""
+        buf = self.buffer
+        if self._skip:
+            self._skip -= buf.skip(self._skip)
+            if self._skip:
+                return None
+            assert self._skip_hdr is not None
+            flags, cookie, offset, length = self._skip_hdr
+            self._skip_hdr = None
+            return WriteCmd(cookie, flags, offset, length, None)
+        avail = len(buf.buf) - buf.pos
+        if avail < _REQ_SIZE:
+            return None
+        magic, flags, ctype, cookie, offset, length = _REQ.unpack_from(buf.buf, buf.pos)
+        if magic != REQUEST_MAGIC:
+            self.closed = True
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        if ctype == _WRITE:
+            if length > MAX_PAYLOAD_SERVED:
+                # Too big to buffer: discard the payload as it streams in, then fail the request.
+                buf.advance(_REQ_SIZE)
+                self._skip = length
+                self._skip_hdr = (flags, cookie, offset, length)
+                return self.next_event()
+            if avail < _REQ_SIZE + length:
+                return None
+            start = buf.pos + _REQ_SIZE
+            data = bytes(buf.buf[start : start + length])
+            buf.advance(_REQ_SIZE + length)
+            return WriteCmd(cookie, flags, offset, length, data)
+        buf.advance(_REQ_SIZE)
+        cls = _NO_PAYLOAD.get(ctype)
+        if cls is None:
+            return UnknownCmd(cookie, flags, offset, length, ctype)
+        return cls(cookie, flags, offset, length)
+
+    def pending_payload(self) -> int:
+        """Bytes of a WRITE payload we are waiting for (for backpressure accounting)."""
+        buf = self.buffer
+        avail = len(buf.buf) - buf.pos
+        if avail < _REQ_SIZE:
+            return 0
+        _, _, ctype, _, _, length = _REQ.unpack_from(buf.buf, buf.pos)
+        return length if ctype == _WRITE else 0
+
+    # ------------------------------------------------------------ reply encoders
+    def ok(self, cookie: int) -> bytes:
+        return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+
+    def error(self, cookie: int, errno: int, message: str = "") -> bytes:
+        if self.structured:
+            return wire.error_chunk(cookie, errno, message or Errno(errno).name)
+        return _SIMPLE.pack(_SIMPLE_MAGIC, errno, cookie)
+
+    def read_empty(self, cookie: int) -> bytes:
+        """A zero-length READ: structured replies must still use a chunk (NONE, DONE)."""
+        if self.structured:
+            return wire.chunk_header(cookie, ReplyType.NONE, 0, True)
+        return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+
+    def read_data(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+        """A successful READ whose whole range is `data` (one chunk when structured)."""
+        if self.structured:
+            return [wire.data_chunk_header(cookie, offset, len(data), True), data]
+        return [_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie), data]
+
+    def read_segments(
+        self,
+        cookie: int,
+        segments: Sequence[tuple[int, int, bytes | bytearray | memoryview | None]],
+    ) -> list[bytes | bytearray | memoryview]:
+        """A READ as (offset, length, data-or-None-for-zeros) segments in order.
+
+        Structured: data chunks and hole chunks (the last marked DONE). Simple: the bytes.
+        """
+        out: list[bytes | bytearray | memoryview] = []
+        if not self.structured:
+            out.append(_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie))
+            for _off, length, data in segments:
+                out.append(bytes(length) if data is None else data)
+            return out
+        last = len(segments) - 1
+        for i, (off, length, data) in enumerate(segments):
+            done = i == last
+            if data is None:
+                out.append(wire.hole_chunk(cookie, off, length, done))
+            else:
+                out.append(wire.data_chunk_header(cookie, off, length, done))
+                out.append(data)
+        return out
+
+    def block_status(self, cookie: int, contexts: dict[int, Sequence[tuple[int, int]]]) -> bytes:
+        """One BLOCK_STATUS chunk per selected context, the last one DONE."""
+        if not self.structured:
+            raise LocalProtocolError("BLOCK_STATUS needs structured replies")
+        parts: list[bytes] = []
+        n = len(contexts)
+        for i, (cid, extents) in enumerate(contexts.items()):
+            payload = wire.U32.pack(cid) + b"".join(wire.EXTENT.pack(ln, fl) for ln, fl in extents)
+            parts.append(wire.chunk_header(cookie, ReplyType.BLOCK_STATUS, len(payload), i == n - 1))
+            parts.append(payload)
+        return b"".join(parts)
+
+
+# ======================================================================= client role
+
+
+@dataclass(slots=True)
+class _Pending:
+    cmd: int
+    offset: int
+    length: int
+    data: bytearray | None = None
+    error: int = 0
+    message: str = ""
+    extents: dict[int, tuple[Extent, ...]] = field(default_factory=dict)
+    chunks: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+class ClientTransmission:
+    """Encodes requests and turns (simple or structured) replies into `Reply` events."""
+
+    def __init__(self, structured: bool, buffer: ReceiveBuffer | None = None) -> None:
+        self.structured = structured
+        self.buffer = buffer if buffer is not None else ReceiveBuffer()
+        self._cookies = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+
+    def receive_data(self, data: bytes) -> None:
+        self.buffer.feed(data)
+
+    def request(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        data: bytes | None = None,
+        flags: int = 0,
+    ) -> tuple[int, list[bytes]]:
+        """Encode a request; returns its cookie and the buffers to send."""
+        cookie = next(self._cookies)
+        if cmd == Cmd.WRITE:
+            if data is None:
+                raise LocalProtocolError("WRITE needs data")
+            length = len(data)
+        if cmd != Cmd.DISC:
+            self._pending[cookie] = _Pending(cmd, offset, length)
+        out = [wire.request(cmd, flags, cookie, offset, length)]
+        if data is not None:
+            out.append(data)
+        return cookie, out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def next_event(self) -> Reply | None:
+        buf = self.buffer
+        while len(buf) >= 4:
+            (magic,) = wire.U32.unpack_from(buf.buf, buf.pos)
+            if magic == SIMPLE_REPLY_MAGIC:
+                if len(buf) < _SIMPLE.size:
+                    return None
+                _, err, cookie = _SIMPLE.unpack_from(buf.buf, buf.pos)
+                p = self._pending.get(cookie)
+                if p is None:
+                    raise RemoteProtocolError(f"reply for unknown cookie {cookie}")
+                payload = p.length if (p.cmd == Cmd.READ and err == 0) else 0
+                if len(buf) < _SIMPLE.size + payload:
+                    return None
+                buf.advance(_SIMPLE.size)
+                data = buf.take(payload) if payload else None
+                del self._pending[cookie]
+                return Reply(cookie, err, Errno(err).name if err in Errno._value2member_map_ else "", data)
+            if magic == STRUCTURED_REPLY_MAGIC:
+                if len(buf) < wire.CHUNK.size:
+                    return None
+                _, flags, rtype, cookie, length = wire.CHUNK.unpack_from(buf.buf, buf.pos)
+                if len(buf) < wire.CHUNK.size + length:
+                    return None
+                buf.advance(wire.CHUNK.size)
+                payload = buf.take(length)
+                ev = self._chunk(flags, rtype, cookie, payload)
+                if ev is not None:
+                    return ev
+                continue
+            raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+        return None
+
+    def _chunk(self, flags: int, rtype: int, cookie: int, payload: bytes) -> Reply | None:
+        p = self._pending.get(cookie)
+        if p is None:
+            raise RemoteProtocolError(f"chunk for unknown cookie {cookie}")
+        if rtype == ReplyType.OFFSET_DATA:
+            (off,) = wire.U64.unpack_from(payload, 0)
+            n = len(payload) - 8
+            if off < p.offset or off + n > p.offset + p.length:
+                raise RemoteProtocolError("data chunk outside the request")
+            if p.data is None:
+                p.data = bytearray(p.length)
+            p.data[off - p.offset : off - p.offset + n] = payload[8:]
+            p.chunks.append(("data", off, n))
+        elif rtype == ReplyType.OFFSET_HOLE:
+            off, n = wire.OFFSET_HOLE.unpack(payload)
+            if off < p.offset or off + n > p.offset + p.length:
+                raise RemoteProtocolError("hole chunk outside the request")
+            if p.data is None:
+                p.data = bytearray(p.length)
+            p.chunks.append(("hole", off, n))
+        elif rtype == ReplyType.BLOCK_STATUS:
+            (cid,) = wire.U32.unpack_from(payload, 0)
+            ext = tuple(
+                Extent(*wire.EXTENT.unpack_from(payload, 4 + 8 * i))
+                for i in range((len(payload) - 4) // 8)
+            )
+            p.extents[cid] = ext
+        elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            err, mlen = wire.ERROR_HEAD.unpack_from(payload, 0)
+            p.error = err
+            p.message = payload[6 : 6 + mlen].decode(errors="replace")
+        elif rtype != ReplyType.NONE:
+            if rtype & (1 << 15):
+                p.error = p.error or Errno.EINVAL
+            else:
+                raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
+        if not flags & ReplyFlag.DONE:
+            return None
+        del self._pending[cookie]
+        data: bytes | None = None
+        if p.cmd == Cmd.READ and not p.error:
+            data = bytes(p.data) if p.data is not None else bytes(p.length)
+        return Reply(
+            cookie,
+            p.error,
+            p.message,
+            data,
+            p.extents if p.cmd == Cmd.BLOCK_STATUS else None,
+            tuple(p.chunks),
+        )
+
+
+def merge_extents(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join neighbouring (length, flags) extents with equal flags (spec: SHOULD differ)."""
+    out: list[tuple[int, int]] = []
+    for ln, fl in extents:
+        if ln <= 0:
+            continue
+        if out and out[-1][1] == fl:
+            out[-1] = (out[-1][0] + ln, fl)
+        else:
+            out.append((ln, fl))
+    return out

@@ -1,0 +1,1 @@
+"""asyncio adapter: listeners, sessions, dispatch, export registry, service lifecycle."""

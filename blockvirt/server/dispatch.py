@@ -1,0 +1,226 @@
+"""Commands -> block node calls. Peer input is validated here, once; storage errors become
+NBD error replies. Nothing here touches a socket: replies are returned as buffers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from blockvirt.nbd.constants import (
+    ALLOWED_CMD_FLAGS,
+    BASE_ALLOCATION,
+    MAX_PAYLOAD_SERVED,
+    QEMU_ALLOCATION_DEPTH,
+    Cmd,
+    CmdFlag,
+    Errno,
+    TransmissionFlag,
+)
+from blockvirt.nbd.events import (
+    BlockStatusCmd,
+    CacheCmd,
+    Command,
+    FlushCmd,
+    ReadCmd,
+    TrimCmd,
+    UnknownCmd,
+    WriteCmd,
+    WriteZeroesCmd,
+)
+from blockvirt.nbd.exceptions import CommandError, nbd_errno
+from blockvirt.nbd.transmission import ServerTransmission, merge_extents
+from blockvirt.storage.node import HOLE, BlockNode, StorageError
+from blockvirt.storage.volumes import VolumeStats
+
+log = logging.getLogger("blockvirt.dispatch")
+
+Out = list[bytes | bytearray | memoryview]
+
+_FUA = int(CmdFlag.FUA)
+_DF = int(CmdFlag.DF)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_ALLOWED = {
+    ReadCmd: int(ALLOWED_CMD_FLAGS[Cmd.READ]),
+    WriteCmd: int(ALLOWED_CMD_FLAGS[Cmd.WRITE]),
+    FlushCmd: int(ALLOWED_CMD_FLAGS[Cmd.FLUSH]),
+    TrimCmd: int(ALLOWED_CMD_FLAGS[Cmd.TRIM]),
+    CacheCmd: int(ALLOWED_CMD_FLAGS[Cmd.CACHE]),
+    WriteZeroesCmd: int(ALLOWED_CMD_FLAGS[Cmd.WRITE_ZEROES]),
+    BlockStatusCmd: int(ALLOWED_CMD_FLAGS[Cmd.BLOCK_STATUS]),
+}
+_OP_NAMES = {
+    ReadCmd: "read",
+    WriteCmd: "write",
+    FlushCmd: "flush",
+    TrimCmd: "trim",
+    CacheCmd: "cache",
+    WriteZeroesCmd: "write_zeroes",
+    BlockStatusCmd: "block_status",
+}
+#: Commands that change data (read-only exports refuse them with EPERM).
+_MUTATING = (WriteCmd, TrimCmd, WriteZeroesCmd)
+
+
+class Dispatcher:
+    """Validates and executes one session's commands against its export's node."""
+
+    def __init__(
+        self,
+        node: BlockNode,
+        size: int,
+        tflags: int,
+        tx: ServerTransmission,
+        contexts: dict[int, str],
+        stats: VolumeStats | None = None,
+    ) -> None:
+        self.node = node
+        self.stats = stats if stats is not None else VolumeStats()
+        self.size = size  # fixed for the session: NBD has no way to announce a change
+        self.read_only = bool(tflags & TransmissionFlag.READ_ONLY)
+        self.tx = tx
+        self.contexts = contexts
+        allowed = dict(_ALLOWED)
+        if not tflags & TransmissionFlag.SEND_DF:
+            allowed[ReadCmd] &= ~_DF
+        if not tflags & TransmissionFlag.SEND_FAST_ZERO:
+            allowed[WriteZeroesCmd] &= ~_FAST_ZERO
+        self._allowed = allowed
+        #: Writes completed since the last flush by this session (flushed on disconnect).
+        self.unflushed = False
+
+    # ------------------------------------------------------------ validation
+    def check(self, cmd: Command) -> CommandError | None:
+        """Why `cmd` must fail before touching storage, or None if it may run."""
+        err = self._check(cmd)
+        stats = self.stats
+        if err is not None:
+            stats.errors += 1
+            return err
+        t = type(cmd)
+        stats.count(_OP_NAMES[t])
+        if t is ReadCmd:
+            stats.read_bytes += cmd.length
+        elif t is WriteCmd:
+            stats.write_bytes += cmd.length
+        return None
+
+    def _check(self, cmd: Command) -> CommandError | None:
+        t = type(cmd)
+        allowed = self._allowed.get(t)
+        if allowed is None:
+            assert isinstance(cmd, UnknownCmd), t
+            return CommandError(Errno.EINVAL, f"unknown command {cmd.type}")
+        if cmd.flags & ~allowed:
+            return CommandError(Errno.EINVAL, f"flags {cmd.flags:#x} not valid for this command")
+        if t is FlushCmd:
+            return None
+        if self.read_only and t in _MUTATING:
+            return CommandError(Errno.EPERM, "export is read-only")
+        end = cmd.offset + cmd.length
+        if end > self.size:
+            # Spec: writing past the end SHOULD be ENOSPC, every other range error EINVAL.
+            errno = Errno.ENOSPC if t is WriteCmd or t is WriteZeroesCmd else Errno.EINVAL
+            return CommandError(errno, f"request [{cmd.offset}, {end}) beyond export size {self.size}")
+        if t is WriteCmd:
+            if cmd.data is None:  # type: ignore[attr-defined]
+                return CommandError(Errno.EINVAL, f"write payload larger than {MAX_PAYLOAD_SERVED} bytes")
+        elif t is ReadCmd:
+            if cmd.length > MAX_PAYLOAD_SERVED:
+                return CommandError(Errno.EINVAL, f"read larger than {MAX_PAYLOAD_SERVED} bytes")
+        elif t is BlockStatusCmd:
+            if not self.contexts:
+                return CommandError(Errno.EINVAL, "no metadata context was negotiated")
+            if cmd.length == 0:
+                return CommandError(Errno.EINVAL, "block status of an empty range")
+        return None
+
+    # ------------------------------------------------------------ fast path
+    def try_now(self, cmd: Command) -> Out | None:
+        """Complete a READ or small WRITE without awaiting, if the node can; else None.
+
+        Raises StorageError for a failure the caller must report.
+        """
+        t = type(cmd)
+        if t is ReadCmd:
+            if cmd.length == 0:
+                return None
+            data = self.node.read_nowait(cmd.offset, cmd.length)
+            if data is None:
+                return None
+            return self.tx.read_data(cmd.cookie, cmd.offset, data)
+        if t is WriteCmd and not cmd.flags & _FUA:
+            if self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+                self.unflushed = True
+                return [self.tx.ok(cmd.cookie)]
+        return None
+
+    # ------------------------------------------------------------ full path
+    async def run(self, cmd: Command) -> Out:
+        try:
+            return await self._run(cmd)
+        except CommandError as e:
+            self.stats.errors += 1
+            return [self.tx.error(cmd.cookie, e.errno, e.message)]
+        except (StorageError, OSError) as e:
+            self.stats.errors += 1
+            log.warning("%s failed: %s", type(cmd).__name__, e)
+            return [self.tx.error(cmd.cookie, nbd_errno(e.errno), str(e))]
+
+    def error_reply(self, cmd: Command, err: CommandError | StorageError) -> Out:
+        if isinstance(err, StorageError):
+            self.stats.errors += 1
+            return [self.tx.error(cmd.cookie, nbd_errno(err.errno), str(err))]
+        return [self.tx.error(cmd.cookie, err.errno, err.message)]
+
+    async def _run(self, cmd: Command) -> Out:
+        node, tx, cookie = self.node, self.tx, cmd.cookie
+        fua = bool(cmd.flags & _FUA)
+        t = type(cmd)
+        if t is ReadCmd:
+            if cmd.length == 0:
+                return [tx.read_empty(cookie)]
+            if tx.structured and not cmd.flags & _DF:
+                segs = await node.read_sparse(cmd.offset, cmd.length)
+                return tx.read_segments(cookie, segs)
+            return tx.read_data(cookie, cmd.offset, await node.read(cmd.offset, cmd.length))
+        if t is WriteCmd:
+            await node.write(cmd.offset, cmd.data, fua)  # type: ignore[attr-defined]
+            self.unflushed = not fua
+            return [tx.ok(cookie)]
+        if t is FlushCmd:
+            await node.flush()
+            self.unflushed = False
+            return [tx.ok(cookie)]
+        if t is WriteZeroesCmd:
+            if cmd.flags & _FAST_ZERO and not await node.fast_zero_possible():
+                raise CommandError(Errno.ENOTSUP, "zeroing this range is not faster than writing")
+            await node.zero(cmd.offset, cmd.length, may_trim=not cmd.flags & _NO_HOLE, fua=fua)
+            self.unflushed = not fua
+            return [tx.ok(cookie)]
+        if t is TrimCmd:
+            await node.trim(cmd.offset, cmd.length, fua)
+            self.unflushed = not fua
+            return [tx.ok(cookie)]
+        if t is CacheCmd:
+            await node.cache(cmd.offset, cmd.length)
+            return [tx.ok(cookie)]
+        if t is BlockStatusCmd:
+            return [tx.block_status(cookie, await self._block_status(cmd))]
+        raise AssertionError(f"unvalidated command {cmd!r}")
+
+    async def _block_status(self, cmd: Command) -> dict[int, Sequence[tuple[int, int]]]:
+        extents = merge_extents(await self.node.block_status(cmd.offset, cmd.length))
+        if not extents:  # nodes must answer at least one byte; be safe
+            extents = [(min(cmd.length, self.size - cmd.offset), 0)]
+        if cmd.flags & _REQ_ONE:
+            ln, fl = extents[0]
+            extents = [(min(ln, cmd.length), fl)]
+        out: dict[int, Sequence[tuple[int, int]]] = {}
+        for cid, name in self.contexts.items():
+            if name == BASE_ALLOCATION:
+                out[cid] = extents
+            elif name == QEMU_ALLOCATION_DEPTH:
+                out[cid] = merge_extents((ln, 0 if fl & HOLE else 1) for ln, fl in extents)
+        return out

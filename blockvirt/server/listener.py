@@ -1,0 +1,76 @@
+"""The NBD listener: accepts TCP connections and owns the set of live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from blockvirt.nbd.handshake import TLSMode
+from blockvirt.server.exports import ExportRegistry
+from blockvirt.server.session import NbdSession
+
+log = logging.getLogger("blockvirt.listener")
+
+
+class NbdServer:
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        host: str,
+        port: int,
+        *,
+        tls_mode: TLSMode = TLSMode.NONE,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.tls_mode = tls_mode
+        self.handshake_timeout = handshake_timeout
+        self.sessions: set[NbdSession] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def next_session_id(self) -> int:
+        return next(self._ids)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep session-ending tasks alive and awaitable at shutdown."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: NbdSession(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.info("NBD listening on %s:%d", self.host, self.port)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        """Stop accepting, let sessions finish in-flight work and flush, then cut the rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        sessions = list(self.sessions)
+        if sessions:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(s.shutdown()) for s in sessions], timeout=deadline
+            )
+            for s in sessions:
+                if s.transport is not None and not s.transport.is_closing():
+                    s.transport.abort()
+            if pending:
+                log.warning("%d session(s) did not finish within %.1fs", len(pending), deadline)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=deadline)
+        if self._server is not None:
+            await self._server.wait_closed()

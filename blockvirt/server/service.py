@@ -1,0 +1,105 @@
+"""The service: one owner of start and stop order (storage, NBD listener, API)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from blockvirt.api.app import build_app
+from blockvirt.server.exports import ExportRegistry
+from blockvirt.server.listener import NbdServer
+from blockvirt.storage.volumes import VolumeManager
+
+log = logging.getLogger("blockvirt.service")
+
+DEFAULT_DATA_DIR = "./blockvirt-data"
+DEFAULT_NBD = "127.0.0.1:10809"
+DEFAULT_API = "127.0.0.1:9810"
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid {what} address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    data_dir: str = DEFAULT_DATA_DIR
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int = 10809
+    api_host: str = "127.0.0.1"
+    api_port: int = 9810
+    shutdown_deadline: float = 10.0
+    ready_file: str | None = None
+
+
+class Service:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.volumes: VolumeManager | None = None
+        self.nbd: NbdServer | None = None
+        self._runner: web.AppRunner | None = None
+        self.api_url = ""
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.volumes = VolumeManager(cfg.data_dir)
+        registry = ExportRegistry(self.volumes)
+        self.nbd = NbdServer(registry, cfg.nbd_host, cfg.nbd_port)
+        await self.nbd.start()
+        self._runner = web.AppRunner(build_app(self.volumes), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
+        await site.start()
+        server = site._server  # the bound socket tells the real port when 0 was asked
+        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.api_port  # type: ignore[union-attr]
+        self.api_url = f"http://{cfg.api_host}:{port}"
+        log.info("API and /metrics on %s", self.api_url)
+        if cfg.ready_file:
+            tmp = cfg.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"nbd": self.nbd.address, "api": self.api_url, "pid": os.getpid()}, f)
+            os.replace(tmp, cfg.ready_file)
+
+    async def stop(self) -> None:
+        """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
+        if self.nbd is not None:
+            await self.nbd.stop(self.config.shutdown_deadline)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.volumes is not None:
+            await self.volumes.close()
+        log.info("stopped")
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set, or SIGTERM/SIGINT (a second signal forces exit)."""
+        loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            log.info("signal received: shutting down")
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

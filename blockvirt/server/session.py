@@ -1,0 +1,284 @@
+"""One NBD client: the socket <-> nbd.ServerConnection adapter (the only code touching sockets
+besides the listener).
+
+Requests that can finish without blocking (page-cached reads, small buffered writes) are
+answered inline from `data_received`; the rest become tasks, so one connection's requests run
+concurrently and complete out of order. In-flight requests and bytes are bounded: past the
+bound, or while the client is not reading its replies, we stop reading its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from blockvirt.nbd.connection import ServerConnection
+from blockvirt.nbd.constants import Errno
+from blockvirt.nbd.events import Aborted, Command, DiscCmd, Negotiated, OptionRefused, ReadCmd, StartTLS, WriteCmd
+from blockvirt.nbd.exceptions import ProtocolError
+from blockvirt.nbd.transmission import ServerTransmission
+from blockvirt.server.dispatch import Dispatcher
+from blockvirt.storage.node import StorageError
+from blockvirt.storage.volumes import Volume
+
+if TYPE_CHECKING:
+    from blockvirt.server.listener import NbdServer
+
+log = logging.getLogger("blockvirt.session")
+
+MAX_INFLIGHT = 64
+MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+
+
+class NbdSession(asyncio.Protocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: ServerConnection | None = None
+        self.tx: ServerTransmission | None = None
+        self.disp: Dispatcher | None = None
+        self.volume: Volume | None = None
+        self.peer = ""
+        self.id = server.next_session_id()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self._blocked = False  # not taking new requests (backpressure, DISC or shutdown)
+        self._write_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._lost = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.closed = self.loop.create_future()
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.sessions.add(self)
+        if self.server.closing:
+            transport.close()
+            return
+        self.conn = ServerConnection(self.server.registry.catalog(self.peer), tls=self.server.tls_mode)
+        transport.write(self.conn.data_to_send())
+        self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+        log.debug("session %d: connected from %s", self.id, self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        tx = self.tx
+        if tx is not None:
+            tx.buffer.feed(data)
+            if not self._blocked:
+                self._pump()
+            return
+        self._handshake(data)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        if self.tx is not None and not self._blocked:
+            self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if not self._closing:
+            self._closing = True
+            self.server.track(self.loop.create_task(self._finish()))
+
+    # ------------------------------------------------------------ handshake
+    def _handshake(self, data: bytes) -> None:
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or self._closing:
+            return
+        conn.receive_data(data)
+        try:
+            while True:
+                ev = conn.next_event()
+                out = conn.data_to_send()
+                if out:
+                    transport.write(out)
+                if ev is None:
+                    return
+                if isinstance(ev, Negotiated):
+                    self._negotiated(ev)
+                    return
+                if isinstance(ev, Aborted):
+                    log.debug("session %d: handshake ended: %s", self.id, ev.reason)
+                    self._close()
+                    return
+                if isinstance(ev, OptionRefused):
+                    log.debug("session %d: option %d refused: %s", self.id, ev.option, ev.message)
+                elif isinstance(ev, StartTLS):  # pragma: no cover - TLS is not configured yet
+                    self._close()
+                    return
+        except ProtocolError as e:
+            log.info("session %d (%s): protocol violation in handshake: %s", self.id, self.peer, e)
+            self._close(abort=True)
+
+    def _negotiated(self, ev: Negotiated) -> None:
+        assert self.conn is not None and self.conn.transmission is not None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        vol = self.server.registry.resolve(ev.export.name)
+        if vol is None:  # deleted between the lookup and now
+            self._close(abort=True)
+            return
+        vol.users += 1
+        self.volume = vol
+        self.tx = self.conn.transmission
+        self.disp = Dispatcher(
+            vol.node, ev.export.size, ev.transmission_flags, self.tx, ev.contexts, vol.stats
+        )
+        log.info("session %d (%s): opened export %r", self.id, self.peer, ev.export.name)
+        self._pump()
+
+    def _handshake_expired(self) -> None:
+        log.info("session %d (%s): handshake timed out", self.id, self.peer)
+        self._close(abort=True)
+
+    # ------------------------------------------------------------ transmission
+    def _pump(self) -> None:
+        tx, transport, disp = self.tx, self.transport, self.disp
+        assert tx is not None and transport is not None and disp is not None
+        while not self._blocked:
+            try:
+                cmd = tx.next_event()
+            except ProtocolError as e:
+                log.info("session %d (%s): protocol violation: %s", self.id, self.peer, e)
+                self._close(abort=True)
+                return
+            if cmd is None:
+                return
+            if type(cmd) is DiscCmd:
+                self._blocked = True
+                self._update_reading()
+                self.server.track(self.loop.create_task(self._disconnect()))
+                return
+            err = disp.check(cmd)
+            if err is not None:
+                transport.writelines(disp.error_reply(cmd, err))
+                continue
+            try:
+                out = disp.try_now(cmd)
+            except StorageError as e:
+                transport.writelines(disp.error_reply(cmd, e))
+                continue
+            if out is not None:
+                transport.writelines(out)
+                continue
+            self._spawn(cmd)
+
+    def _spawn(self, cmd: Command) -> None:
+        nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
+        self.inflight += 1
+        self.inflight_bytes += nbytes
+        task = self.loop.create_task(self._run(cmd, nbytes))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if self.inflight >= MAX_INFLIGHT or self.inflight_bytes >= MAX_INFLIGHT_BYTES:
+            self._blocked = True
+            self._update_reading()
+
+    async def _run(self, cmd: Command, nbytes: int) -> None:
+        disp = self.disp
+        assert disp is not None and self.tx is not None
+        try:
+            out = await disp.run(cmd)
+        except Exception:
+            log.exception("session %d: internal error on %r", self.id, type(cmd).__name__)
+            out = [self.tx.error(cmd.cookie, Errno.EIO, "internal server error")]
+        finally:
+            self.inflight -= 1
+            self.inflight_bytes -= nbytes
+        transport = self.transport
+        if transport is not None and not self._lost:
+            transport.writelines(out)
+        if (
+            self._blocked
+            and not self._closing
+            and self.inflight < MAX_INFLIGHT // 2
+            and self.inflight_bytes < MAX_INFLIGHT_BYTES // 2
+        ):
+            self._blocked = False
+            self._update_reading()
+            if not self._lost:
+                self._pump()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        want_pause = self._blocked or self._write_paused
+        if want_pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    # ------------------------------------------------------------ ending
+    async def _drain_and_flush(self) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        disp = self.disp
+        if disp is not None and disp.unflushed:
+            # nbdcopy and fio never send FLUSH: make their data durable when they leave.
+            try:
+                await disp.node.flush()
+                disp.unflushed = False
+            except StorageError as e:
+                log.error("session %d: flush on disconnect failed: %s", self.id, e)
+
+    async def _disconnect(self) -> None:
+        """NBD_CMD_DISC: finish in-flight requests, flush, then close (no reply)."""
+        self._closing = True
+        await self._drain_and_flush()
+        self._close()
+        await self._finish()
+
+    async def shutdown(self) -> None:
+        """Server stopping: take no new requests, finish in-flight ones, flush, close."""
+        if self._closing:
+            return
+        self._closing = True
+        self._blocked = True
+        self._update_reading()
+        await self._drain_and_flush()
+        self._close()
+        await self._finish()
+
+    def _close(self, abort: bool = False) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    async def _finish(self) -> None:
+        """Release the volume once every task is done (runs once per session)."""
+        if self.closed.done():
+            return
+        await self._drain_and_flush()
+        if self.volume is not None:
+            self.volume.users -= 1
+            self.volume = None
+        self.server.sessions.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        log.debug("session %d: closed", self.id)

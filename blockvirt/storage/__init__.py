@@ -1,0 +1,1 @@
+"""Block graph: nodes, filters and drivers. Knows nothing of sockets or HTTP."""
