@@ -30,10 +30,15 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
     # On subcommands the defaults are suppressed so a global --json/--api is not overwritten.
     d = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument("--api", metavar="URL", help="management API URL (default $BLOCKVIRT_API or "
-                   f"{DEFAULT_API_URL})", **({"default": None} if top else d))
-    p.add_argument("--json", action="store_true", help="machine-readable output",
-                   **({"default": False} if top else d))
+    p.add_argument(
+        "--api",
+        metavar="URL",
+        help=f"management API URL (default $BLOCKVIRT_API or {DEFAULT_API_URL})",
+        **({"default": None} if top else d),
+    )
+    p.add_argument(
+        "--json", action="store_true", help="machine-readable output", **({"default": False} if top else d)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--data-dir", default="./blockvirt-data", help="data directory (default %(default)s)")
     serve.add_argument("--nbd", default="127.0.0.1:10809", metavar="HOST:PORT", help="NBD listen address")
-    serve.add_argument("--api", dest="api_listen", default="127.0.0.1:9810", metavar="HOST:PORT",
-                       help="API and /metrics listen address")
+    serve.add_argument(
+        "--api",
+        dest="api_listen",
+        default="127.0.0.1:9810",
+        metavar="HOST:PORT",
+        help="API and /metrics listen address",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
     serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
@@ -152,7 +162,9 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
             size = parse_size(args.size)
         except CatalogError as e:
             raise UsageError(e.message) from None
-        info = api.post("/api/v1/volumes", {"name": args.name, "size": size, "thick": args.thick, "pool": args.pool})
+        info = api.post(
+            "/api/v1/volumes", {"name": args.name, "size": size, "thick": args.thick, "pool": args.pool}
+        )
         kind = "thick" if info["thick"] else "thin"
         _emit(args, info, f"created {kind} volume {info['name']} ({_human_size(info['size'])})")
     elif action == "list":
@@ -164,20 +176,32 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         else:
             _print_table(
                 [_volume_row(v) for v in vols],
-                [("name", "NAME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"), ("kind", "TYPE"),
-                 ("pool", "POOL"), ("connections", "CONNECTIONS")],
+                [
+                    ("name", "NAME"),
+                    ("size_h", "SIZE"),
+                    ("alloc_h", "ALLOCATED"),
+                    ("kind", "TYPE"),
+                    ("pool", "POOL"),
+                    ("connections", "CONNECTIONS"),
+                ],
             )
     elif action == "info":
         v = api.get(f"/api/v1/volumes/{_q(args.name)}")
         r = _volume_row(v)
-        _emit(args, v, "\n".join([
-            f"name:        {v['name']}",
-            f"size:        {r['size_h']} ({v['size']} bytes)",
-            f"allocated:   {r['alloc_h']} ({v['allocated']} bytes)",
-            f"type:        {r['kind']}",
-            f"pool:        {v['pool']}",
-            f"connections: {v['connections']}",
-        ]))
+        _emit(
+            args,
+            v,
+            "\n".join(
+                [
+                    f"name:        {v['name']}",
+                    f"size:        {r['size_h']} ({v['size']} bytes)",
+                    f"allocated:   {r['alloc_h']} ({v['allocated']} bytes)",
+                    f"type:        {r['kind']}",
+                    f"pool:        {v['pool']}",
+                    f"connections: {v['connections']}",
+                ]
+            ),
+        )
     elif action == "delete":
         api.delete(f"/api/v1/volumes/{_q(args.name)}")
         _emit(args, {"deleted": args.name}, f"deleted volume {args.name}")

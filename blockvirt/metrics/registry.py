@@ -19,11 +19,17 @@ class VolumeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rb = CounterMetricFamily("blockvirt_volume_read_bytes", "Bytes read by clients", labels=["volume"])
-        wb = CounterMetricFamily("blockvirt_volume_write_bytes", "Bytes written by clients", labels=["volume"])
+        wb = CounterMetricFamily(
+            "blockvirt_volume_write_bytes", "Bytes written by clients", labels=["volume"]
+        )
         ops = CounterMetricFamily("blockvirt_volume_ops", "Requests by operation", labels=["volume", "op"])
-        errs = CounterMetricFamily("blockvirt_volume_errors", "Requests answered with an error", labels=["volume"])
+        errs = CounterMetricFamily(
+            "blockvirt_volume_errors", "Requests answered with an error", labels=["volume"]
+        )
         size = GaugeMetricFamily("blockvirt_volume_size_bytes", "Virtual size", labels=["volume"])
-        alloc = GaugeMetricFamily("blockvirt_volume_allocated_bytes", "Bytes allocated in the pool", labels=["volume"])
+        alloc = GaugeMetricFamily(
+            "blockvirt_volume_allocated_bytes", "Bytes allocated in the pool", labels=["volume"]
+        )
         conns = GaugeMetricFamily("blockvirt_connections", "Connected NBD clients", labels=["volume"])
         for rec in self.volumes.records():
             vol = self.volumes.volume(rec.name)

@@ -15,12 +15,12 @@ from typing import Protocol
 from blockvirt.nbd import wire
 from blockvirt.nbd.buffer import ReceiveBuffer
 from blockvirt.nbd.constants import (
+    BASE_ALLOCATION,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
     MAX_STRING,
     NBDMAGIC,
     OPT_REPLY_MAGIC,
-    BASE_ALLOCATION,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -167,9 +167,7 @@ def _parse_info(data: bytes) -> _Parsed:
     (n,) = wire.U16.unpack_from(data, 4 + namelen)
     if len(data) != 6 + namelen + 2 * n:
         return _Parsed(error=Rep.ERR_INVALID, message="information request count mismatch")
-    infos = tuple(
-        wire.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(n)
-    )
+    infos = tuple(wire.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(n))
     return _Parsed(name=name, infos=infos)
 
 
@@ -275,7 +273,8 @@ class ServerHandshake:
                 if len(self.buffer) < 4:
                     return None
                 (cflags,) = wire.CLIENT_FLAGS.unpack(self.buffer.take(4))
-                known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+                # int(): ~ on an IntFlag only inverts the defined bits (so ~all == 0)
+                known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
                 if cflags & ~known:
                     self._violation(f"unknown client flags {cflags:#x}")
                 self.no_zeroes = bool(cflags & ClientFlag.C_NO_ZEROES)
@@ -310,9 +309,7 @@ class ServerHandshake:
         self._reply(opt, rep, message.encode()[:MAX_STRING])
         return OptionRefused(opt, int(rep), message)
 
-    def _option(
-        self, opt: int, data: bytes
-    ) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
+    def _option(self, opt: int, data: bytes) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
         self.machine.fire(Input.OPTION)
         if opt == Opt.ABORT:
             self._reply(opt, Rep.ACK)
@@ -393,9 +390,7 @@ class ServerHandshake:
         self._reply(
             opt,
             Rep.INFO,
-            wire.INFO_BLOCK_SIZE.pack(
-                Info.BLOCK_SIZE, export.min_block, export.pref_block, export.max_block
-            ),
+            wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, export.min_block, export.pref_block, export.max_block),
         )
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
@@ -438,7 +433,8 @@ class ClientHandshake:
         self.server_flags = 0
         self._out: list[bytes] = []
         self._pending: int | None = None  # option awaiting its final reply
-        self._collect: dict[str, list[object]] = {}
+        self._exports: list[tuple[str, str]] = []
+        self._contexts: list[tuple[int, str]] = []
         self._export: ExportInfo | None = None
         self._tflags = 0
         self._pending_name = ""
@@ -458,7 +454,7 @@ class ClientHandshake:
             raise LocalProtocolError("one option at a time")
         self._pending = opt
         self._pending_name = name
-        self._collect = {"exports": [], "contexts": []}
+        self._exports, self._contexts = [], []
         self._export = None
         self._tflags = 0
         self._out.append(wire.option(opt, data))
@@ -528,21 +524,19 @@ class ClientHandshake:
         if rep == Rep.SERVER:
             (n,) = wire.U32.unpack_from(data, 0)
             name = data[4 : 4 + n].decode()
-            self._collect["exports"].append((name, data[4 + n :].decode(errors="replace")))
+            self._exports.append((name, data[4 + n :].decode(errors="replace")))
             return None
         if rep == Rep.META_CONTEXT:
             (cid,) = wire.U32.unpack_from(data, 0)
-            self._collect["contexts"].append((cid, data[4:].decode()))
+            self._contexts.append((cid, data[4:].decode()))
             return None
         if rep == Rep.INFO:
             self._info_reply(data)
             return None
         self._pending = None
         message = data.decode(errors="replace") if rep & (1 << 31) else ""
-        exports = tuple(self._collect["exports"])  # type: ignore[arg-type]
-        contexts = tuple(self._collect["contexts"])  # type: ignore[arg-type]
         return OptionResult(
-            opt, rep, message, exports, contexts, self._export, self._tflags
+            opt, rep, message, tuple(self._exports), tuple(self._contexts), self._export, self._tflags
         )
 
     def _info_reply(self, data: bytes) -> None:
@@ -552,8 +546,13 @@ class ClientHandshake:
             _, size, flags = wire.INFO_EXPORT.unpack(data)
             self._tflags = flags
             base = _export_from_flags(cur.name, size, flags)
-            cur = _replace(base, description=cur.description, min_block=cur.min_block,
-                           pref_block=cur.pref_block, max_block=cur.max_block)
+            cur = _replace(
+                base,
+                description=cur.description,
+                min_block=cur.min_block,
+                pref_block=cur.pref_block,
+                max_block=cur.max_block,
+            )
         elif itype == Info.NAME:
             cur = _replace(cur, name=data[2:].decode())
         elif itype == Info.DESCRIPTION:

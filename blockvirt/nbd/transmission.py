@@ -130,7 +130,9 @@ class ServerTransmission:
             return wire.chunk_header(cookie, ReplyType.NONE, 0, True)
         return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
 
-    def read_data(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+    def read_data(
+        self, cookie: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
         """A successful READ whose whole range is `data` (one chunk when structured)."""
         if self.structured:
             return [wire.data_chunk_header(cookie, offset, len(data), True), data]
@@ -237,11 +239,11 @@ class ClientTransmission:
                 p = self._pending.get(cookie)
                 if p is None:
                     raise RemoteProtocolError(f"reply for unknown cookie {cookie}")
-                payload = p.length if (p.cmd == Cmd.READ and err == 0) else 0
-                if len(buf) < _SIMPLE.size + payload:
+                want = p.length if (p.cmd == Cmd.READ and err == 0) else 0
+                if len(buf) < _SIMPLE.size + want:
                     return None
                 buf.advance(_SIMPLE.size)
-                data = buf.take(payload) if payload else None
+                data = buf.take(want) if want else None
                 del self._pending[cookie]
                 return Reply(cookie, err, Errno(err).name if err in Errno._value2member_map_ else "", data)
             if magic == STRUCTURED_REPLY_MAGIC:
@@ -282,8 +284,7 @@ class ClientTransmission:
         elif rtype == ReplyType.BLOCK_STATUS:
             (cid,) = wire.U32.unpack_from(payload, 0)
             ext = tuple(
-                Extent(*wire.EXTENT.unpack_from(payload, 4 + 8 * i))
-                for i in range((len(payload) - 4) // 8)
+                Extent(*wire.EXTENT.unpack_from(payload, 4 + 8 * i)) for i in range((len(payload) - 4) // 8)
             )
             p.extents[cid] = ext
         elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):

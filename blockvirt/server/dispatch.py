@@ -150,10 +150,13 @@ class Dispatcher:
             if data is None:
                 return None
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
-        if t is WriteCmd and not cmd.flags & _FUA:
-            if self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
-                self.unflushed = True
-                return [self.tx.ok(cmd.cookie)]
+        if (
+            t is WriteCmd
+            and not cmd.flags & _FUA
+            and self.node.write_nowait(cmd.offset, cmd.data)  # type: ignore[attr-defined]
+        ):
+            self.unflushed = True
+            return [self.tx.ok(cmd.cookie)]
         return None
 
     # ------------------------------------------------------------ full path

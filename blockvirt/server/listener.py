@@ -62,7 +62,7 @@ class NbdServer:
             self._server.close()
         sessions = list(self.sessions)
         if sessions:
-            done, pending = await asyncio.wait(
+            _, pending = await asyncio.wait(
                 [asyncio.ensure_future(s.shutdown()) for s in sessions], timeout=deadline
             )
             for s in sessions:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
@@ -59,15 +60,14 @@ class Service:
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
         await site.start()
-        server = site._server  # the bound socket tells the real port when 0 was asked
-        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.api_port  # type: ignore[union-attr]
+        # The bound socket tells the real port when port 0 was asked for.
+        server = cast(asyncio.Server | None, site._server)
+        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.api_port
         self.api_url = f"http://{cfg.api_host}:{port}"
         log.info("API and /metrics on %s", self.api_url)
         if cfg.ready_file:
-            tmp = cfg.ready_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"nbd": self.nbd.address, "api": self.api_url, "pid": os.getpid()}, f)
-            os.replace(tmp, cfg.ready_file)
+            info = {"nbd": self.nbd.address, "api": self.api_url, "pid": os.getpid()}
+            _write_ready_file(cfg.ready_file, info)
 
     async def stop(self) -> None:
         """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
@@ -103,3 +103,11 @@ class Service:
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+def _write_ready_file(path: str, info: dict[str, object]) -> None:
+    """Atomically publish where we listen (tests and scripts wait for this file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)

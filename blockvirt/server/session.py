@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 
 from blockvirt.nbd.connection import ServerConnection
 from blockvirt.nbd.constants import Errno
-from blockvirt.nbd.events import Aborted, Command, DiscCmd, Negotiated, OptionRefused, ReadCmd, StartTLS, WriteCmd
+from blockvirt.nbd.events import (
+    Aborted,
+    Command,
+    DiscCmd,
+    Negotiated,
+    OptionRefused,
+    ReadCmd,
+    StartTLS,
+    WriteCmd,
+)
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
 from blockvirt.server.dispatch import Dispatcher

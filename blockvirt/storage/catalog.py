@@ -125,7 +125,9 @@ class Catalog:
         return PoolRecord(*row) if row else None
 
     def pools(self) -> list[PoolRecord]:
-        return [PoolRecord(*r) for r in self.db.execute("SELECT name, path, created FROM pools ORDER BY name")]
+        return [
+            PoolRecord(*r) for r in self.db.execute("SELECT name, path, created FROM pools ORDER BY name")
+        ]
 
     # ------------------------------------------------------------ volumes
     def volume(self, name: str) -> VolumeRecord | None:

@@ -82,7 +82,9 @@ class VolumeManager:
         return out
 
     # ------------------------------------------------------------ changes
-    async def create(self, name: str, size: int, *, thick: bool = False, pool: str = DEFAULT_POOL) -> dict[str, Any]:
+    async def create(
+        self, name: str, size: int, *, thick: bool = False, pool: str = DEFAULT_POOL
+    ) -> dict[str, Any]:
         async with self._lock:
             rec = self.catalog.new_volume(name, size, thick, pool)
             path = self.catalog.volume_path(rec)
