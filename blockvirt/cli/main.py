@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
+    serve.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop")
     serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
 
     vol = sub.add_parser("volume", help="manage volumes")
@@ -146,7 +147,12 @@ def _serve(args: argparse.Namespace) -> int:
         ready_file=args.ready_file,
     )
     try:
-        asyncio.run(Service(cfg).run())
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(Service(cfg).run())
+        else:
+            asyncio.run(Service(cfg).run())
     except OSError as e:
         print(f"blockvirt serve: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

@@ -146,6 +146,10 @@ class Dispatcher:
         if t is ReadCmd:
             if cmd.length == 0:
                 return None
+            if self.tx.structured and not cmd.flags & _DF:
+                # The node decides whether looking for holes pays (large reads only).
+                segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
+                return None if segs is None else self.tx.read_segments(cmd.cookie, segs)
             data = self.node.read_nowait(cmd.offset, cmd.length)
             if data is None:
                 return None

@@ -64,6 +64,11 @@ class BlockNode(abc.ABC):
         """Data if available without blocking the loop, else None."""
         return None
 
+    def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        """Like read_sparse, if possible without blocking the loop, else None."""
+        data = self.read_nowait(offset, length)
+        return None if data is None else [(offset, length, data)]
+
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         """Complete a (non-FUA) write without blocking the loop if possible; True if done."""
         return False
@@ -120,6 +125,9 @@ class FilterNode(BlockNode):
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         return self.child.read_nowait(offset, length)
+
+    def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        return self.child.read_sparse_nowait(offset, length)
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         return self.child.write_nowait(offset, data)

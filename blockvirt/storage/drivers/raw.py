@@ -24,6 +24,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 INLINE_WRITE_MAX = 64 * 1024
 #: Reads at least this large look for holes first so they can be sent as hole chunks.
 SPARSE_READ_MIN = 256 * 1024
+#: At most this many hole/data segments in one READ reply.
+MAX_READ_SEGMENTS = 64
 #: At most this many extents per block-status answer (clients loop for the rest).
 MAX_EXTENTS = 16384
 
@@ -114,6 +116,32 @@ class RawFileNode(BlockNode):
             return await executor.run(self._read_sparse, offset, length)
         except OSError as e:
             raise _storage_error(e, "read") from e
+
+    def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        if length < SPARSE_READ_MIN:
+            data = self.read_nowait(offset, length)
+            return None if data is None else [(offset, length, data)]
+        try:
+            extents = self._extents(offset, length, MAX_READ_SEGMENTS)
+        except OSError:
+            return None
+        out: list[Segment] = []
+        pos = offset
+        for ln, flags in extents:
+            if flags & ZERO:
+                out.append((pos, ln, None))
+            else:
+                data = self.read_nowait(pos, ln)
+                if data is None:
+                    return None
+                out.append((pos, ln, data))
+            pos += ln
+        if pos < offset + length:  # more extents than we map at once: read the tail as data
+            data = self.read_nowait(pos, offset + length - pos)
+            if data is None:
+                return None
+            out.append((pos, offset + length - pos, data))
+        return out
 
     def _read_sparse(self, offset: int, length: int) -> list[Segment]:
         out: list[Segment] = []
