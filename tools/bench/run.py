@@ -224,6 +224,17 @@ class Server:
         self.pgids.clear()
 
 
+def exit_status(server: Server) -> str:
+    """' (exit status N)' or ' (killed by SIGX)' for a dead direct child, else ''."""
+    rc = server.proc.poll() if server.proc is not None else None
+    if rc is None:
+        return ""
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f" (killed by {signal.Signals(-rc).name})"
+    return f" (exit status {rc})"
+
+
 def group_alive(pgid: int) -> bool:
     """True while a live (non-zombie) process is in process group ``pgid``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -686,7 +697,7 @@ def start_all(servers: list[Server], opts: Options) -> None:
             STARTERS[server.name](server, opts)
             probe_size(server, opts.size, opts.start_timeout)
         except (ServerError, OSError) as exc:
-            server.error = f"failed to start: {exc}"
+            server.error = f"failed to start: {exc}{exit_status(server)}"
             log(f"[{server.name}] {server.error}")
             if server.log_path and (t := tail(server.log_path)):
                 log("    " + t.replace("\n", "\n    "))
@@ -770,7 +781,7 @@ def one_run(
         record["error"] = str(exc)
         log(f"{prefix} FAILED: {exc}")
         if not s.alive():
-            s.error = f"server died during {wl.name} rep {rep + 1}"
+            s.error = f"server died during {wl.name} rep {rep + 1}{exit_status(s)}"
             log(f"[{s.name}] {s.error}; dropping it from further runs")
             if s.log_path and (t := tail(s.log_path)):
                 log("    " + t.replace("\n", "\n    "))
