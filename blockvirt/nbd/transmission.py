@@ -243,9 +243,10 @@ class ClientTransmission:
                 if len(buf) < _SIMPLE.size + want:
                     return None
                 buf.advance(_SIMPLE.size)
-                data = buf.take(want) if want else None
+                data = buf.take(want) if p.cmd == Cmd.READ and err == 0 else None
                 del self._pending[cookie]
-                return Reply(cookie, err, Errno(err).name if err in Errno._value2member_map_ else "", data)
+                message = Errno(err).name if err and err in Errno._value2member_map_ else ""
+                return Reply(cookie, err, message, data)
             if magic == STRUCTURED_REPLY_MAGIC:
                 if len(buf) < wire.CHUNK.size:
                     return None

@@ -39,6 +39,8 @@ log = logging.getLogger("blockvirt.session")
 
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
+#: Inline replies are written once this many payload bytes have gathered (or the burst ends).
+_BATCH_BYTES = 256 * 1024
 
 
 class NbdSession(asyncio.Protocol):
@@ -163,35 +165,48 @@ class NbdSession(asyncio.Protocol):
 
     # ------------------------------------------------------------ transmission
     def _pump(self) -> None:
+        """Parse and start every buffered request. Replies finished inline are batched into
+        one writelines (one send syscall for a burst of page-cache reads)."""
         tx, transport, disp = self.tx, self.transport, self.disp
         assert tx is not None and transport is not None and disp is not None
-        while not self._blocked:
-            try:
-                cmd = tx.next_event()
-            except ProtocolError as e:
-                log.info("session %d (%s): protocol violation: %s", self.id, self.peer, e)
-                self._close(abort=True)
-                return
-            if cmd is None:
-                return
-            if type(cmd) is DiscCmd:
-                self._blocked = True
-                self._update_reading()
-                self.server.track(self.loop.create_task(self._disconnect()))
-                return
-            err = disp.check(cmd)
-            if err is not None:
-                transport.writelines(disp.error_reply(cmd, err))
-                continue
-            try:
-                out = disp.try_now(cmd)
-            except StorageError as e:
-                transport.writelines(disp.error_reply(cmd, e))
-                continue
-            if out is not None:
-                transport.writelines(out)
-                continue
-            self._spawn(cmd)
+        batch: list[bytes | bytearray | memoryview] = []
+        batched = 0
+        try:
+            while not self._blocked:
+                try:
+                    cmd = tx.next_event()
+                except ProtocolError as e:
+                    log.info("session %d (%s): protocol violation: %s", self.id, self.peer, e)
+                    self._close(abort=True)
+                    return
+                if cmd is None:
+                    return
+                if type(cmd) is DiscCmd:
+                    self._blocked = True
+                    self._update_reading()
+                    self.server.track(self.loop.create_task(self._disconnect()))
+                    return
+                err = disp.check(cmd)
+                if err is not None:
+                    batch += disp.error_reply(cmd, err)
+                    continue
+                try:
+                    out = disp.try_now(cmd)
+                except StorageError as e:
+                    batch += disp.error_reply(cmd, e)
+                    continue
+                if out is None:
+                    self._spawn(cmd)
+                    continue
+                batch += out
+                batched += cmd.length
+                if batched >= _BATCH_BYTES:
+                    transport.writelines(batch)
+                    batch = []
+                    batched = 0
+        finally:
+            if batch and not transport.is_closing():
+                transport.writelines(batch)
 
     def _spawn(self, cmd: Command) -> None:
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
