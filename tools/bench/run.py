@@ -128,9 +128,7 @@ def port_open(port: int) -> bool:
         return False
 
 
-def wait_for(
-    what: str, ready: Callable[[], bool], alive: Callable[[], bool], timeout: float
-) -> None:
+def wait_for(what: str, ready: Callable[[], bool], alive: Callable[[], bool], timeout: float) -> None:
     """Poll ``ready`` until true; fail early if the process died, or at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -458,9 +456,7 @@ class FioError(Exception):
     pass
 
 
-def run_fio(
-    uri: str, name: str, params: dict[str, str], timeout: float, out_dir: Path
-) -> dict[str, Any]:
+def run_fio(uri: str, name: str, params: dict[str, str], timeout: float, out_dir: Path) -> dict[str, Any]:
     """Run one fio job against an NBD URI; return fio's parsed JSON job entry."""
     out = out_dir / "fio.json"
     out.unlink(missing_ok=True)
@@ -529,9 +525,7 @@ def summarize(
         per_server: dict[str, Any] = {}
         for name in servers:
             samples = [
-                r["metrics"]
-                for r in runs
-                if r["workload"] == wl.name and r["server"] == name and r["ok"]
+                r["metrics"] for r in runs if r["workload"] == wl.name and r["server"] == name and r["ok"]
             ]
             if not samples:
                 continue
@@ -657,14 +651,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=600.0,
         help="seconds the initial fill of one disk may take (default 600)",
     )
-    p.add_argument(
-        "--log-dir", type=Path, help="keep server logs here (default: temp dir, removed at exit)"
-    )
+    p.add_argument("--log-dir", type=Path, help="keep server logs here (default: temp dir, removed at exit)")
     p.add_argument(
         "--no-sync",
         action="store_true",
-        help="do not sync(2) before each run (sync keeps earlier writes' "
-        "writeback out of the next run)",
+        help="do not sync(2) before each run (sync keeps earlier writes' writeback out of the next run)",
     )
     args = p.parse_args(argv)
     bad = [s for s in args.servers if s not in ALL_SERVERS]
@@ -833,9 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {
             "config": {
                 "servers": args.servers,
-                "workloads": {
-                    w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads
-                },
+                "workloads": {w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads},
                 "reps": args.reps,
                 "runtime_s": args.runtime,
                 "ramp_time_s": args.ramp_time,
