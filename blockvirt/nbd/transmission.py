@@ -52,12 +52,27 @@ _REQ_SIZE = wire.REQUEST.size
 _WRITE = int(Cmd.WRITE)
 _SIMPLE = wire.SIMPLE_REPLY
 _SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
+#: WRITE payloads at least this large get their own buffer, received into directly.
+_DIRECT_MIN = 64 * 1024
 
 
 class ServerTransmission:
-    """Parses requests from the client; encodes our replies."""
+    """Parses requests from the client; encodes our replies.
 
-    __slots__ = ("_skip", "_skip_hdr", "buffer", "closed", "structured")
+    Large WRITE payloads are received straight into their own bytearray (see get_buffer), so
+    the bytes the storage layer writes are the bytes the socket delivered, never copied.
+    """
+
+    __slots__ = (
+        "_payload",
+        "_payload_have",
+        "_payload_hdr",
+        "_skip",
+        "_skip_hdr",
+        "buffer",
+        "closed",
+        "structured",
+    )
 
     def __init__(self, structured: bool, buffer: ReceiveBuffer | None = None) -> None:
         self.structured = structured
@@ -65,13 +80,46 @@ class ServerTransmission:
         self.closed = False
         self._skip = 0  # bytes of an oversized WRITE payload still to discard
         self._skip_hdr: tuple[int, int, int, int] | None = None
+        self._payload: bytearray | None = None  # a large WRITE payload being received
+        self._payload_have = 0
+        self._payload_hdr: tuple[int, int, int, int] | None = None
+
+    # ------------------------------------------------------------ input
+    def get_buffer(self, hint: int = -1) -> memoryview:
+        """Where the transport should receive next (BufferedProtocol.get_buffer)."""
+        payload = self._payload
+        if payload is not None:
+            return memoryview(payload)[self._payload_have :]
+        return self.buffer.get_buffer(hint)
+
+    def buffer_updated(self, n: int) -> None:
+        if self._payload is not None:
+            self._payload_have += n
+        else:
+            self.buffer.end += n
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        payload = self._payload
+        if payload is not None:
+            k = min(len(data), len(payload) - self._payload_have)
+            payload[self._payload_have : self._payload_have + k] = memoryview(data)[:k]
+            self._payload_have += k
+            data = memoryview(data)[k:]
+            if not data:
+                return
         self.buffer.feed(data)
 
     def next_event(self) -> Command | None:
         """The next complete request, or None if more bytes are needed."""
         buf = self.buffer
+        if self._payload is not None:
+            if self._payload_have < len(self._payload):
+                return None
+            assert self._payload_hdr is not None
+            flags, cookie, offset, length = self._payload_hdr
+            payload = self._payload
+            self._payload = self._payload_hdr = None
+            return WriteCmd(cookie, flags, offset, length, payload)
         if self._skip:
             self._skip -= buf.skip(self._skip)
             if self._skip:
@@ -80,7 +128,7 @@ class ServerTransmission:
             flags, cookie, offset, length = self._skip_hdr
             self._skip_hdr = None
             return WriteCmd(cookie, flags, offset, length, None)
-        avail = len(buf.buf) - buf.pos
+        avail = buf.end - buf.pos
         if avail < _REQ_SIZE:
             return None
         magic, flags, ctype, cookie, offset, length = _REQ.unpack_from(buf.buf, buf.pos)
@@ -94,12 +142,20 @@ class ServerTransmission:
                 self._skip = length
                 self._skip_hdr = (flags, cookie, offset, length)
                 return self.next_event()
-            if avail < _REQ_SIZE + length:
+            if avail >= _REQ_SIZE + length:
+                start = buf.pos + _REQ_SIZE
+                data = bytes(memoryview(buf.buf)[start : start + length])
+                buf.advance(_REQ_SIZE + length)
+                return WriteCmd(cookie, flags, offset, length, data)
+            if length >= _DIRECT_MIN:
+                buf.advance(_REQ_SIZE)
+                payload = bytearray(length)
+                have = len(buf)
+                buf.take_into(payload, have)
+                self._payload, self._payload_have = payload, have
+                self._payload_hdr = (flags, cookie, offset, length)
                 return None
-            start = buf.pos + _REQ_SIZE
-            data = bytes(buf.buf[start : start + length])
-            buf.advance(_REQ_SIZE + length)
-            return WriteCmd(cookie, flags, offset, length, data)
+            return None
         buf.advance(_REQ_SIZE)
         cls = _NO_PAYLOAD.get(ctype)
         if cls is None:
@@ -108,9 +164,10 @@ class ServerTransmission:
 
     def pending_payload(self) -> int:
         """Bytes of a WRITE payload we are waiting for (for backpressure accounting)."""
+        if self._payload is not None:
+            return len(self._payload)
         buf = self.buffer
-        avail = len(buf.buf) - buf.pos
-        if avail < _REQ_SIZE:
+        if len(buf) < _REQ_SIZE:
             return 0
         _, _, ctype, _, _, length = _REQ.unpack_from(buf.buf, buf.pos)
         return length if ctype == _WRITE else 0

@@ -41,9 +41,27 @@ MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 #: Inline replies are written once this many payload bytes have gathered (or the burst ends).
 _BATCH_BYTES = 256 * 1024
+#: Reply pieces at least this large are written on their own rather than joined.
+_BIG_PIECE = 64 * 1024
 
 
-class NbdSession(asyncio.Protocol):
+def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview]) -> None:
+    """Write replies: small pieces joined into one send, large payloads passed as they are
+    (joining would copy them; asyncio's writelines joins)."""
+    small: list[bytes | bytearray | memoryview] = []
+    for b in bufs:
+        if len(b) >= _BIG_PIECE:
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(b)
+        else:
+            small.append(b)
+    if small:
+        transport.write(small[0] if len(small) == 1 else b"".join(small))
+
+
+class NbdSession(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
@@ -84,14 +102,28 @@ class NbdSession(asyncio.Protocol):
         self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         log.debug("session %d: connected from %s", self.id, self.peer)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Receive straight into the codec's buffer (or a large WRITE's payload buffer).
         tx = self.tx
         if tx is not None:
-            tx.buffer.feed(data)
+            return tx.get_buffer(sizehint)
+        if self.conn is None:  # refused at connect: swallow whatever arrives
+            return memoryview(bytearray(4096))
+        return self.conn.handshake.buffer.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tx = self.tx
+        if tx is not None:
+            tx.buffer_updated(nbytes)
             if not self._blocked:
                 self._pump()
             return
-        self._handshake(data)
+        if self.conn is not None:
+            self.conn.handshake.buffer.buffer_updated(nbytes)
+            self._handshake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -112,11 +144,10 @@ class NbdSession(asyncio.Protocol):
             self.server.track(self.loop.create_task(self._finish()))
 
     # ------------------------------------------------------------ handshake
-    def _handshake(self, data: bytes) -> None:
+    def _handshake(self) -> None:
         conn, transport = self.conn, self.transport
         if conn is None or transport is None or self._closing:
             return
-        conn.receive_data(data)
         try:
             while True:
                 ev = conn.next_event()
@@ -201,12 +232,12 @@ class NbdSession(asyncio.Protocol):
                 batch += out
                 batched += cmd.length
                 if batched >= _BATCH_BYTES:
-                    transport.writelines(batch)
+                    _emit(transport, batch)
                     batch = []
                     batched = 0
         finally:
             if batch and not transport.is_closing():
-                transport.writelines(batch)
+                _emit(transport, batch)
 
     def _spawn(self, cmd: Command) -> None:
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
@@ -232,7 +263,7 @@ class NbdSession(asyncio.Protocol):
             self.inflight_bytes -= nbytes
         transport = self.transport
         if transport is not None and not self._lost:
-            transport.writelines(out)
+            _emit(transport, out)
         if (
             self._blocked
             and not self._closing
