@@ -1,6 +1,6 @@
 """Wire constants of the NBD protocol (fixed newstyle), as named in the upstream spec.
 
-protocol/spec.md is the prose twin of this file; tests/unit/test_constants.py checks they agree.
+protocol/spec.md is the prose twin of this file; tests/unit/test_spec_tables.py checks they agree.
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ class ServerHandshake:
         self._out.append(wire.option_reply(opt, rep, data))
 
     def _refuse(self, opt: int, rep: Rep, message: str) -> OptionRefused:
-        self._reply(opt, rep, message.encode()[:MAX_STRING])
+        self._reply(opt, rep, wire.utf8_prefix(message, MAX_STRING))
         return OptionRefused(opt, int(rep), message)
 
     def _option(self, opt: int, data: bytes) -> StartTLS | Negotiated | Aborted | OptionRefused | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from blockvirt.nbd import wire
 from blockvirt.nbd.buffer import ReceiveBuffer
 from blockvirt.nbd.constants import (
+    MAX_PAYLOAD_ADVERTISED,
     MAX_PAYLOAD_SERVED,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -52,6 +53,8 @@ _REQ_SIZE = wire.REQUEST.size
 _WRITE = int(Cmd.WRITE)
 _SIMPLE = wire.SIMPLE_REPLY
 _SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
+#: Data in one OFFSET_DATA chunk of a (non-DF) READ: at most the maximum payload we advertise.
+_MAX_CHUNK_DATA = MAX_PAYLOAD_ADVERTISED
 #: WRITE payloads at least this large get their own buffer, received into directly.
 _DIRECT_MIN = 64 * 1024
 
@@ -215,9 +218,16 @@ class ServerTransmission:
             done = i == last
             if data is None:
                 out.append(wire.hole_chunk(cookie, off, length, done))
-            else:
+            elif length <= _MAX_CHUNK_DATA:
                 out.append(wire.data_chunk_header(cookie, off, length, done))
                 out.append(data)
+            else:  # spec: no chunk may carry more data than the advertised maximum payload
+                view = memoryview(data)
+                for start in range(0, length, _MAX_CHUNK_DATA):
+                    part = view[start : start + _MAX_CHUNK_DATA]
+                    end = done and start + len(part) == length
+                    out.append(wire.data_chunk_header(cookie, off + start, len(part), end))
+                    out.append(part)
         return out
 
     def block_status(self, cookie: int, contexts: dict[int, Sequence[tuple[int, int]]]) -> bytes:

@@ -75,7 +75,7 @@ def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
 
 
 def error_chunk(cookie: int, errno: int, message: str, done: bool = True) -> bytes:
-    msg = message.encode()[:1000]  # qemu drops non-data payloads above ~1000 bytes
+    msg = utf8_prefix(message, 1000)  # qemu drops non-data payloads above ~1000 bytes
     payload = ERROR_HEAD.pack(errno, len(msg)) + msg
     return chunk_header(cookie, ReplyType.ERROR, len(payload), done) + payload
 
@@ -84,3 +84,11 @@ def lp_string(s: str) -> bytes:
     """u32 length-prefixed UTF-8 string."""
     b = s.encode()
     return U32.pack(len(b)) + b
+
+
+def utf8_prefix(text: str, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8, never cutting a character in half."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from blockvirt.nbd.constants import (
     ALLOWED_CMD_FLAGS,
     BASE_ALLOCATION,
+    MAX_PAYLOAD_ADVERTISED,
     MAX_PAYLOAD_SERVED,
     QEMU_ALLOCATION_DEPTH,
     Cmd,
@@ -129,6 +130,9 @@ class Dispatcher:
         elif t is ReadCmd:
             if cmd.length > MAX_PAYLOAD_SERVED:
                 return CommandError(Errno.EINVAL, f"read larger than {MAX_PAYLOAD_SERVED} bytes")
+            if cmd.flags & _DF and cmd.length > MAX_PAYLOAD_ADVERTISED:
+                # DF forbids splitting, and no chunk may exceed the advertised maximum.
+                return CommandError(Errno.EOVERFLOW, f"DF read larger than {MAX_PAYLOAD_ADVERTISED} bytes")
         elif t is BlockStatusCmd:
             if not self.contexts:
                 return CommandError(Errno.EINVAL, "no metadata context was negotiated")
@@ -194,7 +198,7 @@ class Dispatcher:
             return tx.read_data(cookie, cmd.offset, await node.read(cmd.offset, cmd.length))
         if t is WriteCmd:
             await node.write(cmd.offset, cmd.data, fua)  # type: ignore[attr-defined]
-            self.unflushed = not fua
+            self.unflushed |= not fua
             return [tx.ok(cookie)]
         if t is FlushCmd:
             await node.flush()
@@ -204,11 +208,11 @@ class Dispatcher:
             if cmd.flags & _FAST_ZERO and not await node.fast_zero_possible():
                 raise CommandError(Errno.ENOTSUP, "zeroing this range is not faster than writing")
             await node.zero(cmd.offset, cmd.length, may_trim=not cmd.flags & _NO_HOLE, fua=fua)
-            self.unflushed = not fua
+            self.unflushed |= not fua
             return [tx.ok(cookie)]
         if t is TrimCmd:
             await node.trim(cmd.offset, cmd.length, fua)
-            self.unflushed = not fua
+            self.unflushed |= not fua
             return [tx.ok(cookie)]
         if t is CacheCmd:
             await node.cache(cmd.offset, cmd.length)
