@@ -105,6 +105,8 @@ class NbdClient:
         self.tx = tx
         self.contexts = contexts
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        #: Why the connection ended (set once the reader stops): later requests fail at once.
+        self._dead: str | None = None
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
         self._closed = False
 
@@ -187,6 +189,7 @@ class NbdClient:
                 self.tx.receive_data(data)
         except (RemoteProtocolError, ConnectionError) as e:
             err = e
+        self._dead = str(err)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(NbdClientError(str(err)))
@@ -197,6 +200,8 @@ class NbdClient:
     ) -> Reply:
         if self._closed:
             raise NbdClientError("client is closed")
+        if self._dead is not None:
+            raise NbdClientError(self._dead)
         cookie, out = self.tx.request(cmd, offset, length, data, flags)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiters[cookie] = fut

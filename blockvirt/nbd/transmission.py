@@ -57,6 +57,8 @@ _SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
 _MAX_CHUNK_DATA = MAX_PAYLOAD_ADVERTISED
 #: WRITE payloads at least this large get their own buffer, received into directly.
 _DIRECT_MIN = 64 * 1024
+#: ... and that buffer grows by at least this much at a time as the payload arrives.
+_GROW_STEP = 1024 * 1024
 
 
 class ServerTransmission:
@@ -92,8 +94,19 @@ class ServerTransmission:
         """Where the transport should receive next (BufferedProtocol.get_buffer)."""
         payload = self._payload
         if payload is not None:
+            self._grow_payload(_GROW_STEP)
             return memoryview(payload)[self._payload_have :]
         return self.buffer.get_buffer(hint)
+
+    def _grow_payload(self, want: int) -> None:
+        """Make room for `want` more payload bytes, up to the declared length. The buffer
+        grows as data arrives, so a stalled header cannot pin its whole declared payload."""
+        payload = self._payload
+        assert payload is not None and self._payload_hdr is not None
+        target = self._payload_hdr[3]
+        need = min(self._payload_have + want, target)
+        if len(payload) < need:
+            payload += bytes(min(target, max(need, 2 * len(payload))) - len(payload))
 
     def buffer_updated(self, n: int) -> None:
         if self._payload is not None:
@@ -104,7 +117,9 @@ class ServerTransmission:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         payload = self._payload
         if payload is not None:
-            k = min(len(data), len(payload) - self._payload_have)
+            assert self._payload_hdr is not None
+            k = min(len(data), self._payload_hdr[3] - self._payload_have)
+            self._grow_payload(k)
             payload[self._payload_have : self._payload_have + k] = memoryview(data)[:k]
             self._payload_have += k
             data = memoryview(data)[k:]
@@ -116,10 +131,10 @@ class ServerTransmission:
         """The next complete request, or None if more bytes are needed."""
         buf = self.buffer
         if self._payload is not None:
-            if self._payload_have < len(self._payload):
-                return None
             assert self._payload_hdr is not None
             flags, cookie, offset, length = self._payload_hdr
+            if self._payload_have < length:
+                return None
             payload = self._payload
             self._payload = self._payload_hdr = None
             return WriteCmd(cookie, flags, offset, length, payload)
@@ -152,8 +167,8 @@ class ServerTransmission:
                 return WriteCmd(cookie, flags, offset, length, data)
             if length >= _DIRECT_MIN:
                 buf.advance(_REQ_SIZE)
-                payload = bytearray(length)
                 have = len(buf)
+                payload = bytearray(min(length, have + _GROW_STEP))
                 buf.take_into(payload, have)
                 self._payload, self._payload_have = payload, have
                 self._payload_hdr = (flags, cookie, offset, length)
@@ -167,8 +182,8 @@ class ServerTransmission:
 
     def pending_payload(self) -> int:
         """Bytes of a WRITE payload we are waiting for (for backpressure accounting)."""
-        if self._payload is not None:
-            return len(self._payload)
+        if self._payload_hdr is not None:
+            return self._payload_hdr[3]
         buf = self.buffer
         if len(buf) < _REQ_SIZE:
             return 0

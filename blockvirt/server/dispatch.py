@@ -90,6 +90,9 @@ class Dispatcher:
         self._allowed = allowed
         #: Writes completed since the last flush by this session (flushed on disconnect).
         self.unflushed = False
+        #: Bumped by every completed non-FUA write: a FLUSH only clears `unflushed` if no
+        #: write completed while it ran (such a write need not be covered by it).
+        self._dirtied = 0
 
     # ------------------------------------------------------------ validation
     def check(self, cmd: Command) -> CommandError | None:
@@ -159,11 +162,10 @@ class Dispatcher:
                 return None
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
         if (
-            t is WriteCmd
-            and not cmd.flags & _FUA
-            and self.node.write_nowait(cmd.offset, cmd.data)  # type: ignore[attr-defined]
+            t is WriteCmd and not cmd.flags & _FUA and self.node.write_nowait(cmd.offset, cmd.data)  # type: ignore[attr-defined]
         ):
             self.unflushed = True
+            self._dirtied += 1
             return [self.tx.ok(cmd.cookie)]
         return None
 
@@ -198,21 +200,23 @@ class Dispatcher:
             return tx.read_data(cookie, cmd.offset, await node.read(cmd.offset, cmd.length))
         if t is WriteCmd:
             await node.write(cmd.offset, cmd.data, fua)  # type: ignore[attr-defined]
-            self.unflushed |= not fua
+            self._written(fua)
             return [tx.ok(cookie)]
         if t is FlushCmd:
+            dirtied = self._dirtied
             await node.flush()
-            self.unflushed = False
+            if self._dirtied == dirtied:
+                self.unflushed = False
             return [tx.ok(cookie)]
         if t is WriteZeroesCmd:
             if cmd.flags & _FAST_ZERO and not await node.fast_zero_possible():
                 raise CommandError(Errno.ENOTSUP, "zeroing this range is not faster than writing")
             await node.zero(cmd.offset, cmd.length, may_trim=not cmd.flags & _NO_HOLE, fua=fua)
-            self.unflushed |= not fua
+            self._written(fua)
             return [tx.ok(cookie)]
         if t is TrimCmd:
             await node.trim(cmd.offset, cmd.length, fua)
-            self.unflushed |= not fua
+            self._written(fua)
             return [tx.ok(cookie)]
         if t is CacheCmd:
             await node.cache(cmd.offset, cmd.length)
@@ -220,6 +224,11 @@ class Dispatcher:
         if t is BlockStatusCmd:
             return [tx.block_status(cookie, await self._block_status(cmd))]
         raise AssertionError(f"unvalidated command {cmd!r}")
+
+    def _written(self, fua: bool) -> None:
+        if not fua:
+            self.unflushed = True
+            self._dirtied += 1
 
     async def _block_status(self, cmd: Command) -> dict[int, Sequence[tuple[int, int]]]:
         extents = merge_extents(await self.node.block_status(cmd.offset, cmd.length))

@@ -203,7 +203,9 @@ class NbdSession(asyncio.BufferedProtocol):
         batch: list[bytes | bytearray | memoryview] = []
         batched = 0
         try:
-            while not self._blocked:
+            # Also stop while the client is not reading its replies: every request answered
+            # now would pile its reply up in the transport's buffer.
+            while not self._blocked and not self._write_paused:
                 try:
                     cmd = tx.next_event()
                 except ProtocolError as e:

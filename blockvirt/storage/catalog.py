@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch ($ allows "\n")
 SECTOR = 512
 #: ext4's largest file is 16 TiB; refuse early and clearly rather than fail in ftruncate.
 MAX_VOLUME_SIZE = 16 * 2**40 - 4096
@@ -47,7 +47,7 @@ class CatalogError(Exception):
 
 
 def validate_name(name: str, what: str = "volume") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise CatalogError(
             "invalid",
             f"invalid {what} name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
@@ -176,7 +176,7 @@ def _volume(row: tuple[Any, ...]) -> VolumeRecord:
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_size(text: str | int) -> int:

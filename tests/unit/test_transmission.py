@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from blockvirt.nbd import wire
@@ -52,7 +54,10 @@ def mixed_stream() -> tuple[bytes, list[Command]]:
         (wire.request(Cmd.TRIM, 0, 4, 0, 1 << 20), TrimCmd(4, 0, 0, 1 << 20)),
         (wire.request(Cmd.CACHE, 0, 5, 0, 100), CacheCmd(5, 0, 0, 100)),
         (wire.request(Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE, 6, 512, 1024), WriteZeroesCmd(6, 2, 512, 1024)),
-        (wire.request(Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 7, 0, 2**32 - 1), BlockStatusCmd(7, 8, 0, 2**32 - 1)),
+        (
+            wire.request(Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 7, 0, 2**32 - 1),
+            BlockStatusCmd(7, 8, 0, 2**32 - 1),
+        ),
         (wire.request(Cmd.WRITE, 0, 2**64 - 1, 2**64 - 1, 0), WriteCmd(2**64 - 1, 0, 2**64 - 1, 0, b"")),
         (wire.request(42, 0xFFFF, 9, 1, 2), UnknownCmd(9, 0xFFFF, 1, 2, 42)),
         (wire.request(Cmd.DISC, 0, 10, 0, 0), DiscCmd(10, 0, 0, 0)),
@@ -109,7 +114,8 @@ def test_write_payload_assembled_from_pieces() -> None:
 
 def test_write_data_is_a_copy_not_a_view_of_the_buffer() -> None:
     tx = ServerTransmission(structured=False)
-    tx.receive_data(wire.request(Cmd.WRITE, 0, 1, 0, 4) + b"abcd" + wire.request(Cmd.WRITE, 0, 2, 0, 4) + b"wxyz")
+    tx.receive_data(wire.request(Cmd.WRITE, 0, 1, 0, 4) + b"abcd")
+    tx.receive_data(wire.request(Cmd.WRITE, 0, 2, 0, 4) + b"wxyz")
     first = tx.next_event()
     second = tx.next_event()
     tx.receive_data(b"more data that may reuse the buffer")
@@ -176,6 +182,74 @@ def test_partial_header_waits() -> None:
     assert tx.pending_payload() == 0
 
 
+def feed_like_a_transport(tx: ServerTransmission, data: bytes, max_recv: int) -> list[Command]:
+    """Deliver `data` the way asyncio's BufferedProtocol does: get_buffer, fill, buffer_updated."""
+    got: list[Command] = []
+    pos = 0
+    while pos < len(data):
+        view = tx.get_buffer(-1)
+        assert len(view) > 0
+        n = min(len(view), max_recv, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        del view
+        tx.buffer_updated(n)
+        pos += n
+        got.extend(drain(tx))
+    return got
+
+
+@pytest.mark.parametrize("max_recv", [1, 7, 4096, 65536, 1 << 20])
+def test_requests_through_get_buffer(max_recv: int) -> None:
+    data, expected = mixed_stream()
+    big = bytes(range(256)) * 1024  # 256 KiB: received straight into its own buffer
+    data += wire.request(Cmd.WRITE, 0, 11, 0, len(big)) + big + wire.request(Cmd.FLUSH, 0, 12, 0, 0)
+    expected = [*expected, WriteCmd(11, 0, 0, len(big), big), FlushCmd(12, 0, 0, 0)]
+    tx = ServerTransmission(structured=True)
+    assert feed_like_a_transport(tx, data, max_recv) == expected
+
+
+def test_large_write_payload_goes_to_its_own_buffer() -> None:
+    length = 1 << 20
+    payload = bytes(range(251)) * (length // 251) + bytes(length % 251)
+    tx = ServerTransmission(structured=False)
+    tx.receive_data(wire.request(Cmd.WRITE, 0, 3, 4096, length) + payload[:1000])
+    assert tx.next_event() is None
+    assert tx.pending_payload() == length
+    view = tx.get_buffer(-1)
+    assert len(view) == length - 1000  # exactly the rest of the payload, nothing more
+    view[:] = payload[1000:]
+    del view
+    tx.buffer_updated(length - 1000)
+    ev = tx.next_event()
+    assert ev == WriteCmd(3, 0, 4096, length, payload)
+    assert tx.next_event() is None
+    assert tx.pending_payload() == 0
+    tx.receive_data(wire.request(Cmd.READ, 0, 4, 0, 1))
+    assert tx.next_event() == ReadCmd(4, 0, 0, 1)
+
+
+def test_large_write_payload_through_receive_data_with_next_request() -> None:
+    length = 100_000
+    payload = b"\x5a" * length
+    tx = ServerTransmission(structured=False)
+    tx.receive_data(wire.request(Cmd.WRITE, 0, 1, 0, length) + payload[:10])
+    assert tx.next_event() is None
+    tx.receive_data(payload[10:] + wire.request(Cmd.FLUSH, 0, 2, 0, 0))
+    assert drain(tx) == [WriteCmd(1, 0, 0, length, payload), FlushCmd(2, 0, 0, 0)]
+
+
+def test_write_header_alone_does_not_pin_its_whole_payload() -> None:
+    tx = ServerTransmission(structured=False)
+    tracemalloc.start()
+    try:
+        tx.receive_data(wire.request(Cmd.WRITE, 0, 1, 0, MAX_PAYLOAD_SERVED) + b"x")
+        assert tx.next_event() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes allocated for a 29-byte input"
+
+
 # ---------------------------------------------------------------- receive buffer
 
 
@@ -222,7 +296,7 @@ def test_ok_reply(structured: bool) -> None:
     pair = _pair(structured)
     cookie, cmd = pair.request(Cmd.WRITE, 0, data=b"abc")
     reply = pair.reply([pair.stx.ok(cmd.cookie)])
-    assert (reply.cookie, reply.error, reply.data) == (cookie, 0, None)
+    assert (reply.cookie, reply.error, reply.data, reply.message) == (cookie, 0, None, "")
     assert pair.tx.in_flight == 0
 
 
@@ -272,7 +346,8 @@ def test_simple_read_error_has_no_payload() -> None:
     pair = _pair(False)
     c1, cmd1 = pair.request(Cmd.READ, 0, 4096)
     c2, cmd2 = pair.request(Cmd.READ, 0, 4)
-    pair.tx.receive_data(pair.stx.error(cmd1.cookie, Errno.EIO) + b"".join(pair.stx.read_data(cmd2.cookie, 0, b"abcd")))
+    pair.tx.receive_data(pair.stx.error(cmd1.cookie, Errno.EIO))
+    pair.tx.receive_data(b"".join(pair.stx.read_data(cmd2.cookie, 0, b"abcd")))
     r1 = pair.tx.next_event()
     r2 = pair.tx.next_event()
     assert r1 is not None and (r1.cookie, r1.error, r1.data) == (c1, Errno.EIO, None)
@@ -287,14 +362,23 @@ def test_read_segments_with_holes(structured: bool) -> None:
     out = pair.stx.read_segments(cmd.cookie, segs)
     if structured:
         # hole, data header, data, hole, data header, data: only the last chunk is DONE
-        headers = [bytes(b) for b in out if len(b) >= wire.CHUNK.size and wire.U32.unpack_from(b)[0] == STRUCTURED_REPLY_MAGIC]
+        headers = [
+            bytes(b)
+            for b in out
+            if len(b) >= wire.CHUNK.size and wire.U32.unpack_from(b)[0] == STRUCTURED_REPLY_MAGIC
+        ]
         done = [wire.CHUNK.unpack_from(h)[1] & ReplyFlag.DONE for h in headers]
         assert done == [0, 0, 0, 1]
     reply = pair.reply(out)
     assert reply.cookie == cookie and reply.error == 0
     assert reply.data == bytes(512) + b"\x01" * 1024 + bytes(2560) + b"tail"
     if structured:
-        assert reply.chunks == (("hole", 0, 512), ("data", 512, 1024), ("hole", 1536, 2560), ("data", 4096, 4))
+        assert reply.chunks == (
+            ("hole", 0, 512),
+            ("data", 512, 1024),
+            ("hole", 1536, 2560),
+            ("data", 4096, 4),
+        )
 
 
 def test_hole_only_read() -> None:
@@ -345,11 +429,14 @@ def test_replies_out_of_order_and_interleaved_chunks() -> None:
     c3, r3 = pair.request(Cmd.FLUSH)
     stx = pair.stx
     stream = (
-        wire.data_chunk_header(c2, 8, 4, False) + b"ABCD"
-        + wire.data_chunk_header(c1, 4, 4, False) + b"wxyz"
+        wire.data_chunk_header(c2, 8, 4, False)
+        + b"ABCD"
+        + wire.data_chunk_header(c1, 4, 4, False)
+        + b"wxyz"
         + stx.ok(c3)
         + wire.hole_chunk(c2, 12, 4, True)
-        + wire.data_chunk_header(c1, 0, 4, True) + b"abcd"
+        + wire.data_chunk_header(c1, 0, 4, True)
+        + b"abcd"
     )
     pair.tx.receive_data(stream)
     got = []
@@ -365,7 +452,8 @@ def test_replies_out_of_order_and_interleaved_chunks() -> None:
 def test_client_decodes_reply_split_at_every_byte() -> None:
     pair = _pair(True)
     _, cmd = pair.request(Cmd.READ, 0, 1000)
-    raw = b"".join(bytes(b) for b in pair.stx.read_segments(cmd.cookie, [(0, 500, b"x" * 500), (500, 500, None)]))
+    segs: list[tuple[int, int, bytes | None]] = [(0, 500, b"x" * 500), (500, 500, None)]
+    raw = b"".join(bytes(b) for b in pair.stx.read_segments(cmd.cookie, segs))
     for b in raw[:-1]:
         pair.tx.receive_data(bytes([b]))
         assert pair.tx.next_event() is None

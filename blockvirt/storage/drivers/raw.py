@@ -241,7 +241,8 @@ class RawFileNode(BlockNode):
                 data = self._size
             if data > pos:
                 stop = min(data, end)
-                out.append((stop - pos, HOLE | ZERO))
+                # Thick: the range is allocated (unwritten extents), so not a HOLE.
+                out.append((stop - pos, ZERO if self.thick else HOLE | ZERO))
                 pos = stop
                 continue
             hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
