@@ -75,6 +75,10 @@ async def list_volumes(request: web.Request) -> web.Response:
 async def create_volume(request: web.Request) -> web.Response:
     body = await _body(request)
     name = _field(body, "name", str)
+    source = _field(body, "source", str, None)
+    if source is not None:  # a linked clone of VOLUME@SNAPSHOT
+        info = await request.app[VOLUMES].clone(source, name)
+        return web.json_response(info, status=201)
     raw_size = body.get("size")
     if raw_size is None:
         raise CatalogError("invalid", "missing field 'size'")
@@ -94,6 +98,48 @@ async def get_volume(request: web.Request) -> web.Response:
 async def delete_volume(request: web.Request) -> web.Response:
     await request.app[VOLUMES].delete(request.match_info["name"])
     return web.Response(status=204)
+
+
+async def flatten_volume(request: web.Request) -> web.Response:
+    job = await request.app[VOLUMES].flatten(request.match_info["name"])
+    return web.json_response(job.to_dict(), status=202)
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    return web.json_response({"snapshots": request.app[VOLUMES].snapshot_list(request.match_info["name"])})
+
+
+async def create_snapshot(request: web.Request) -> web.Response:
+    body = await _body(request)
+    out = await request.app[VOLUMES].snapshot_create(request.match_info["name"], _field(body, "name", str))
+    return web.json_response(out, status=201)
+
+
+async def revert_snapshot(request: web.Request) -> web.Response:
+    body = await _body(request) if request.can_read_body else {}
+    force = _field(body, "force", bool, False)
+    out = await request.app[VOLUMES].snapshot_revert(
+        request.match_info["name"], request.match_info["snap"], force=force
+    )
+    return web.json_response(out)
+
+
+async def delete_snapshot(request: web.Request) -> web.Response:
+    out = await request.app[VOLUMES].snapshot_delete(request.match_info["name"], request.match_info["snap"])
+    return web.json_response(out)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response({"jobs": [j.to_dict() for j in request.app[VOLUMES].jobs.list()]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = request.app[VOLUMES].jobs.get(request.match_info["id"])
+    if job is None:
+        raise CatalogError("not-found", f"no job {request.match_info['id']!r}")
+    if request.query.get("wait") in ("1", "true"):
+        await request.app[VOLUMES].jobs.wait(job)
+    return web.json_response(job.to_dict())
 
 
 async def list_pools(request: web.Request) -> web.Response:
@@ -126,6 +172,13 @@ def build_app(volumes: VolumeManager) -> web.Application:
     app.router.add_post("/api/v1/volumes", create_volume)
     app.router.add_get("/api/v1/volumes/{name}", get_volume)
     app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
+    app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
+    app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
+    app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
+    app.router.add_post("/api/v1/volumes/{name}/snapshots/{snap}/revert", revert_snapshot)
+    app.router.add_delete("/api/v1/volumes/{name}/snapshots/{snap}", delete_snapshot)
+    app.router.add_get("/api/v1/jobs", list_jobs)
+    app.router.add_get("/api/v1/jobs/{id}", get_job)
     app.router.add_get("/api/v1/pools", list_pools)
     app.router.add_post("/api/v1/pools", create_pool)
     app.router.add_get("/metrics", metrics)

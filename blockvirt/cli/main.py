@@ -77,6 +77,49 @@ def build_parser() -> argparse.ArgumentParser:
         p = vsub.add_parser(action, help=helptext)
         _common(p, top=False)
         p.add_argument("name")
+    vc = vsub.add_parser("clone", help="linked clone of a snapshot: volume clone VOL@SNAP NEW")
+    _common(vc, top=False)
+    vc.add_argument("source", metavar="VOL@SNAP")
+    vc.add_argument("name", metavar="NEW")
+    vf = vsub.add_parser("flatten", help="copy shared data in so the volume stands alone (a job)")
+    _common(vf, top=False)
+    vf.add_argument("name")
+    vf.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
+
+    snap = sub.add_parser("snapshot", help="manage snapshots")
+    _common(snap, top=False)
+    ssub = snap.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    for action, helptext in (
+        ("create", "snapshot a volume (instant; clients stay connected)"),
+        ("revert", "put the volume back on a snapshot (newer snapshots are kept)"),
+        ("delete", "delete a snapshot (its data is merged into its child)"),
+    ):
+        p = ssub.add_parser(action, help=helptext)
+        _common(p, top=False)
+        p.add_argument("volume")
+        p.add_argument("snapshot")
+        if action == "revert":
+            p.add_argument("--force", action="store_true", help="disconnect connected clients")
+        if action == "delete":
+            p.add_argument("--wait", action="store_true", help="wait for the merge job")
+    sl = ssub.add_parser("list", help="show a volume's snapshot tree")
+    _common(sl, top=False)
+    sl.add_argument("volume")
+
+    job = sub.add_parser("job", help="background jobs")
+    _common(job, top=False)
+    jsub = job.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    jl = jsub.add_parser("list", help="list jobs")
+    _common(jl, top=False)
+    js = jsub.add_parser("show", help="show one job")
+    _common(js, top=False)
+    js.add_argument("id")
+    js.add_argument("--wait", action="store_true", help="wait for it to end")
+
+    chk = sub.add_parser("check", help="offline consistency check of a data directory")
+    _common(chk, top=False)
+    chk.add_argument("--data-dir", default="./blockvirt-data")
+    chk.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
 
     pool = sub.add_parser("pool", help="manage storage pools")
     _common(pool, top=False)
@@ -211,9 +254,128 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
     elif action == "delete":
         api.delete(f"/api/v1/volumes/{_q(args.name)}")
         _emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
+    elif action == "clone":
+        info = api.post("/api/v1/volumes", {"name": args.name, "source": args.source})
+        _emit(args, info, f"created volume {info['name']} as a linked clone of {args.source}")
+    elif action == "flatten":
+        job = api.post(f"/api/v1/volumes/{_q(args.name)}/flatten", {})
+        if args.wait:
+            job = _wait_job(args, api, job["id"])
+        _emit(args, job, f"flatten of {args.name}: job {job['id']} {job['state']}")
+        return EXIT_OK if job["state"] != "failed" else EXIT_ERROR
     else:
-        raise UsageError("blockvirt volume: choose an action: create, list, info, delete")
+        raise UsageError("blockvirt volume: choose an action: create, list, info, delete, clone, flatten")
     return EXIT_OK
+
+
+def _wait_job(args: argparse.Namespace, api: ApiClient, job_id: str) -> dict[str, Any]:
+    """Poll a job to its end, drawing a progress bar on a terminal."""
+    import time
+
+    tty = sys.stderr.isatty() and not args.json
+    while True:
+        job: dict[str, Any] = api.get(f"/api/v1/jobs/{_q(job_id)}")
+        if tty:
+            done = int(job["progress"] * 30)
+            print(
+                f"\r{job['kind']} [{'#' * done}{'.' * (30 - done)}] {job['progress']:6.1%}",
+                end="",
+                file=sys.stderr,
+            )
+        if job["state"] != "running":
+            if tty:
+                print(file=sys.stderr)
+            return job
+        time.sleep(0.2)
+
+
+def _tree(snaps: list[dict[str, Any]]) -> str:
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for sn in snaps:
+        children.setdefault(sn["parent"], []).append(sn)
+    lines: list[str] = []
+
+    def walk(parent: str | None, prefix: str) -> None:
+        kids = children.get(parent, [])
+        for i, sn in enumerate(kids):
+            last = i == len(kids) - 1
+            mark = "  <- current" if sn["current"] else ""
+            lines.append(
+                f"{prefix}{'└─ ' if last else '├─ '}{sn['name']}  "
+                f"(unique {_human_size(sn['unique_bytes'])}, shared {_human_size(sn['shared_bytes'])}){mark}"
+            )
+            walk(sn["name"], prefix + ("   " if last else "│  "))
+
+    walk(None, "")
+    return "\n".join(lines) if lines else "no snapshots"
+
+
+def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
+    action = args.action
+    if action == "list":
+        snaps = api.get(f"/api/v1/volumes/{_q(args.volume)}/snapshots")["snapshots"]
+        _emit(args, snaps, _tree(snaps))
+        return EXIT_OK
+    if action not in ("create", "revert", "delete"):
+        raise UsageError("blockvirt snapshot: choose an action: create, list, revert, delete")
+    base = f"/api/v1/volumes/{_q(args.volume)}/snapshots"
+    if action == "create":
+        out = api.post(base, {"name": args.snapshot})
+        human = f"created snapshot {args.volume}@{args.snapshot}"
+        if "warning" in out:
+            print(f"blockvirt: warning: {out['warning']}", file=sys.stderr)
+    elif action == "revert":
+        out = api.post(f"{base}/{_q(args.snapshot)}/revert", {"force": args.force})
+        human = f"reverted {args.volume} to {args.snapshot}"
+    else:
+        out = api.delete(f"{base}/{_q(args.snapshot)}")
+        human = f"deleted snapshot {args.volume}@{args.snapshot}"
+        if out.get("job"):
+            human += f" (merging its data: job {out['job']})"
+            if args.wait:
+                job = _wait_job(args, api, out["job"])
+                out["job_state"] = job["state"]
+                human += f" {job['state']}"
+        if out.get("note"):
+            human += f"; {out['note']}"
+    _emit(args, out, human)
+    return EXIT_OK
+
+
+def _job(args: argparse.Namespace, api: ApiClient) -> int:
+    if args.action == "list":
+        jobs = api.get("/api/v1/jobs")["jobs"]
+        if args.json:
+            _emit(args, jobs)
+        elif not jobs:
+            print("no jobs")
+        else:
+            rows = [{**j, "pct": f"{j['progress']:.0%}"} for j in jobs]
+            _print_table(
+                rows,
+                [
+                    ("id", "ID"),
+                    ("kind", "KIND"),
+                    ("volume", "VOLUME"),
+                    ("state", "STATE"),
+                    ("pct", "PROGRESS"),
+                    ("error", "ERROR"),
+                ],
+            )
+    elif args.action == "show":
+        job = _wait_job(args, api, args.id) if args.wait else api.get(f"/api/v1/jobs/{_q(args.id)}")
+        _emit(args, job, "\n".join(f"{k + ':':10} {v}" for k, v in job.items()))
+    else:
+        raise UsageError("blockvirt job: choose an action: list, show")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from blockvirt.storage.check import check_data_dir
+
+    report = check_data_dir(args.data_dir, repair=args.repair)
+    _emit(args, report.to_dict(), report.text())
+    return EXIT_ERROR if report.damaged else EXIT_OK
 
 
 def _pool(args: argparse.Namespace, api: ApiClient) -> int:
@@ -244,11 +406,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check":
+            return _check(args)
         api = ApiClient(args.api or os.environ.get("BLOCKVIRT_API") or DEFAULT_API_URL)
         if args.command == "volume":
             return _volume(args, api)
         if args.command == "pool":
             return _pool(args, api)
+        if args.command == "snapshot":
+            return _snapshot(args, api)
+        if args.command == "job":
+            return _job(args, api)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
         print(str(e), file=sys.stderr)

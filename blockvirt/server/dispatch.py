@@ -30,7 +30,7 @@ from blockvirt.nbd.events import (
 )
 from blockvirt.nbd.exceptions import CommandError, nbd_errno
 from blockvirt.nbd.transmission import ServerTransmission, merge_extents
-from blockvirt.storage.node import HOLE, BlockNode, StorageError
+from blockvirt.storage.node import BlockNode, StorageError
 from blockvirt.storage.volumes import VolumeStats
 
 log = logging.getLogger("blockvirt.dispatch")
@@ -242,5 +242,8 @@ class Dispatcher:
             if name == BASE_ALLOCATION:
                 out[cid] = extents
             elif name == QEMU_ALLOCATION_DEPTH:
-                out[cid] = merge_extents((ln, 0 if fl & HOLE else 1) for ln, fl in extents)
+                dext = merge_extents(await self.node.allocation_depth(cmd.offset, cmd.length))
+                if not dext:
+                    dext = [(min(cmd.length, self.size - cmd.offset), 0)]
+                out[cid] = [(min(dext[0][0], cmd.length), dext[0][1])] if cmd.flags & _REQ_ONE else dext
         return out

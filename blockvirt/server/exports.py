@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from blockvirt.nbd.constants import BASE_ALLOCATION
+from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from blockvirt.nbd.events import ExportInfo
 from blockvirt.storage.volumes import Volume, VolumeManager
 
@@ -27,11 +27,15 @@ class ExportRegistry:
     def describe(self, vol: Volume) -> ExportInfo:
         caps = vol.node.capabilities()
         rec = vol.record
-        kind = "thick" if rec.thick else "thin"
+        if vol.snapshot is not None:
+            description = f"blockvirt snapshot {vol.snapshot} of volume {rec.name} (read-only)"
+        else:
+            kind = "thick" if rec.thick else "thin"
+            description = f"blockvirt {kind} volume in pool {rec.pool}"
         return ExportInfo(
-            name=rec.name,
+            name=vol.export_name,
             size=vol.node.size,
-            description=f"blockvirt {kind} volume in pool {rec.pool}",
+            description=description,
             read_only=not caps.writable,
             can_flush=caps.can_flush,
             can_fua=caps.can_fua,
@@ -43,7 +47,7 @@ class ExportRegistry:
             min_block=caps.min_block,
             pref_block=caps.pref_block,
             max_block=caps.max_block,
-            contexts=(BASE_ALLOCATION,) if caps.can_extents else (),
+            contexts=(BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH) if caps.can_extents else (),
         )
 
 
@@ -59,7 +63,12 @@ class ExportView:
         return None if vol is None else self.registry.describe(vol)
 
     def exports(self) -> Iterable[ExportInfo]:
-        for rec in self.registry.volumes.records():
+        volumes = self.registry.volumes
+        for rec in volumes.records():
             vol = self.registry.resolve(rec.name)
             if vol is not None:
                 yield self.registry.describe(vol)
+            for snap in volumes.catalog.snapshots(rec.name):
+                svol = self.registry.resolve(f"{rec.name}@{snap.name}")
+                if svol is not None:
+                    yield self.registry.describe(svol)

@@ -55,6 +55,17 @@ class NbdServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    async def disconnect_volume(self, name: str) -> None:
+        """Cleanly end every session on volume `name` (in-flight requests finish, data is
+        flushed); used by edits that must not run under connected initiators."""
+        sessions = [
+            s
+            for s in self.sessions
+            if s.volume is not None and s.volume.record.name == name and s.volume.snapshot is None
+        ]
+        if sessions:
+            await asyncio.gather(*(s.shutdown() for s in sessions))
+
     async def stop(self, deadline: float = 10.0) -> None:
         """Stop accepting, let sessions finish in-flight work and flush, then cut the rest."""
         self.closing = True

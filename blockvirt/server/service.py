@@ -55,6 +55,8 @@ class Service:
         self.volumes = VolumeManager(cfg.data_dir)
         registry = ExportRegistry(self.volumes)
         self.nbd = NbdServer(registry, cfg.nbd_host, cfg.nbd_port)
+        self.volumes.disconnect = self.nbd.disconnect_volume
+        await self.volumes.start()
         await self.nbd.start()
         self._runner = web.AppRunner(build_app(self.volumes), access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -5,12 +5,14 @@ Pure bookkeeping with blocking calls; the async `VolumeManager` runs it off the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,13 +28,44 @@ CREATE TABLE IF NOT EXISTS pools (
     path TEXT NOT NULL UNIQUE,
     created REAL NOT NULL
 );
+-- A copy-on-write layer: files <id>.data and <id>.map in its pool; parent is the next layer
+-- down its chain (NULL for a base).
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL REFERENCES pools(name),
+    parent TEXT REFERENCES layers(id),
+    size INTEGER NOT NULL,
+    thick INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS volumes (
     name TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
     thick INTEGER NOT NULL,
     pool TEXT NOT NULL REFERENCES pools(name),
-    file TEXT NOT NULL,
+    head TEXT NOT NULL REFERENCES layers(id),
     created REAL NOT NULL
+);
+-- A snapshot names an immutable layer of a volume's tree.
+CREATE TABLE IF NOT EXISTS snapshots (
+    volume TEXT NOT NULL REFERENCES volumes(name),
+    name TEXT NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    created REAL NOT NULL,
+    PRIMARY KEY (volume, name)
+);
+-- Long operations, persisted so they resume after a crash.
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
 );
 """
 
@@ -82,11 +115,50 @@ class VolumeRecord:
     size: int
     thick: bool
     pool: str
-    file: str  # file name inside the pool directory
+    head: str  # layer id of the writable head
     created: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRecord:
+    id: str
+    pool: str
+    parent: str | None
+    size: int
+    thick: bool
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    volume: str
+    name: str
+    layer: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: str
+    kind: str
+    volume: str
+    state: str
+    params: str
+    done: int
+    total: int
+    error: str
+    created: float
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_layer_id() -> str:
+    return uuid.uuid4().hex
 
 
 class Catalog:
@@ -129,50 +201,153 @@ class Catalog:
             PoolRecord(*r) for r in self.db.execute("SELECT name, path, created FROM pools ORDER BY name")
         ]
 
+    # ------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable change (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ layers
+    def layer(self, layer_id: str) -> LayerRecord | None:
+        row = self.db.execute(
+            "SELECT id, pool, parent, size, thick, created FROM layers WHERE id = ?", (layer_id,)
+        ).fetchone()
+        return _layer(row) if row else None
+
+    def layers(self) -> list[LayerRecord]:
+        rows = self.db.execute("SELECT id, pool, parent, size, thick, created FROM layers")
+        return [_layer(r) for r in rows]
+
+    def chain(self, layer_id: str) -> list[LayerRecord]:
+        """The layer and its ancestors, head first."""
+        out: list[LayerRecord] = []
+        cur: str | None = layer_id
+        while cur is not None:
+            rec = self.layer(cur)
+            if rec is None:
+                raise CatalogError("internal", f"layer {cur} is missing from the catalog")
+            out.append(rec)
+            cur = rec.parent
+            if len(out) > 100_000:
+                raise CatalogError("internal", "layer chain has a cycle")
+        return out
+
+    def children(self, layer_id: str) -> list[LayerRecord]:
+        rows = self.db.execute(
+            "SELECT id, pool, parent, size, thick, created FROM layers WHERE parent = ?", (layer_id,)
+        )
+        return [_layer(r) for r in rows]
+
+    def layer_dir(self, rec: LayerRecord) -> str:
+        pool = self.pool(rec.pool)
+        assert pool is not None, "foreign key guarantees the pool"
+        return pool.path
+
+    def live_layers(self) -> set[str]:
+        """Layers something still needs: heads, snapshots, and all their ancestors."""
+        parents = {r.id: r.parent for r in self.layers()}
+        roots = [v.head for v in self.volumes()] + [s.layer for s in self.all_snapshots()]
+        live: set[str] = set()
+        for root in roots:
+            cur: str | None = root
+            while cur is not None and cur not in live:
+                live.add(cur)
+                cur = parents.get(cur)
+        return live
+
     # ------------------------------------------------------------ volumes
     def volume(self, name: str) -> VolumeRecord | None:
         row = self.db.execute(
-            "SELECT name, size, thick, pool, file, created FROM volumes WHERE name = ?", (name,)
+            "SELECT name, size, thick, pool, head, created FROM volumes WHERE name = ?", (name,)
         ).fetchone()
         return _volume(row) if row else None
 
     def volumes(self) -> list[VolumeRecord]:
-        rows = self.db.execute("SELECT name, size, thick, pool, file, created FROM volumes ORDER BY name")
+        rows = self.db.execute("SELECT name, size, thick, pool, head, created FROM volumes ORDER BY name")
         return [_volume(r) for r in rows]
 
-    def new_volume(self, name: str, size: int, thick: bool, pool: str) -> VolumeRecord:
-        """Validate and reserve a record (not yet stored): the caller creates the file first."""
+    def check_new_volume(self, name: str, size: int, pool: str) -> None:
         validate_name(name)
         validate_size(size)
         if self.pool(pool) is None:
             raise CatalogError("not-found", f"no pool named {pool!r}")
         if self.volume(name) is not None:
             raise CatalogError("conflict", f"volume {name!r} already exists")
-        return VolumeRecord(name, size, thick, pool, f"{uuid.uuid4().hex}.raw", time.time())
 
-    def insert_volume(self, rec: VolumeRecord) -> None:
+    # ------------------------------------------------------------ snapshots
+    def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
+        row = self.db.execute(
+            "SELECT volume, name, layer, created FROM snapshots WHERE volume = ? AND name = ?", (volume, name)
+        ).fetchone()
+        return SnapshotRecord(*row) if row else None
+
+    def snapshots(self, volume: str) -> list[SnapshotRecord]:
+        rows = self.db.execute(
+            "SELECT volume, name, layer, created FROM snapshots WHERE volume = ? ORDER BY created, name",
+            (volume,),
+        )
+        return [SnapshotRecord(*r) for r in rows]
+
+    def all_snapshots(self) -> list[SnapshotRecord]:
+        rows = self.db.execute("SELECT volume, name, layer, created FROM snapshots")
+        return [SnapshotRecord(*r) for r in rows]
+
+    def snapshots_of_layer(self, layer_id: str) -> list[SnapshotRecord]:
+        rows = self.db.execute(
+            "SELECT volume, name, layer, created FROM snapshots WHERE layer = ?", (layer_id,)
+        )
+        return [SnapshotRecord(*r) for r in rows]
+
+    # ------------------------------------------------------------ jobs
+    def jobs(self) -> list[JobRecord]:
+        rows = self.db.execute(
+            "SELECT id, kind, volume, state, params, done, total, error, created, updated FROM jobs "
+            "ORDER BY created"
+        )
+        return [JobRecord(*r) for r in rows]
+
+    def job(self, job_id: str) -> JobRecord | None:
+        row = self.db.execute(
+            "SELECT id, kind, volume, state, params, done, total, error, created, updated FROM jobs "
+            "WHERE id = ?",
+            (job_id,),
+        ).fetchone()
+        return JobRecord(*row) if row else None
+
+    def save_job(self, rec: JobRecord) -> None:
         with self._lock:
-            try:
-                self.db.execute(
-                    "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?)",
-                    (rec.name, rec.size, int(rec.thick), rec.pool, rec.file, rec.created),
-                )
-            except sqlite3.IntegrityError:
-                raise CatalogError("conflict", f"volume {rec.name!r} already exists") from None
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.id,
+                    rec.kind,
+                    rec.volume,
+                    rec.state,
+                    rec.params,
+                    rec.done,
+                    rec.total,
+                    rec.error,
+                    rec.created,
+                    rec.updated,
+                ),
+            )
 
-    def delete_volume(self, name: str) -> None:
-        with self._lock:
-            self.db.execute("DELETE FROM volumes WHERE name = ?", (name,))
 
-    def volume_path(self, rec: VolumeRecord) -> str:
-        pool = self.pool(rec.pool)
-        assert pool is not None, "foreign key guarantees the pool"
-        return os.path.join(pool.path, rec.file)
+def _layer(row: tuple[Any, ...]) -> LayerRecord:
+    lid, pool, parent, size, thick, created = row
+    return LayerRecord(lid, pool, parent, size, bool(thick), created)
 
 
 def _volume(row: tuple[Any, ...]) -> VolumeRecord:
-    name, size, thick, pool, file, created = row
-    return VolumeRecord(name, size, bool(thick), pool, file, created)
+    name, size, thick, pool, head, created = row
+    return VolumeRecord(name, size, bool(thick), pool, head, created)
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}

@@ -103,6 +103,10 @@ class BlockNode(abc.ABC):
         """(length, HOLE|ZERO flags) extents from `offset`, covering at least one byte."""
         return [(length, 0)]
 
+    async def allocation_depth(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        """(length, depth) extents for qemu:allocation-depth: 1 = this node, 0 = unallocated."""
+        return [(ln, 0 if flags & HOLE else 1) for ln, flags in await self.block_status(offset, length)]
+
     async def close(self) -> None:
         """Release resources; data already flushed by the caller."""
 
@@ -158,6 +162,9 @@ class FilterNode(BlockNode):
 
     async def block_status(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
         return await self.child.block_status(offset, length)
+
+    async def allocation_depth(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
+        return await self.child.allocation_depth(offset, length)
 
     async def close(self) -> None:
         await self.child.close()

@@ -1,19 +1,47 @@
-"""Volumes: the catalog's records joined to open block nodes, one node per volume shared by
-every connection (which is what makes CAN_MULTI_CONN's flush semantics hold)."""
+"""Volumes, snapshots and clones: catalog records joined to open chain nodes.
+
+Every volume is a chain of copy-on-write layers with one node shared by all its connections
+(which is what makes CAN_MULTI_CONN's flush semantics hold). Tree edits (snapshot, revert,
+clone, delete) change the catalog in one transaction and swap a node's layers only while
+the node is drained, so an initiator never sees half an edit.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
-import os
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockvirt.jobs import stream as streaming
+from blockvirt.jobs.manager import CANCELLED, Job, JobManager
 from blockvirt.storage import executor
-from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, VolumeRecord
-from blockvirt.storage.drivers.raw import RawFileNode
-from blockvirt.storage.node import BlockNode
+from blockvirt.storage.catalog import (
+    DEFAULT_POOL,
+    Catalog,
+    CatalogError,
+    LayerRecord,
+    SnapshotRecord,
+    VolumeRecord,
+    new_layer_id,
+    validate_name,
+)
+from blockvirt.storage.fileio import REAL, FileIO
+from blockvirt.storage.formats.cow import ChainNode, Layer
+from blockvirt.storage.formats.layer_map import BLOCK, FULL_PAGE
+from blockvirt.storage.layers import LayerRegistry
+
+log = logging.getLogger("blockvirt.volumes")
+
+#: Refuse to grow a chain past this many layers (the merged index holds 16-bit owners, and
+#: deep chains are a smell: flatten or delete snapshots).
+MAX_CHAIN_DEPTH = 250
+#: Warn (in the API answer and the log) past this depth.
+WARN_CHAIN_DEPTH = 16
 
 
 @dataclass(slots=True)
@@ -31,126 +59,579 @@ class VolumeStats:
 
 @dataclass(slots=True)
 class Volume:
+    """An export: a volume's head, or a snapshot (read-only)."""
+
     record: VolumeRecord
-    node: BlockNode
-    #: Open NBD sessions on this volume (the registry counts them).
+    node: ChainNode
+    snapshot: str | None = None
+    #: Open NBD sessions on this export (the registry counts them).
     users: int = 0
     stats: VolumeStats = field(default_factory=VolumeStats)
 
+    @property
+    def export_name(self) -> str:
+        return self.record.name if self.snapshot is None else f"{self.record.name}@{self.snapshot}"
+
 
 class VolumeManager:
-    """Create, open, list and delete volumes. Management calls are serialised by one lock."""
+    """Create, open, list and delete volumes and their snapshots. Tree edits are serialised."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, *, io: FileIO = REAL, warn_depth: int = WARN_CHAIN_DEPTH) -> None:
         self.data_dir = data_dir
+        self.io = io
         self.catalog = Catalog(data_dir)
+        self.layers = LayerRegistry(self.catalog, io)
+        self.jobs = JobManager(self.catalog)
+        self.warn_depth = warn_depth
         self._open: dict[str, Volume] = {}
+        self._snaps: dict[tuple[str, str], Volume] = {}
         self._lock = asyncio.Lock()
+        #: Set by the server: disconnect every session of an export (for --force edits).
+        self.disconnect: Any = None
 
-    # ------------------------------------------------------------ queries
+    async def start(self) -> None:
+        """Resume interrupted jobs and collect garbage left by a crash."""
+        for job in self.jobs.pending():
+            log.info("resuming job %s (%s on %s)", job.id, job.kind, job.volume)
+            self.jobs.run(job, self._runner(job.kind))
+        async with self._lock:
+            await self._collect(start_merges=True)
+
+    # ------------------------------------------------------------ lookups
     def record(self, name: str) -> VolumeRecord | None:
         return self.catalog.volume(name)
 
     def records(self) -> list[VolumeRecord]:
         return self.catalog.volumes()
 
+    def _require(self, name: str) -> VolumeRecord:
+        rec = self.catalog.volume(name)
+        if rec is None:
+            raise CatalogError("not-found", f"no volume named {name!r}")
+        return rec
+
     def volume(self, name: str) -> Volume | None:
-        """The open volume, opening its node on first use (a quick, non-blocking open)."""
+        """The open volume (or `VOL@SNAP` snapshot export), opened on first use."""
+        if "@" in name:
+            vol_name, _, snap = name.partition("@")
+            return self.snapshot_export(vol_name, snap)
         vol = self._open.get(name)
         if vol is not None:
             return vol
         rec = self.catalog.volume(name)
         if rec is None:
             return None
-        node = RawFileNode(self.catalog.volume_path(rec), thick=rec.thick)
-        vol = Volume(rec, node)
+        layers = self.layers.acquire_chain(rec.head, writable_head=True)
+        vol = Volume(rec, ChainNode(layers, rec.size, writable=True))
         self._open[name] = vol
         return vol
 
+    def snapshot_export(self, volume: str, snap: str) -> Volume | None:
+        key = (volume, snap)
+        vol = self._snaps.get(key)
+        if vol is not None:
+            return vol
+        rec = self.catalog.volume(volume)
+        srec = self.catalog.snapshot(volume, snap)
+        if rec is None or srec is None:
+            return None
+        lrec = self.catalog.layer(srec.layer)
+        assert lrec is not None
+        layers = self.layers.acquire_chain(srec.layer, writable_head=False)
+        vol = Volume(rec, ChainNode(layers, lrec.size, writable=False), snapshot=snap)
+        self._snaps[key] = vol
+        return vol
+
+    def open_nodes(self) -> list[Volume]:
+        return [*self._open.values(), *self._snaps.values()]
+
+    # ------------------------------------------------------------ info
     def info(self, name: str) -> dict[str, Any]:
         vol = self.volume(name)
-        if vol is None:
+        if vol is None or vol.snapshot is not None:
             raise CatalogError("not-found", f"no volume named {name!r}")
-        return volume_info(vol)
+        return self._info(vol)
 
     def list_info(self) -> list[dict[str, Any]]:
         out = []
         for rec in self.records():
             vol = self.volume(rec.name)
             if vol is not None:
-                out.append(volume_info(vol))
+                out.append(self._info(vol))
         return out
 
-    # ------------------------------------------------------------ changes
+    def _info(self, vol: Volume) -> dict[str, Any]:
+        rec = vol.record
+        snaps = self.catalog.snapshots(rec.name)
+        allocated = vol.node.head.allocated_bytes() + sum(self._layer_allocated(s.layer) for s in snaps)
+        snap_users = sum(v.users for (vname, _), v in self._snaps.items() if vname == rec.name)
+        job = self.jobs.busy(rec.name)
+        return {
+            "name": rec.name,
+            "size": rec.size,
+            "thick": rec.thick,
+            "pool": rec.pool,
+            "allocated": allocated,
+            "head_allocated": vol.node.head.allocated_bytes(),
+            "chain_depth": len(vol.node.layers),
+            "snapshots": len(snaps),
+            "connections": vol.users + snap_users,
+            "job": job.id if job else None,
+            "created": rec.created,
+        }
+
+    def _layer_allocated(self, layer_id: str) -> int:
+        lay = self.layers.get(layer_id)
+        if lay is not None:
+            return lay.allocated_bytes()
+        rec = self.catalog.layer(layer_id)
+        if rec is None:
+            return 0
+        lay = self.layers.acquire(rec)
+        try:
+            return lay.allocated_bytes()
+        finally:
+            self.layers.release(lay)
+
+    def snapshot_list(self, name: str) -> list[dict[str, Any]]:
+        """The volume's snapshots as a tree: each with its tree parent and space use."""
+        rec = self._require(name)
+        snaps = self.catalog.snapshots(name)
+        by_layer = {s.layer: s for s in snaps}
+        out = []
+        head_chain = [r.id for r in self.catalog.chain(rec.head)]
+        for s in snaps:
+            chain = self.catalog.chain(s.layer)
+            parent = next((by_layer[r.id].name for r in chain[1:] if r.id in by_layer), None)
+            unique, shared = self._space(chain)
+            out.append(
+                {
+                    "name": s.name,
+                    "parent": parent,
+                    "created": s.created,
+                    "size": chain[0].size,
+                    "unique_bytes": unique,
+                    "shared_bytes": shared,
+                    "current": s.layer in head_chain[1:2],  # the head sits right on it
+                }
+            )
+        return out
+
+    def _space(self, chain: list[LayerRecord]) -> tuple[int, int]:
+        """(bytes stored in the top layer, bytes of its view held by ancestors)."""
+        layers = self.layers.acquire_chain(chain[0].id, writable_head=False)
+        try:
+            top = layers[0].map
+            unique = top.data_blocks() * BLOCK
+            pages: set[int] = set()
+            npages = -(-top.nblocks // 4096)
+            if any(lay.map.all_data for lay in layers):
+                pages = set(range(npages))
+            else:
+                for lay in layers:
+                    pages.update(lay.map.pages)
+            visible = 0
+            for page in pages:
+                remaining = FULL_PAGE
+                for lay in layers:
+                    data, zero = lay.map.page_bits(page)
+                    visible += (data & remaining).bit_count()
+                    remaining &= ~(data | zero)
+                    if not remaining:
+                        break
+            return unique, visible * BLOCK - unique
+        finally:
+            self.layers.release_all(layers)
+
+    # ------------------------------------------------------------ volumes
     async def create(
         self, name: str, size: int, *, thick: bool = False, pool: str = DEFAULT_POOL
     ) -> dict[str, Any]:
         async with self._lock:
-            rec = self.catalog.new_volume(name, size, thick, pool)
-            path = self.catalog.volume_path(rec)
+            self.catalog.check_new_volume(name, size, pool)
+            prec = self.catalog.pool(pool)
+            assert prec is not None
+            layer_id = new_layer_id()
             try:
-                # File first, fsynced, then the catalog row: a crash in between leaves only
-                # an orphan file, never a record pointing at nothing.
-                await executor.run(RawFileNode.create, path, size, thick=thick)
-                await executor.run(_fsync_dir, os.path.dirname(path))
+                # Files first, then the catalog rows: a crash in between leaves only orphan
+                # files (which `check --repair` and start-up collection remove).
+                await executor.run(Layer.create, self.io, prec.path, layer_id, size, thick=thick)
             except OSError as e:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                await executor.run(self._remove_files, prec.path, layer_id)
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CatalogError("no-space", f"pool {pool!r} has no room for {size} bytes") from e
                 if e.errno == errno.EFBIG:
                     raise CatalogError("invalid", f"size {size} is too large for pool {pool!r}") from e
                 raise
-            await executor.run(self.catalog.insert_volume, rec)
+            now = time.time()
+            with self.catalog.transaction() as db:
+                db.execute(
+                    "INSERT INTO layers VALUES (?, ?, NULL, ?, ?, ?)", (layer_id, pool, size, int(thick), now)
+                )
+                db.execute(
+                    "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, size, int(thick), pool, layer_id, now),
+                )
         return self.info(name)
+
+    def _remove_files(self, pool_dir: str, layer_id: str) -> None:
+        from blockvirt.storage.formats.cow import layer_paths
+
+        for path in layer_paths(pool_dir, layer_id):
+            self.io.unlink(path)
 
     async def delete(self, name: str) -> None:
         async with self._lock:
-            rec = self.catalog.volume(name)
-            if rec is None:
-                raise CatalogError("not-found", f"no volume named {name!r}")
-            vol = self._open.get(name)
-            if vol is not None and vol.users:
-                raise CatalogError(
-                    "conflict", f"volume {name!r} has {vol.users} connected client(s); disconnect them first"
-                )
-            path = self.catalog.volume_path(rec)
-            await executor.run(self.catalog.delete_volume, name)
-            if vol is not None:
-                del self._open[name]
-                await vol.node.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            self._require(name)
+            self._check_idle(name, "delete the volume")
+            with self.catalog.transaction() as db:
+                db.execute("DELETE FROM snapshots WHERE volume = ?", (name,))
+                db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+            self._close_exports(name)
+            await self._collect(start_merges=True)
 
-    async def flush_all(self) -> None:
-        for vol in list(self._open.values()):
-            await vol.node.flush()
+    def _check_idle(self, name: str, what: str) -> None:
+        users = sum(v.users for v in self.open_nodes() if v.record.name == name)
+        if users:
+            raise CatalogError(
+                "conflict",
+                f"cannot {what}: volume {name!r} has {users} connected client(s); disconnect them first",
+            )
+        job = self.jobs.busy(name)
+        if job is not None:
+            raise CatalogError("conflict", f"cannot {what}: job {job.id} ({job.kind}) is running on {name!r}")
+
+    def _close_exports(self, name: str) -> None:
+        for key in [k for k in self._snaps if k[0] == name]:
+            self.layers.release_all(self._snaps.pop(key).node.layers)
+        vol = self._open.pop(name, None)
+        if vol is not None:
+            self.layers.release_all(vol.node.layers)
+
+    # ------------------------------------------------------------ snapshots
+    async def snapshot_create(self, name: str, snap: str) -> dict[str, Any]:
+        """O(1): drain, commit the head, put an empty head on top; clients stay connected."""
+        validate_name(snap, "snapshot")
+        async with self._lock:
+            rec = self._require(name)
+            if self.catalog.snapshot(name, snap) is not None:
+                raise CatalogError("conflict", f"volume {name!r} already has a snapshot named {snap!r}")
+            vol = self.volume(name)
+            assert vol is not None
+            node = vol.node
+            depth = len(node.layers) + 1
+            if depth > MAX_CHAIN_DEPTH:
+                raise CatalogError(
+                    "conflict",
+                    f"chain of {name!r} is {depth - 1} layers deep (limit {MAX_CHAIN_DEPTH}): "
+                    "delete snapshots or flatten first",
+                )
+            prec = self.catalog.pool(rec.pool)
+            assert prec is not None
+            started = time.perf_counter()
+            async with node.drained():
+                old = node.head
+                await old.commit()
+                new_id = new_layer_id()
+                await executor.run(Layer.create, self.io, prec.path, new_id, rec.size, thick=False)
+                now = time.time()
+                with self.catalog.transaction() as db:
+                    db.execute(
+                        "INSERT INTO layers VALUES (?, ?, ?, ?, 0, ?)",
+                        (new_id, rec.pool, old.id, rec.size, now),
+                    )
+                    db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", (name, snap, old.id, now))
+                    db.execute("UPDATE volumes SET head = ? WHERE name = ?", (new_id, name))
+                lrec = self.catalog.layer(new_id)
+                assert lrec is not None
+                head = self.layers.acquire(lrec, writable=True)
+                old.make_read_only()
+                node.set_layers([head, *node.layers], keep_index=True)
+                vol.record = dataclasses.replace(rec, head=new_id)
+            elapsed = time.perf_counter() - started
+        out: dict[str, Any] = {"volume": name, "name": snap, "created": now, "seconds": round(elapsed, 6)}
+        if depth > self.warn_depth:
+            out["warning"] = f"chain depth is {depth}: consider deleting snapshots or flattening"
+            log.warning("volume %s: chain depth %d after snapshot %s", name, depth, snap)
+        return out
+
+    def _snap(self, name: str, snap: str) -> SnapshotRecord:
+        srec = self.catalog.snapshot(name, snap)
+        if srec is None:
+            raise CatalogError("not-found", f"volume {name!r} has no snapshot named {snap!r}")
+        return srec
+
+    async def snapshot_revert(self, name: str, snap: str, *, force: bool = False) -> dict[str, Any]:
+        """Put the volume on a new empty head over SNAP. Newer snapshots stay (a branch); the
+        current head's unsnapshotted data is discarded."""
+        async with self._lock:
+            rec = self._require(name)
+            srec = self._snap(name, snap)
+            vol = self.volume(name)
+            assert vol is not None
+            if vol.users:
+                if not force:
+                    raise CatalogError(
+                        "conflict",
+                        f"volume {name!r} has {vol.users} connected client(s): "
+                        "disconnect them or use --force to disconnect them",
+                    )
+                if self.disconnect is not None:
+                    await self.disconnect(name)
+            job = self.jobs.busy(name)
+            if job is not None:
+                raise CatalogError("conflict", f"job {job.id} ({job.kind}) is running on {name!r}")
+            lrec = self.catalog.layer(srec.layer)
+            assert lrec is not None
+            prec = self.catalog.pool(rec.pool)
+            assert prec is not None
+            node = vol.node
+            async with node.drained():
+                new_id = new_layer_id()
+                await executor.run(Layer.create, self.io, prec.path, new_id, lrec.size, thick=False)
+                now = time.time()
+                with self.catalog.transaction() as db:
+                    db.execute(
+                        "INSERT INTO layers VALUES (?, ?, ?, ?, 0, ?)",
+                        (new_id, rec.pool, srec.layer, lrec.size, now),
+                    )
+                    db.execute(
+                        "UPDATE volumes SET head = ?, size = ? WHERE name = ?", (new_id, lrec.size, name)
+                    )
+                old_layers = node.layers
+                layers = self.layers.acquire_chain(new_id, writable_head=True)
+                node.set_layers(layers, keep_index=False)
+                node._size = lrec.size
+                self.layers.release_all(old_layers)
+                new_rec = self.catalog.volume(name)
+                assert new_rec is not None
+                vol.record = new_rec
+            await self._collect(start_merges=True)
+        return {"volume": name, "reverted_to": snap}
+
+    async def snapshot_delete(self, name: str, snap: str) -> dict[str, Any]:
+        """Forget the snapshot; its layer is merged into its one child (a job), or kept
+        hidden while several children share it, or removed if nothing reads it."""
+        async with self._lock:
+            self._require(name)
+            srec = self._snap(name, snap)
+            exp = self._snaps.get((name, snap))
+            if exp is not None and exp.users:
+                raise CatalogError(
+                    "conflict",
+                    f"snapshot {name}@{snap} is exported to {exp.users} client(s); disconnect them first",
+                )
+            job = self.jobs.busy(name)
+            if job is not None:
+                raise CatalogError(
+                    "conflict", f"job {job.id} ({job.kind}) is running on {name!r}; try again later"
+                )
+            with self.catalog.transaction() as db:
+                db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (name, snap))
+            exp = self._snaps.pop((name, snap), None)
+            if exp is not None:
+                self.layers.release_all(exp.node.layers)
+            children = self.catalog.children(srec.layer)
+            jobs = await self._collect(start_merges=True)
+        out: dict[str, Any] = {"volume": name, "deleted": snap}
+        if jobs:
+            out["job"] = jobs[0].id
+        elif len(children) > 1 and not self.catalog.snapshots_of_layer(srec.layer):
+            out["note"] = (
+                f"its data is still shared by {len(children)} branches or clones; "
+                "it is kept hidden and merged once only one remains"
+            )
+        return out
+
+    async def clone(self, source: str, new: str) -> dict[str, Any]:
+        """A linked clone of VOL@SNAP: a new volume whose head sits on the snapshot."""
+        vol_name, sep, snap = source.partition("@")
+        if not sep:
+            raise CatalogError("invalid", f"clone source must be VOLUME@SNAPSHOT, not {source!r}")
+        async with self._lock:
+            rec = self._require(vol_name)
+            srec = self._snap(vol_name, snap)
+            lrec = self.catalog.layer(srec.layer)
+            assert lrec is not None
+            self.catalog.check_new_volume(new, lrec.size, rec.pool)
+            prec = self.catalog.pool(rec.pool)
+            assert prec is not None
+            new_id = new_layer_id()
+            await executor.run(Layer.create, self.io, prec.path, new_id, lrec.size, thick=False)
+            now = time.time()
+            with self.catalog.transaction() as db:
+                db.execute(
+                    "INSERT INTO layers VALUES (?, ?, ?, ?, 0, ?)",
+                    (new_id, rec.pool, srec.layer, lrec.size, now),
+                )
+                db.execute(
+                    "INSERT INTO volumes VALUES (?, ?, 0, ?, ?, ?)", (new, lrec.size, rec.pool, new_id, now)
+                )
+        return self.info(new)
+
+    async def flatten(self, name: str) -> Job:
+        """Copy everything the volume reads from its ancestors into its head (a job)."""
+        async with self._lock:
+            rec = self._require(name)
+            job = self.jobs.busy(name)
+            if job is not None:
+                raise CatalogError("conflict", f"job {job.id} ({job.kind}) is already running on {name!r}")
+            if self.catalog.layer(rec.head) is None or self.catalog.chain(rec.head)[0].parent is None:
+                raise CatalogError("conflict", f"volume {name!r} has no ancestors: nothing to flatten")
+            return self.jobs.start("flatten", name, {"target": rec.head, "cursor": 0}, self._run_flatten)
+
+    # ------------------------------------------------------------ garbage and merges
+    async def _collect(self, *, start_merges: bool) -> list[Job]:
+        """Delete layers nothing needs; start merges of hidden layers with one child."""
+        live = self.catalog.live_layers()
+        for rec in self.catalog.layers():
+            if rec.id in live or self.layers.get(rec.id) is not None:
+                continue
+            if self.catalog.children(rec.id):
+                continue  # a child is garbage too and goes first; next pass takes this one
+            with self.catalog.transaction() as db:
+                db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
+            await executor.run(self.layers.delete_files, rec)
+            log.info("removed unused layer %s", rec.id)
+        if any(r.id not in live and self.layers.get(r.id) is None for r in self.catalog.layers()):
+            return await self._collect(start_merges=start_merges)
+        started: list[Job] = []
+        if not start_merges:
+            return started
+        heads = {v.head: v.name for v in self.catalog.volumes()}
+        named = {s.layer for s in self.catalog.all_snapshots()}
+        merging = {j.params.get("source") for j in self.jobs.list() if j.state == "running"}
+        for rec in self.catalog.layers():
+            if rec.id in heads or rec.id in named or rec.id in merging:
+                continue
+            children = self.catalog.children(rec.id)
+            if len(children) != 1:
+                continue
+            child = children[0]
+            owner = heads.get(child.id) or self._volume_of_layer(child.id) or "-"
+            started.append(
+                self.jobs.start(
+                    "merge", owner, {"source": rec.id, "target": child.id, "cursor": 0}, self._run_merge
+                )
+            )
+        return started
+
+    def _volume_of_layer(self, layer_id: str) -> str | None:
+        for s in self.catalog.snapshots_of_layer(layer_id):
+            return s.volume
+        for v in self.catalog.volumes():
+            if layer_id in {r.id for r in self.catalog.chain(v.head)}:
+                return v.name
+        return None
+
+    def _runner(self, kind: str) -> Any:
+        return {"merge": self._run_merge, "flatten": self._run_flatten}[kind]
+
+    def _nodes_headed_by(self, layer_id: str) -> list[ChainNode]:
+        return [v.node for v in self.open_nodes() if v.node.head.id == layer_id]
+
+    def _notify(self, layer_id: str) -> streaming.Notify:
+        def notify(first: int, count: int, is_data: bool) -> None:
+            for node in self._nodes_headed_by(layer_id):
+                if is_data:
+                    node.merged.set_owner(first, count, node.head.slot)
+
+        return notify
+
+    async def _run_merge(self, job: Job) -> None:
+        """Stream the hidden layer `source` into its only child `target`, then drop it."""
+        src_rec = self.catalog.layer(job.params["source"])
+        tgt_rec = self.catalog.layer(job.params["target"])
+        if src_rec is None or tgt_rec is None or tgt_rec.parent != src_rec.id:
+            job.error = "nothing to merge (already done)"
+            return
+        target = self.layers.acquire(tgt_rec, writable=True)
+        try:
+            source = self.layers.acquire(src_rec)
+            try:
+                await self._stream_job(job, target, [source], keep_zeros=src_rec.parent is not None)
+            finally:
+                self.layers.release(source)
+            await self._rechain(job, target, new_parent=src_rec.parent, dropped=[src_rec])
+        finally:
+            self.layers.release(target)
+
+    async def _run_flatten(self, job: Job) -> None:
+        tgt_rec = self.catalog.layer(job.params["target"])
+        if tgt_rec is None or tgt_rec.parent is None:
+            return
+        target = self.layers.acquire(tgt_rec, writable=True)
+        sources = self.layers.acquire_chain(tgt_rec.parent, writable_head=False)
+        try:
+            await self._stream_job(job, target, sources, keep_zeros=False)
+            await self._rechain(job, target, new_parent=None, dropped=[])
+        finally:
+            self.layers.release_all(sources)
+            self.layers.release(target)
+
+    async def _stream_job(self, job: Job, target: Layer, sources: list[Layer], *, keep_zeros: bool) -> None:
+        npages = -(-target.map.nblocks // 4096)
+        job.total = len([p for p in streaming.pages_to_copy(sources, npages) if p >= job.params["cursor"]])
+        job.done = 0
+
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+
+        def checkpoint(next_page: int) -> None:
+            job.params["cursor"] = next_page
+            self.jobs.save(job)
+
+        await streaming.stream(
+            target,
+            sources,
+            keep_zeros=keep_zeros,
+            start_page=job.params["cursor"],
+            on_progress=progress,
+            checkpoint=checkpoint,
+            notify=self._notify(target.id),
+        )
+
+    async def _rechain(
+        self, job: Job, target: Layer, *, new_parent: str | None, dropped: list[LayerRecord]
+    ) -> None:
+        """Commit: target's parent becomes `new_parent`, dropped layers leave every open chain."""
+        async with self._lock, contextlib.AsyncExitStack() as drains:
+            affected = [v for v in self.open_nodes() if any(lay.id == target.id for lay in v.node.layers)]
+            for v in affected:
+                await drains.enter_async_context(v.node.drained())
+            if job.state == CANCELLED:
+                return
+            with self.catalog.transaction() as db:
+                db.execute("UPDATE layers SET parent = ? WHERE id = ?", (new_parent, target.id))
+                for rec in dropped:
+                    db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
+                db.execute(
+                    "UPDATE jobs SET state = 'done', done = total, updated = ? WHERE id = ?",
+                    (time.time(), job.id),
+                )
+            job.state = "done"
+            for v in affected:
+                old = v.node.layers
+                idx = next(i for i, lay in enumerate(old) if lay.id == target.id)
+                tail = self.layers.acquire_chain(new_parent, writable_head=False) if new_parent else []
+                v.node.set_layers([*old[: idx + 1], *tail], keep_index=False)
+                self.layers.release_all(old[idx + 1 :])
+            if not self._nodes_headed_by(target.id) and not target.map.dirty:
+                target.make_read_only()
+        for rec in dropped:
+            if self.layers.get(rec.id) is None:
+                await executor.run(self.layers.delete_files, rec)
+        async with self._lock:
+            await self._collect(start_merges=True)
 
     async def close(self) -> None:
-        for vol in list(self._open.values()):
-            with contextlib.suppress(Exception):
+        await self.jobs.close()
+        for vol in self.open_nodes():
+            try:
                 await vol.node.flush()
-            await vol.node.close()
+            except Exception as e:  # keep closing the rest
+                log.error("flush of %s at shutdown failed: %s", vol.export_name, e)
         self._open.clear()
+        self._snaps.clear()
+        self.layers.close_all()
         self.catalog.close()
-
-
-def volume_info(vol: Volume) -> dict[str, Any]:
-    rec = vol.record
-    return {
-        "name": rec.name,
-        "size": rec.size,
-        "thick": rec.thick,
-        "pool": rec.pool,
-        "allocated": vol.node.allocated_bytes(),
-        "connections": vol.users,
-        "created": rec.created,
-    }
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

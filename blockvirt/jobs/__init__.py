@@ -1,0 +1,1 @@
+"""Long operations with state and progress: merge (snapshot delete), flatten, later migration."""

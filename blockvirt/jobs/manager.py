@@ -1,0 +1,153 @@
+"""Job registry: long operations as tasks with persisted state and progress.
+
+A job's row is saved when it starts, as it checkpoints and when it ends; jobs still
+'running' in the catalog at start-up are resumed by whoever owns their kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockvirt.storage.catalog import Catalog, JobRecord
+
+log = logging.getLogger("blockvirt.jobs")
+
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    kind: str
+    volume: str
+    params: dict[str, Any]
+    state: str = RUNNING
+    done: int = 0
+    total: int = 0
+    error: str = ""
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.state == DONE else (self.done / self.total if self.total else 0.0)
+
+    def record(self) -> JobRecord:
+        return JobRecord(
+            self.id,
+            self.kind,
+            self.volume,
+            self.state,
+            json.dumps(self.params),
+            self.done,
+            self.total,
+            self.error,
+            self.created,
+            self.updated,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "volume": self.volume,
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+            "progress": round(self.progress, 4),
+            "error": self.error,
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+
+Runner = Callable[[Job], Awaitable[None]]
+
+
+class JobManager:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.jobs: dict[str, Job] = {}
+        for rec in catalog.jobs():
+            self.jobs[rec.id] = Job(
+                rec.id,
+                rec.kind,
+                rec.volume,
+                json.loads(rec.params),
+                rec.state,
+                rec.done,
+                rec.total,
+                rec.error,
+                rec.created,
+                rec.updated,
+            )
+
+    def pending(self) -> list[Job]:
+        """Jobs interrupted by a stop or crash (to be resumed)."""
+        return [j for j in self.jobs.values() if j.state == RUNNING and j.task is None]
+
+    def save(self, job: Job) -> None:
+        job.updated = time.time()
+        self.catalog.save_job(job.record())
+
+    def start(self, kind: str, volume: str, params: dict[str, Any], runner: Runner) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind, volume, params)
+        self.jobs[job.id] = job
+        self.save(job)
+        self.run(job, runner)
+        return job
+
+    def run(self, job: Job, runner: Runner) -> None:
+        async def main() -> None:
+            try:
+                await runner(job)
+            except asyncio.CancelledError:
+                if job.state == CANCELLED:
+                    self.save(job)
+                raise  # a stop: stays RUNNING in the catalog, resumed next time
+            except Exception as e:
+                log.exception("job %s (%s on %s) failed", job.id, job.kind, job.volume)
+                job.state, job.error = FAILED, str(e) or type(e).__name__
+                self.save(job)
+                return
+            if job.state == RUNNING:
+                job.state = DONE
+                job.done = job.total
+            self.save(job)
+            log.info("job %s (%s on %s) %s", job.id, job.kind, job.volume, job.state)
+
+        job.task = asyncio.get_running_loop().create_task(main())
+
+    def busy(self, volume: str) -> Job | None:
+        for job in self.jobs.values():
+            if job.volume == volume and job.state == RUNNING:
+                return job
+        return None
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[Job]:
+        return sorted(self.jobs.values(), key=lambda j: j.created)
+
+    async def wait(self, job: Job) -> None:
+        if job.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(job.task)
+
+    async def close(self) -> None:
+        """Stop running jobs; they stay 'running' in the catalog and resume at next start."""
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,131 @@
+"""Stream: copy into a target layer what it currently reads from some of its ancestors, so
+those ancestors can leave the chain (snapshot delete) or the chain can end at the target
+(flatten). The target's reads never change while this runs, and a guest write to the target
+always wins: each block is checked and written in one step of the event loop, with no await
+between the check and the write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from blockvirt.storage import executor
+from blockvirt.storage.formats.cow import Layer
+from blockvirt.storage.formats.layer_map import BLOCK, BLOCK_SHIFT, FULL_PAGE, PAGE_BLOCKS, iter_bits
+
+#: Longest run of blocks copied in one read.
+MAX_RUN = 64
+
+
+def _runs(bits: int) -> list[tuple[int, int]]:
+    """(first index, length) runs of set bits, each at most MAX_RUN long."""
+    out: list[tuple[int, int]] = []
+    start = prev = -2
+    for i in iter_bits(bits):
+        if i == prev + 1 and i - start < MAX_RUN:
+            prev = i
+            continue
+        if start >= 0:
+            out.append((start, prev - start + 1))
+        start = prev = i
+    if start >= 0:
+        out.append((start, prev - start + 1))
+    return out
+
+
+def pages_to_copy(sources: Sequence[Layer], npages: int) -> list[int]:
+    if any(s.map.all_data for s in sources):
+        return list(range(npages))
+    pages: set[int] = set()
+    for s in sources:
+        pages.update(s.map.pages)
+    return sorted(p for p in pages if p < npages)
+
+
+Notify = Callable[[int, int, bool], None]
+
+
+async def stream_page(
+    target: Layer, sources: Sequence[Layer], page: int, keep_zeros: bool, notify: Notify | None = None
+) -> int:
+    """Copy one 16 MiB page's worth; returns the number of blocks copied or zeroed."""
+    tdata, tzero = target.map.page_bits(page)
+    remaining = FULL_PAGE & ~(tdata | tzero)
+    base_block = page * PAGE_BLOCKS
+    nblocks = target.map.nblocks
+    if base_block + PAGE_BLOCKS > nblocks:
+        remaining &= (1 << max(0, nblocks - base_block)) - 1
+    moved = 0
+    for src in sources:
+        if not remaining:
+            break
+        sdata, szero = src.map.page_bits(page)
+        want_data = sdata & remaining
+        want_zero = szero & remaining
+        remaining &= ~(sdata | szero)
+        for i, n in _runs(want_data):
+            first = base_block + i
+            data = await _read(src, first << BLOCK_SHIFT, n * BLOCK)
+            moved += _put(target, first, n, data, notify)
+        if keep_zeros and want_zero:
+            for i, n in _runs(want_zero):
+                moved += _put(target, base_block + i, n, None, notify)
+    return moved
+
+
+async def _read(src: Layer, offset: int, length: int) -> bytes:
+    if src.io.blocking:
+        return await executor.run(src.io.pread, src.fd, length, offset)
+    return src.io.pread(src.fd, length, offset)
+
+
+def _put(target: Layer, first: int, n: int, data: bytes | None, notify: Notify | None) -> int:
+    """Write the blocks the target still does not hold (no await: atomic on the loop).
+
+    `notify(first, count, is_data)` lets a chain whose head is the target point its merged
+    index at the target, so later in-place writes there are read back."""
+    tdata, tzero = target.map.page_bits(first // PAGE_BLOCKS)
+    i0 = first % PAGE_BLOCKS
+    free = ~(tdata | tzero) >> i0 & ((1 << n) - 1)
+    done = 0
+    for i, k in _runs(free):
+        if data is None:
+            target.map.set_zero(first + i, k)
+        else:
+            target.io.pwrite(
+                target.fd, memoryview(data)[i * BLOCK : (i + k) * BLOCK], (first + i) << BLOCK_SHIFT
+            )
+            target.map.set_data(first + i, k)
+        if notify is not None:
+            notify(first + i, k, data is not None)
+        done += k
+    return done
+
+
+async def stream(
+    target: Layer,
+    sources: Sequence[Layer],
+    *,
+    keep_zeros: bool,
+    start_page: int = 0,
+    on_progress: Callable[[int, int], object] | None = None,
+    checkpoint: Callable[[int], object] | None = None,
+    checkpoint_every: int = 64,
+    notify: Notify | None = None,
+) -> None:
+    """Copy every page from `start_page` on; `checkpoint(next_page)` after durable commits."""
+    npages = -(-target.map.nblocks // PAGE_BLOCKS)
+    pages = [p for p in pages_to_copy(sources, npages) if p >= start_page]
+    for k, page in enumerate(pages):
+        await stream_page(target, sources, page, keep_zeros, notify)
+        if on_progress is not None:
+            on_progress(k + 1, len(pages))
+        if checkpoint is not None and (k + 1) % checkpoint_every == 0:
+            await target.commit()
+            await _maybe_await(checkpoint(page + 1))
+    await target.commit()
+
+
+async def _maybe_await(value: object) -> None:
+    if hasattr(value, "__await__"):
+        await value  # type: ignore[misc]

@@ -1,0 +1,153 @@
+"""File operations used by the copy-on-write layers, behind one small interface, so the crash
+harness can swap in a recording implementation that loses unsynced writes on a "crash".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_DSYNC = getattr(os, "RWF_DSYNC", 0)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class FileIO:
+    """The real thing: POSIX calls on file descriptors."""
+
+    #: Whether blocking calls should leave the event loop (False for in-memory test doubles).
+    blocking = True
+
+    def open(self, path: str, *, write: bool, create: bool = False) -> int:
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        return os.open(path, flags, 0o600)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def allocated(self, fd: int) -> int:
+        return os.fstat(fd).st_blocks * 512
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def preallocate(self, fd: int, size: int) -> None:
+        os.posix_fallocate(fd, 0, size)
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def preadv_nowait(self, fd: int, buf: memoryview, offset: int) -> bool:
+        """Fill buf from the page cache without blocking; False if that is not possible."""
+        if not _NOWAIT:
+            return False
+        try:
+            n = os.preadv(fd, [buf], offset, _NOWAIT)
+        except OSError:
+            return False
+        if n == len(buf):
+            return True
+        # Short: past EOF of a shorter file reads as zeros; anything else is "not cached".
+        if n >= 0 and offset + n >= self.size(fd):
+            buf[n:] = bytes(len(buf) - n)
+            return True
+        return False
+
+    def pwrite(
+        self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False
+    ) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwritev(fd, [view], offset, _DSYNC) if dsync and _DSYNC else os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def punch(self, fd: int, offset: int, length: int) -> None:
+        """Deallocate (reads as zeros afterwards)."""
+        try:
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.write_zeroes(fd, offset, length)
+
+    def zero_allocated(self, fd: int, offset: int, length: int) -> None:
+        """Zero and keep (or make) the range allocated."""
+        try:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.write_zeroes(fd, offset, length)
+
+    def write_zeroes(self, fd: int, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.pwrite(fd, memoryview(chunk)[:n], offset)
+            offset += n
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_file_atomic(self, path: str, data: bytes) -> None:
+        """Replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self.fsync_dir(os.path.dirname(path))
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+REAL = FileIO()

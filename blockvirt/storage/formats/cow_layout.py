@@ -1,0 +1,113 @@
+"""On-disk layout of a layer's map journal (pure encode/decode; see docs/cow-format.md).
+
+    header   4096 bytes: magic "BVLAYER1", version, flags, block size, layer id, CRC32
+    batch    magic "BVJT", entry count, sequence number, CRC32 over all of it, then
+             entries of (u64 cluster, u16 data mask, u16 zero mask): a cluster's full state
+
+A batch is one commit (one FLUSH). Replay applies batches in order and stops at the first
+one that is torn or fails its CRC: everything after it was never acknowledged as durable.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+MAGIC = b"BVLAYER1"
+VERSION = 1
+FLAG_ALL_DATA = 1  # thick layer: every block is DATA, no entries ever
+HEADER_SIZE = 4096
+
+_HEADER = struct.Struct(">8sIIIQ16s")  # magic, version, flags, block size, reserved, layer id
+_HEADER_CRC = struct.Struct(">I")
+BATCH_MAGIC = 0x42564A54  # "BVJT"
+_BATCH = struct.Struct(">IIQI")  # magic, count, sequence, crc
+_ENTRY = struct.Struct(">QHH")
+BATCH_HEAD = _BATCH.size
+ENTRY_SIZE = _ENTRY.size
+#: Entries per batch: keeps one batch's size bounded (~768 KiB).
+MAX_BATCH_ENTRIES = 65536
+
+
+class LayoutError(Exception):
+    """The file is not a layer map, or its header is damaged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    flags: int
+    block_size: int
+    layer_id: bytes  # 16 bytes
+
+    @property
+    def all_data(self) -> bool:
+        return bool(self.flags & FLAG_ALL_DATA)
+
+
+def encode_header(h: Header) -> bytes:
+    body = _HEADER.pack(MAGIC, VERSION, h.flags, h.block_size, 0, h.layer_id)
+    raw = body + _HEADER_CRC.pack(zlib.crc32(body))
+    return raw + bytes(HEADER_SIZE - len(raw))
+
+
+def decode_header(raw: bytes) -> Header:
+    if len(raw) < _HEADER.size + 4:
+        raise LayoutError("file too short for a layer header")
+    body = raw[: _HEADER.size]
+    (crc,) = _HEADER_CRC.unpack_from(raw, _HEADER.size)
+    magic, version, flags, block_size, _, layer_id = _HEADER.unpack(body)
+    if magic != MAGIC:
+        raise LayoutError("not a blockvirt layer map (bad magic)")
+    if zlib.crc32(body) != crc:
+        raise LayoutError("layer header checksum mismatch")
+    if version != VERSION:
+        raise LayoutError(f"unsupported layer map version {version}")
+    return Header(flags, block_size, layer_id)
+
+
+def encode_batches(seq: int, entries: Iterable[tuple[int, int, int]]) -> tuple[bytes, int]:
+    """Journal bytes for these entries (split into batches); returns (bytes, next seq)."""
+    out: list[bytes] = []
+    chunk: list[bytes] = []
+    items = list(entries)
+    for start in range(0, max(len(items), 1), MAX_BATCH_ENTRIES):
+        part = items[start : start + MAX_BATCH_ENTRIES]
+        chunk = [_ENTRY.pack(c, d, z) for c, d, z in part]
+        body = b"".join(chunk)
+        crc = zlib.crc32(body, zlib.crc32(_BATCH.pack(BATCH_MAGIC, len(part), seq, 0)))
+        out.append(_BATCH.pack(BATCH_MAGIC, len(part), seq, crc) + body)
+        seq += 1
+    return b"".join(out), seq
+
+
+@dataclass(slots=True)
+class Replay:
+    entries: list[tuple[int, int, int]]
+    next_seq: int
+    valid_end: int  # offset just after the last good batch
+    torn: bool  # bytes after valid_end that are not a good batch
+
+
+def decode_journal(raw: bytes, start: int = HEADER_SIZE) -> Replay:
+    """Every entry of every good batch, in order, up to the first bad batch."""
+    entries: list[tuple[int, int, int]] = []
+    pos = start
+    seq = 0
+    expect: int | None = None
+    while pos + BATCH_HEAD <= len(raw):
+        magic, count, bseq, crc = _BATCH.unpack_from(raw, pos)
+        end = pos + BATCH_HEAD + count * ENTRY_SIZE
+        if magic != BATCH_MAGIC or count > MAX_BATCH_ENTRIES or end > len(raw):
+            break
+        if expect is not None and bseq != expect:
+            break
+        body = raw[pos + BATCH_HEAD : end]
+        if zlib.crc32(body, zlib.crc32(_BATCH.pack(BATCH_MAGIC, count, bseq, 0))) != crc:
+            break
+        entries.extend(_ENTRY.iter_unpack(body))
+        seq = bseq + 1
+        expect = seq
+        pos = end
+    return Replay(entries, seq, pos, pos < len(raw))

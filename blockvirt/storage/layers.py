@@ -1,0 +1,65 @@
+"""Open layers, shared by every chain that uses them (a snapshot's layer is in its volume's
+chain, in its own export's chain and in every clone's chain), reference counted."""
+
+from __future__ import annotations
+
+import logging
+
+from blockvirt.storage.catalog import Catalog, LayerRecord
+from blockvirt.storage.fileio import REAL, FileIO
+from blockvirt.storage.formats.cow import Layer, layer_paths
+
+log = logging.getLogger("blockvirt.layers")
+
+
+class LayerRegistry:
+    def __init__(self, catalog: Catalog, io: FileIO = REAL) -> None:
+        self.catalog = catalog
+        self.io = io
+        self._open: dict[str, Layer] = {}
+
+    def get(self, layer_id: str) -> Layer | None:
+        return self._open.get(layer_id)
+
+    def acquire(self, rec: LayerRecord, *, writable: bool = False) -> Layer:
+        """Open (or share) a layer; a writable request opens its journal for appending."""
+        lay = self._open.get(rec.id)
+        if lay is None:
+            lay = Layer.open(self.io, self.catalog.layer_dir(rec), rec.id, rec.size, writable=writable)
+            self._open[rec.id] = lay
+        elif writable and not lay.writable:
+            lay.open_journal()
+        lay.refs += 1
+        return lay
+
+    def acquire_chain(self, head_id: str, *, writable_head: bool) -> list[Layer]:
+        recs = self.catalog.chain(head_id)
+        out: list[Layer] = []
+        try:
+            for i, rec in enumerate(recs):
+                out.append(self.acquire(rec, writable=writable_head and i == 0))
+        except BaseException:
+            self.release_all(out)
+            raise
+        return out
+
+    def release(self, lay: Layer) -> None:
+        lay.refs -= 1
+        if lay.refs <= 0 and self._open.get(lay.id) is lay:
+            del self._open[lay.id]
+            lay.close()
+
+    def release_all(self, layers: list[Layer]) -> None:
+        for lay in layers:
+            self.release(lay)
+
+    def delete_files(self, rec: LayerRecord) -> None:
+        """Remove a layer's files (it must no longer be in the catalog nor open)."""
+        assert rec.id not in self._open, "delete an open layer"
+        for path in layer_paths(self.catalog.layer_dir(rec), rec.id):
+            self.io.unlink(path)
+
+    def close_all(self) -> None:
+        for lay in list(self._open.values()):
+            lay.close()
+        self._open.clear()
