@@ -494,25 +494,37 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
     cat = Catalog(str(tmp_path / "data"))
     try:
         assert [p.name for p in cat.pools()] == ["default"]
-        rec = cat.new_volume("v1", MiB, False, "default")
-        cat.insert_volume(rec)
-        assert cat.volume("v1") == rec
+        cat.check_new_volume("v1", MiB, "default")
+        with cat.transaction() as db:
+            db.execute("INSERT INTO layers VALUES ('l1', 'default', NULL, ?, 0, 0)", (MiB,))
+            db.execute("INSERT INTO volumes VALUES ('v1', ?, 0, 'default', 'l1', 0)", (MiB,))
+        rec = cat.volume("v1")
+        assert rec is not None and rec.head == "l1" and rec.size == MiB
+        assert [r.id for r in cat.chain("l1")] == ["l1"]
         with pytest.raises(CatalogError) as e:
-            cat.new_volume("v1", MiB, False, "default")
+            cat.check_new_volume("v1", MiB, "default")
         assert e.value.kind == "conflict"
         with pytest.raises(CatalogError) as e:
-            cat.new_volume("v2", MiB, False, "nopool")
+            cat.check_new_volume("v2", MiB, "nopool")
         assert e.value.kind == "not-found"
         with pytest.raises(CatalogError) as e:
-            cat.new_volume("v2", 1000, False, "default")
+            cat.check_new_volume("v2", 1000, "default")
         assert e.value.kind == "invalid"
         with pytest.raises(CatalogError) as e:
             cat.add_pool("default", str(tmp_path / "elsewhere"))
         assert e.value.kind == "conflict"
         with pytest.raises(CatalogError):
             cat.add_pool("../p", str(tmp_path / "p"))
-        cat.delete_volume("v1")
+        assert cat.live_layers() == {"l1"}
+        # A failed transaction changes nothing.
+        with pytest.raises(RuntimeError), cat.transaction() as db:
+            db.execute("DELETE FROM volumes WHERE name = 'v1'")
+            raise RuntimeError("abort")
+        assert cat.volume("v1") is not None
+        with cat.transaction() as db:
+            db.execute("DELETE FROM volumes WHERE name = 'v1'")
         assert cat.volume("v1") is None
+        assert cat.live_layers() == set()
     finally:
         cat.close()
     again = Catalog(str(tmp_path / "data"))
