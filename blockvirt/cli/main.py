@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
+    serve.add_argument(
+        "--warn-depth", type=int, default=16, metavar="N", help="warn when a chain grows past N layers"
+    )
     serve.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop")
     serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
 
@@ -188,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_port=api_port,
         shutdown_deadline=args.shutdown_deadline,
         ready_file=args.ready_file,
+        warn_depth=args.warn_depth,
     )
     try:
         if args.loop == "uvloop":

@@ -40,6 +40,7 @@ class ServiceConfig:
     api_port: int = 9810
     shutdown_deadline: float = 10.0
     ready_file: str | None = None
+    warn_depth: int = 16
 
 
 class Service:
@@ -52,7 +53,7 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        self.volumes = VolumeManager(cfg.data_dir)
+        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth)
         registry = ExportRegistry(self.volumes)
         self.nbd = NbdServer(registry, cfg.nbd_host, cfg.nbd_port)
         self.volumes.disconnect = self.nbd.disconnect_volume

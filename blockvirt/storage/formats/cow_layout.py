@@ -1,4 +1,4 @@
-"""On-disk layout of a layer's map journal (pure encode/decode; see docs/cow-format.md).
+"""On-disk layout of a layer's map journal (pure encode/decode; docs/cow-format.md describes it).
 
     header   4096 bytes: magic "BVLAYER1", version, flags, block size, layer id, CRC32
     batch    magic "BVJT", entry count, sequence number, CRC32 over all of it, then
