@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from blockvirt.metrics.registry import build_registry
-from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size
+from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, PoolRecord, parse_size
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.api")
@@ -142,9 +143,21 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(job.to_dict())
 
 
+def _pool_info(rec: PoolRecord) -> dict[str, Any]:
+    """A pool with its space now, so a filling pool is visible before writes fail."""
+    out = rec.to_dict()
+    try:
+        st = os.statvfs(rec.path)
+    except OSError:
+        out.update(capacity=None, free=None)
+    else:
+        out.update(capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
+    return out
+
+
 async def list_pools(request: web.Request) -> web.Response:
     cat = request.app[VOLUMES].catalog
-    return web.json_response({"pools": [p.to_dict() for p in cat.pools()]})
+    return web.json_response({"pools": [_pool_info(p) for p in cat.pools()]})
 
 
 async def create_pool(request: web.Request) -> web.Response:

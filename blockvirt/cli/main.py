@@ -391,7 +391,17 @@ def _pool(args: argparse.Namespace, api: ApiClient) -> int:
         if args.json:
             _emit(args, pools)
         else:
-            _print_table(pools, [("name", "NAME"), ("path", "PATH")])
+            rows = [
+                {
+                    **p,
+                    "cap_h": _human_size(p["capacity"]) if p.get("capacity") is not None else "?",
+                    "free_h": _human_size(p["free"]) if p.get("free") is not None else "?",
+                }
+                for p in pools
+            ]
+            _print_table(
+                rows, [("name", "NAME"), ("path", "PATH"), ("cap_h", "CAPACITY"), ("free_h", "FREE")]
+            )
     else:
         raise UsageError("blockvirt pool: choose an action: create, list")
     return EXIT_OK
