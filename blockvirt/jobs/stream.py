@@ -129,3 +129,68 @@ async def stream(
 async def _maybe_await(value: object) -> None:
     if hasattr(value, "__await__"):
         await value  # type: ignore[misc]
+
+
+async def overlay_page(target: Layer, source: Layer, page: int) -> int:
+    """Commit direction: copy every block `source` holds (DATA or ZERO) over `target`.
+
+    Used to merge a small immutable child into its parent; only blocks the child holds are
+    touched, and those are read from the child by everyone until the child leaves the chain.
+    """
+    sdata, szero = source.map.page_bits(page)
+    base_block = page * PAGE_BLOCKS
+    moved = 0
+    for i, n in _runs(sdata):
+        first = base_block + i
+        data = await _read(source, first << BLOCK_SHIFT, n * BLOCK)
+        target.io.pwrite(target.fd, data, first << BLOCK_SHIFT)
+        if not target.map.all_data:
+            target.map.set_data(first, n)
+        moved += n
+    for i, n in _runs(szero):
+        first = base_block + i
+        if target.map.all_data:
+            target.io.zero_allocated(target.fd, first << BLOCK_SHIFT, n * BLOCK)
+        else:
+            target.map.set_zero(first, n)
+        moved += n
+    return moved
+
+
+async def overlay(
+    target: Layer,
+    source: Layer,
+    *,
+    start_page: int = 0,
+    on_progress: Callable[[int, int], object] | None = None,
+    checkpoint: Callable[[int], object] | None = None,
+    checkpoint_every: int = 64,
+) -> None:
+    pages = [p for p in sorted(source.map.pages) if p >= start_page]
+    for k, page in enumerate(pages):
+        await overlay_page(target, source, page)
+        if on_progress is not None:
+            on_progress(k + 1, len(pages))
+        if checkpoint is not None and (k + 1) % checkpoint_every == 0:
+            await target.commit()
+            await _maybe_await(checkpoint(page + 1))
+    await target.commit()
+
+
+def blocks_held(layer: Layer) -> int:
+    """DATA and ZERO blocks of a layer (what an overlay of it moves)."""
+    if layer.map.all_data:
+        return layer.map.nblocks
+    return sum((d | z).bit_count() for d, z in layer.map.pages.values())
+
+
+def blocks_to_stream(target: Layer, source: Layer) -> int:
+    """Blocks `source` holds that `target` does not (what streaming it into target moves)."""
+    nall = -(-source.map.nblocks // PAGE_BLOCKS)
+    pages = list(range(nall)) if source.map.all_data else list(source.map.pages)
+    total = 0
+    for page in pages:
+        sd, sz = source.map.page_bits(page)
+        td, tz = target.map.page_bits(page)
+        total += ((sd | sz) & ~(td | tz)).bit_count()
+    return total

@@ -508,12 +508,15 @@ class VolumeManager:
             if len(children) != 1:
                 continue
             child = children[0]
+            if child.id in merging:
+                continue
             owner = heads.get(child.id) or self._volume_of_layer(child.id) or "-"
-            started.append(
-                self.jobs.start(
-                    "merge", owner, {"source": rec.id, "target": child.id, "cursor": 0}, self._run_merge
-                )
-            )
+            params = {"source": rec.id, "target": child.id, "cursor": 0}
+            kind = "merge"
+            if child.id not in heads and self._commit_is_cheaper(rec, child):
+                # Move the (smaller) immutable child down into its parent instead.
+                kind, params = "commit", {"source": child.id, "target": rec.id, "cursor": 0}
+            started.append(self.jobs.start(kind, owner, params, self._runner(kind)))
         return started
 
     def _volume_of_layer(self, layer_id: str) -> str | None:
@@ -525,7 +528,78 @@ class VolumeManager:
         return None
 
     def _runner(self, kind: str) -> Any:
-        return {"merge": self._run_merge, "flatten": self._run_flatten}[kind]
+        return {"merge": self._run_merge, "flatten": self._run_flatten, "commit": self._run_commit}[kind]
+
+    def _commit_is_cheaper(self, parent: LayerRecord, child: LayerRecord) -> bool:
+        p = self.layers.acquire(parent)
+        c = self.layers.acquire(child)
+        try:
+            return streaming.blocks_held(c) < streaming.blocks_to_stream(c, p)
+        finally:
+            self.layers.release(c)
+            self.layers.release(p)
+
+    async def _run_commit(self, job: Job) -> None:
+        """Overlay the immutable child `source` onto its hidden parent `target`, then let
+        the parent take the child's place (its name, its children) and drop the child."""
+        src_rec = self.catalog.layer(job.params["source"])
+        tgt_rec = self.catalog.layer(job.params["target"])
+        if src_rec is None or tgt_rec is None or src_rec.parent != tgt_rec.id:
+            job.error = "nothing to commit (already done)"
+            return
+        target = self.layers.acquire(tgt_rec, writable=True)
+        try:
+            source = self.layers.acquire(src_rec)
+            try:
+                npages = len(source.map.pages)
+                job.total, job.done = npages, 0
+
+                def progress(done: int, total: int) -> None:
+                    job.done, job.total = done, total
+
+                def checkpoint(next_page: int) -> None:
+                    job.params["cursor"] = next_page
+                    self.jobs.save(job)
+
+                await streaming.overlay(
+                    target,
+                    source,
+                    start_page=job.params["cursor"],
+                    on_progress=progress,
+                    checkpoint=checkpoint,
+                )
+            finally:
+                self.layers.release(source)
+            await self._swap_in_parent(job, parent=target, child=src_rec)
+        finally:
+            self.layers.release(target)
+
+    async def _swap_in_parent(self, job: Job, *, parent: Layer, child: LayerRecord) -> None:
+        """The parent now reads as the child: it takes the child's name and children."""
+        async with self._lock, contextlib.AsyncExitStack() as drains:
+            affected = [v for v in self.open_nodes() if any(lay.id == child.id for lay in v.node.layers)]
+            for v in affected:
+                await drains.enter_async_context(v.node.drained())
+            with self.catalog.transaction() as db:
+                db.execute("UPDATE snapshots SET layer = ? WHERE layer = ?", (parent.id, child.id))
+                db.execute("UPDATE layers SET parent = ? WHERE parent = ?", (parent.id, child.id))
+                db.execute("DELETE FROM layers WHERE id = ?", (child.id,))
+                db.execute(
+                    "UPDATE jobs SET state = 'done', done = total, updated = ? WHERE id = ?",
+                    (time.time(), job.id),
+                )
+            job.state = "done"
+            for v in affected:
+                old = v.node.layers
+                idx = next(i for i, lay in enumerate(old) if lay.id == child.id)
+                v.node.set_layers([*old[:idx], *old[idx + 1 :]], keep_index=False)
+                self.layers.release(old[idx])
+            if not parent.map.dirty:
+                parent.make_read_only()
+        if self.layers.get(child.id) is None:
+            await executor.run(self.layers.delete_files, child)
+        async with self._lock:
+            await self._collect(start_merges=True)
 
     def _nodes_headed_by(self, layer_id: str) -> list[ChainNode]:
         return [v.node for v in self.open_nodes() if v.node.head.id == layer_id]
