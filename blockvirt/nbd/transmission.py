@@ -59,6 +59,8 @@ _MAX_CHUNK_DATA = MAX_PAYLOAD_ADVERTISED
 _DIRECT_MIN = 64 * 1024
 #: ... and that buffer grows by at least this much at a time as the payload arrives.
 _GROW_STEP = 1024 * 1024
+#: At most this many bytes of recycled payload buffers are kept per connection.
+_POOL_MAX = 8 * 1024 * 1024
 
 
 class ServerTransmission:
@@ -72,6 +74,8 @@ class ServerTransmission:
         "_payload",
         "_payload_have",
         "_payload_hdr",
+        "_pool",
+        "_pool_bytes",
         "_skip",
         "_skip_hdr",
         "buffer",
@@ -88,6 +92,23 @@ class ServerTransmission:
         self._payload: bytearray | None = None  # a large WRITE payload being received
         self._payload_have = 0
         self._payload_hdr: tuple[int, int, int, int] | None = None
+        # Payload buffers handed back after their WRITE completed, by size: reusing them saves
+        # zero-filling and page-faulting a fresh buffer for every large write.
+        self._pool: dict[int, list[bytearray]] = {}
+        self._pool_bytes = 0
+
+    def recycle(self, buf: object) -> None:
+        """Return a large WRITE's payload once storage is done with it (optional)."""
+        if type(buf) is bytearray and len(buf) >= _DIRECT_MIN and self._pool_bytes + len(buf) <= _POOL_MAX:
+            self._pool.setdefault(len(buf), []).append(buf)
+            self._pool_bytes += len(buf)
+
+    def _pooled(self, length: int) -> bytearray | None:
+        bufs = self._pool.get(length)
+        if not bufs:
+            return None
+        self._pool_bytes -= length
+        return bufs.pop()
 
     # ------------------------------------------------------------ input
     def get_buffer(self, hint: int = -1) -> memoryview:
@@ -168,7 +189,7 @@ class ServerTransmission:
             if length >= _DIRECT_MIN:
                 buf.advance(_REQ_SIZE)
                 have = len(buf)
-                payload = bytearray(min(length, have + _GROW_STEP))
+                payload = self._pooled(length) or bytearray(min(length, have + _GROW_STEP))
                 buf.take_into(payload, have)
                 self._payload, self._payload_have = payload, have
                 self._payload_hdr = (flags, cookie, offset, length)

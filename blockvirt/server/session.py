@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from typing import TYPE_CHECKING, cast
 
 from blockvirt.nbd.connection import ServerConnection
@@ -29,6 +30,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
 from blockvirt.server.dispatch import Dispatcher
+from blockvirt.storage import buffers
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.volumes import Volume
 
@@ -45,9 +47,10 @@ _BATCH_BYTES = 256 * 1024
 _BIG_PIECE = 64 * 1024
 
 
-def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview]) -> None:
+def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview], recycle: bool) -> None:
     """Write replies: small pieces joined into one send, large payloads passed as they are
-    (joining would copy them; asyncio's writelines joins)."""
+    (joining would copy them; asyncio's writelines joins). With `recycle`, the transport
+    copies what it does not send at once, so large buffers can go back to the pool."""
     small: list[bytes | bytearray | memoryview] = []
     for b in bufs:
         if len(b) >= _BIG_PIECE:
@@ -55,6 +58,8 @@ def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryvie
                 transport.write(b"".join(small))
                 small = []
             transport.write(b)
+            if recycle and type(b) is bytearray:
+                buffers.put(b)
         else:
             small.append(b)
     if small:
@@ -80,6 +85,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._closing = False
         self._lost = False
+        self._recycle = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.closed = self.loop.create_future()
 
@@ -88,6 +94,9 @@ class NbdSession(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only structurally alike.
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
+        # asyncio's own socket transport (3.11) copies unsent data, so reply buffers can be
+        # reused as soon as write() returns; other transports may keep a reference.
+        self._recycle = type(transport).__module__ == "asyncio.selector_events" and sys.version_info < (3, 12)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -231,15 +240,17 @@ class NbdSession(asyncio.BufferedProtocol):
                 if out is None:
                     self._spawn(cmd)
                     continue
+                if type(cmd) is WriteCmd:
+                    tx.recycle(cmd.data)
                 batch += out
                 batched += cmd.length
                 if batched >= _BATCH_BYTES:
-                    _emit(transport, batch)
+                    _emit(transport, batch, self._recycle)
                     batch = []
                     batched = 0
         finally:
             if batch and not transport.is_closing():
-                _emit(transport, batch)
+                _emit(transport, batch, self._recycle)
 
     def _spawn(self, cmd: Command) -> None:
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
@@ -263,9 +274,11 @@ class NbdSession(asyncio.BufferedProtocol):
         finally:
             self.inflight -= 1
             self.inflight_bytes -= nbytes
+        if type(cmd) is WriteCmd:
+            self.tx.recycle(cmd.data)  # storage is done with the payload
         transport = self.transport
         if transport is not None and not self._lost:
-            _emit(transport, out)
+            _emit(transport, out, self._recycle)
         if (
             self._blocked
             and not self._closing

@@ -517,9 +517,13 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
             cat.add_pool("../p", str(tmp_path / "p"))
         assert cat.live_layers() == {"l1"}
         # A failed transaction changes nothing.
-        with pytest.raises(RuntimeError), cat.transaction() as db:
-            db.execute("DELETE FROM volumes WHERE name = 'v1'")
-            raise RuntimeError("abort")
+        def aborted_delete() -> None:
+            with cat.transaction() as db:
+                db.execute("DELETE FROM volumes WHERE name = 'v1'")
+                raise RuntimeError("abort")
+
+        with pytest.raises(RuntimeError):
+            aborted_delete()
         assert cat.volume("v1") is not None
         with cat.transaction() as db:
             db.execute("DELETE FROM volumes WHERE name = 'v1'")
@@ -533,3 +537,35 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
         assert [p.name for p in again.pools()] == ["default"]
     finally:
         again.close()
+
+
+def test_write_guard_sends_writes_to_the_pool_after_a_stall_and_back_after_quick_ones() -> None:
+    from blockvirt.storage.formats.cow import WriteGuard
+
+    g = WriteGuard()
+    assert g.inline
+    g.note(0.0001)
+    assert g.inline and g.stalls == 0
+    g.note(WriteGuard.STALL * 2)
+    assert not g.inline and g.stalls == 1
+    for _ in range(WriteGuard.FAST_STREAK - 1):
+        g.note(WriteGuard.QUICK / 2)
+    assert not g.inline
+    g.note(WriteGuard.STALL * 2)  # a slow one restarts the streak
+    for _ in range(WriteGuard.FAST_STREAK):
+        g.note(WriteGuard.QUICK / 2)
+    assert g.inline and g.stalls == 1
+
+
+def test_buffer_pool_reuses_large_buffers_and_zero_fills_regions() -> None:
+    from blockvirt.storage import buffers
+
+    big = buffers.get(1 << 20)
+    big[:4] = b"junk"
+    buffers.put(big)
+    again = buffers.get(1 << 20)
+    assert again is big  # recycled, contents not cleared
+    buffers.zero(memoryview(again)[:8])
+    assert bytes(again[:8]) == bytes(8)
+    small = buffers.get(100)
+    assert small == bytearray(100)

@@ -17,17 +17,19 @@ import asyncio
 import contextlib
 import errno
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from blockvirt.storage import executor
+from blockvirt.storage import buffers, executor
 from blockvirt.storage.fileio import FileIO
 from blockvirt.storage.formats import cow_layout as layout
-from blockvirt.storage.formats.layer_map import BLOCK, BLOCK_SHIFT, DATA, LayerMap
+from blockvirt.storage.formats.layer_map import BLOCK, BLOCK_SHIFT, CLUSTER_BLOCKS, DATA, LayerMap
 from blockvirt.storage.formats.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
 from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
 
-#: Writes up to this size are done inline on the loop (a copy into the page cache).
-INLINE_WRITE_MAX = 64 * 1024
+#: Writes up to this size are done inline on the loop (a copy into the page cache): handing
+#: them to a thread costs more than the copy. See `WriteGuard` for when that stops.
+INLINE_WRITE_MAX = 1024 * 1024
 #: Reads at least this large look for zero runs to send as holes.
 SPARSE_READ_MIN = 256 * 1024
 #: Rewrite the journal as one compact batch once it is this large and mostly superseded.
@@ -93,6 +95,7 @@ class Layer:
         self.slot = SLOTS.take()
         self.refs = 0  # chains using this layer (the registry closes it at zero)
         self._flusher = executor.FlushCoalescer(self._commit)
+        self._committing = False  # a commit's entries are taken but not yet journaled
 
     @property
     def writable(self) -> bool:
@@ -163,6 +166,16 @@ class Layer:
     def allocated_bytes(self) -> int:
         return self.io.allocated(self.fd) if self.fd >= 0 else 0
 
+    def states_durable(self, first: int, count: int) -> bool:
+        """Whether the journal already holds the states of these blocks (none changed since
+        the last commit, and no commit is still writing them)."""
+        if self._committing:
+            return False
+        dirty = self.map.dirty
+        return not dirty or not any(
+            c in dirty for c in range(first // CLUSTER_BLOCKS, (first + count - 1) // CLUSTER_BLOCKS + 1)
+        )
+
     # ------------------------------------------------------------ commit
     async def commit(self) -> None:
         """Make every completed write durable: data first, then the journal (group commit)."""
@@ -179,6 +192,7 @@ class Layer:
             live = list(self.map.clusters())
             if len(live) * layout.ENTRY_SIZE * 4 < self.map_end:
                 compact = live
+        self._committing = True
         try:
             await self._run(self.io.fdatasync, self.fd)
             if compact is not None:
@@ -189,6 +203,8 @@ class Layer:
             # Not journaled: keep the entries dirty so the next commit retries them.
             self.map.dirty.update(c for c, _, _ in entries)
             raise _oserror(e, "commit") from e
+        finally:
+            self._committing = False
 
     async def _run(self, fn: object, *args: object) -> None:
         if self.io.blocking:
@@ -217,6 +233,44 @@ class Layer:
         self.seq = seq
 
 
+class WriteGuard:
+    """Decides whether buffered writes may run inline on the event loop.
+
+    A page-cache write normally takes microseconds, but the kernel can stall a writer (dirty
+    page throttling, a slow disk). One inline write slower than STALL sends every write of
+    this node to the thread pool, where only that volume waits; inline writes resume once
+    the pool has seen FAST_STREAK quick writes in a row.
+    """
+
+    STALL = 0.005
+    QUICK = 0.001
+    FAST_STREAK = 256
+
+    __slots__ = ("inline", "stalls", "streak")
+
+    def __init__(self) -> None:
+        self.inline = True
+        self.streak = 0
+        self.stalls = 0
+
+    def note(self, seconds: float) -> None:
+        if seconds > self.STALL:
+            if self.inline:
+                self.stalls += 1
+            self.inline = False
+            self.streak = 0
+        elif not self.inline and seconds < self.QUICK:
+            self.streak += 1
+            if self.streak >= self.FAST_STREAK:
+                self.inline = True
+
+
+def _timed_pwrite(io: FileIO, fd: int, data: Buffer, offset: int, dsync: bool) -> float:
+    t0 = time.perf_counter()
+    io.pwrite(fd, data, offset, dsync=dsync)
+    return time.perf_counter() - t0
+
+
 class ChainNode(BlockNode):
     """A volume head (writable) or a snapshot (read-only) served from a chain of layers."""
 
@@ -243,6 +297,7 @@ class ChainNode(BlockNode):
         self._idle: asyncio.Event | None = None
         self._edit = asyncio.Lock()
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
+        self.guard = WriteGuard()
 
     # ------------------------------------------------------------ chain
     @property
@@ -312,17 +367,13 @@ class ChainNode(BlockNode):
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         if self._paused:
             return None
-        plan = self._plan(offset, length)
-        if len(plan) == 1:
-            fd = plan[0][0]
-            buf = bytearray(length)
-            if fd >= 0 and not self.io.preadv_nowait(fd, memoryview(buf), offset):
-                return None
-            return buf
-        buf = bytearray(length)
+        buf = buffers.get(length)
         view = memoryview(buf)
-        for fd, off, n in plan:
-            if fd >= 0 and not self.io.preadv_nowait(fd, view[off - offset : off - offset + n], off):
+        for fd, off, n in self._plan(offset, length):
+            part = view[off - offset : off - offset + n]
+            if fd < 0:
+                buffers.zero(part)
+            elif not self.io.preadv_nowait(fd, part, off):
                 return None
         return buf
 
@@ -337,17 +388,21 @@ class ChainNode(BlockNode):
             if fd < 0:
                 out.append((off, n, None))
                 continue
-            buf = bytearray(n)
+            buf = buffers.get(n)
             if not self.io.preadv_nowait(fd, memoryview(buf), off):
                 return None
             out.append((off, n, buf))
         return out
 
     def _read_blocking(self, plan: list[tuple[int, int, int]], offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
+        buf = buffers.get(length)
+        view = memoryview(buf)
         for fd, off, n in plan:
+            part = view[off - offset : off - offset + n]
             if fd >= 0:
-                buf[off - offset : off - offset + n] = self.io.pread(fd, n, off)
+                part[:] = self.io.pread(fd, n, off)
+            else:
+                buffers.zero(part)
         return buf
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -385,7 +440,7 @@ class ChainNode(BlockNode):
     # ------------------------------------------------------------ writes
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         n = len(data)
-        if self._paused or self._locks or n > INLINE_WRITE_MAX or not n:
+        if self._paused or self._locks or n > INLINE_WRITE_MAX or not n or not self.guard.inline:
             return False
         head = self.head
         first = offset >> BLOCK_SHIFT
@@ -394,7 +449,7 @@ class ChainNode(BlockNode):
         if not in_place and (offset | n) & (BLOCK - 1):
             return False  # a partial block not held by the head: read-modify-write (async)
         try:
-            self.io.pwrite(head.fd, data, offset)
+            self.guard.note(_timed_pwrite(self.io, head.fd, data, offset, False))
         except OSError as e:
             raise _oserror(e, "write") from e
         if not in_place:
@@ -410,10 +465,12 @@ class ChainNode(BlockNode):
             await asyncio.wait(busy)
 
     async def _pwrite(self, fd: int, data: Buffer, offset: int, dsync: bool = False) -> None:
-        if self.io.blocking and (dsync or len(data) > INLINE_WRITE_MAX):
-            await executor.run(self.io.pwrite, fd, data, offset, dsync=dsync)
+        if self.io.blocking and (dsync or len(data) > INLINE_WRITE_MAX or not self.guard.inline):
+            seconds = await executor.run(_timed_pwrite, self.io, fd, data, offset, dsync)
+            if not dsync:
+                self.guard.note(seconds)
         else:
-            self.io.pwrite(fd, data, offset, dsync=dsync)
+            self.guard.note(_timed_pwrite(self.io, fd, data, offset, dsync))
 
     async def _current_block(self, block: int) -> bytes:
         """The block's contents as the chain reads it now."""
@@ -431,7 +488,13 @@ class ChainNode(BlockNode):
         count = last - first + 1
         await self._wait_locks(first, last)
         if head.map.all_data_in(first, count):
-            await self._pwrite(head.fd, data, offset, dsync=fua)
+            if fua and not head.states_durable(first, count):
+                # In place, but the blocks' DATA state is not journaled yet: a dsync write
+                # alone would not survive a crash. Write, then commit.
+                await self._pwrite(head.fd, data, offset)
+                await head.commit()
+            else:
+                await self._pwrite(head.fd, data, offset, dsync=fua)
             return
         head_part = offset & (BLOCK - 1)
         tail_part = (offset + n) & (BLOCK - 1)
