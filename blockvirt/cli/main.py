@@ -251,6 +251,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
                     f"allocated:   {r['alloc_h']} ({v['allocated']} bytes)",
                     f"type:        {r['kind']}",
                     f"pool:        {v['pool']}",
+                    f"snapshots:   {v.get('snapshots', 0)} (chain depth {v.get('chain_depth', 1)})",
                     f"connections: {v['connections']}",
                 ]
             ),

@@ -252,6 +252,7 @@ class Options:
     logdir: Path
     python: str
     start_timeout: float
+    blockvirt_args: tuple[str, ...] = ()
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -361,6 +362,7 @@ def start_blockvirt(server: Server, opts: Options) -> None:
             f"{HOST}:{nbd_port}",
             "--api",
             f"{HOST}:{api_port}",
+            *opts.blockvirt_args,
         ],
         opts,
         cwd=REPO_ROOT,
@@ -619,6 +621,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=list(WORKLOADS),
         help=f"comma list, default {','.join(WORKLOADS)}",
     )
+    p.add_argument(
+        "--blockvirt-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `blockvirt serve` (repeatable), e.g. --blockvirt-arg=--loop=uvloop",
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument(
@@ -799,7 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         logdir = args.log_dir or workdir / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
-        opts = Options(args.size, workdir, logdir, args.python, args.start_timeout)
+        opts = Options(
+            args.size, workdir, logdir, args.python, args.start_timeout, tuple(args.blockvirt_arg)
+        )
         try:
             start_all(servers, opts)
             fill_all(servers, args, workdir)

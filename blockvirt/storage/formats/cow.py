@@ -519,7 +519,7 @@ class ChainNode(BlockNode):
                 if first in blocks:
                     buf += blocks[first][:head_part]
                 buf += data
-                if last in blocks:
+                if last in blocks and tail_part:  # (first == last may be in only for its head)
                     buf += blocks[last][tail_part:]
                 await self._pwrite(head.fd, buf, base)
                 head.map.set_data(first, count)
