@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--warn-depth", type=int, default=16, metavar="N", help="warn when a chain grows past N layers"
     )
-    serve.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="event loop")
     serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
 
     vol = sub.add_parser("volume", help="manage volumes")
@@ -194,12 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
         warn_depth=args.warn_depth,
     )
     try:
-        if args.loop == "uvloop":
-            import uvloop
-
-            uvloop.run(Service(cfg).run())
-        else:
-            asyncio.run(Service(cfg).run())
+        asyncio.run(Service(cfg).run())
     except OSError as e:
         print(f"blockvirt serve: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

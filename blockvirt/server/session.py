@@ -91,7 +91,7 @@ class NbdSession(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only structurally alike.
+        # Other loops' transports (uvloop) are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
         # asyncio's own socket transport (3.11) copies unsent data, so reply buffers can be

@@ -626,7 +626,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra argument for `blockvirt serve` (repeatable), e.g. --blockvirt-arg=--loop=uvloop",
+        help="extra argument for `blockvirt serve` (repeatable), e.g. --blockvirt-arg=--log-level=debug",
     )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
