@@ -345,7 +345,6 @@ class VolumeManager:
                 lrec = self.catalog.layer(new_id)
                 assert lrec is not None
                 head = self.layers.acquire(lrec, writable=True)
-                old.make_read_only()
                 node.set_layers([head, *node.layers], keep_index=True)
                 vol.record = dataclasses.replace(rec, head=new_id)
             elapsed = time.perf_counter() - started
@@ -421,11 +420,6 @@ class VolumeManager:
                     "conflict",
                     f"snapshot {name}@{snap} is exported to {exp.users} client(s); disconnect them first",
                 )
-            job = self.jobs.busy(name)
-            if job is not None:
-                raise CatalogError(
-                    "conflict", f"job {job.id} ({job.kind}) is running on {name!r}; try again later"
-                )
             with self.catalog.transaction() as db:
                 db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (name, snap))
             exp = self._snaps.pop((name, snap), None)
@@ -500,7 +494,10 @@ class VolumeManager:
             return started
         heads = {v.head: v.name for v in self.catalog.volumes()}
         named = {s.layer for s in self.catalog.all_snapshots()}
-        merging = {j.params.get("source") for j in self.jobs.list() if j.state == "running"}
+        # Layers a running job reads or writes wait for it: it collects again when it ends.
+        merging = {
+            j.params.get(k) for j in self.jobs.list() if j.state == "running" for k in ("source", "target")
+        }
         for rec in self.catalog.layers():
             if rec.id in heads or rec.id in named or rec.id in merging:
                 continue
@@ -594,8 +591,6 @@ class VolumeManager:
                 idx = next(i for i, lay in enumerate(old) if lay.id == child.id)
                 v.node.set_layers([*old[:idx], *old[idx + 1 :]], keep_index=False)
                 self.layers.release(old[idx])
-            if not parent.map.dirty:
-                parent.make_read_only()
         if self.layers.get(child.id) is None:
             await executor.run(self.layers.delete_files, child)
         async with self._lock:
@@ -690,8 +685,6 @@ class VolumeManager:
                 tail = self.layers.acquire_chain(new_parent, writable_head=False) if new_parent else []
                 v.node.set_layers([*old[: idx + 1], *tail], keep_index=False)
                 self.layers.release_all(old[idx + 1 :])
-            if not self._nodes_headed_by(target.id) and not target.map.dirty:
-                target.make_read_only()
         for rec in dropped:
             if self.layers.get(rec.id) is None:
                 await executor.run(self.layers.delete_files, rec)

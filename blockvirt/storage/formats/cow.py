@@ -156,13 +156,6 @@ class Layer:
             _, map_path = layer_paths(self.pool_dir, self.id)
             self.map_fd = self.io.open(map_path, write=True)
 
-    def make_read_only(self) -> None:
-        """After a final commit: the layer becomes an immutable ancestor."""
-        assert not self.map.dirty, "commit before freezing a layer"
-        if self.map_fd is not None:
-            self.io.close(self.map_fd)
-            self.map_fd = None
-
     def allocated_bytes(self) -> int:
         return self.io.allocated(self.fd) if self.fd >= 0 else 0
 
