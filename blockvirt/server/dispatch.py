@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from time import perf_counter
 
 from blockvirt.nbd.constants import (
     ALLOWED_CMD_FLAGS,
@@ -31,7 +32,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import CommandError, nbd_errno
 from blockvirt.nbd.transmission import ServerTransmission, merge_extents
 from blockvirt.storage.node import BlockNode, StorageError
-from blockvirt.storage.volumes import VolumeStats
+from blockvirt.storage.stats import VolumeStats
 
 log = logging.getLogger("blockvirt.dispatch")
 
@@ -150,20 +151,26 @@ class Dispatcher:
         Raises StorageError for a failure the caller must report.
         """
         t = type(cmd)
+        t0 = perf_counter()
         if t is ReadCmd:
             if cmd.length == 0:
                 return None
             if self.tx.structured and not cmd.flags & _DF:
                 # The node decides whether looking for holes pays (large reads only).
                 segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
-                return None if segs is None else self.tx.read_segments(cmd.cookie, segs)
+                if segs is None:
+                    return None
+                self.stats.observe("read", perf_counter() - t0)
+                return self.tx.read_segments(cmd.cookie, segs)
             data = self.node.read_nowait(cmd.offset, cmd.length)
             if data is None:
                 return None
+            self.stats.observe("read", perf_counter() - t0)
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
-        if (
-            t is WriteCmd and not cmd.flags & _FUA and self.node.write_nowait(cmd.offset, cmd.data)  # type: ignore[attr-defined]
-        ):
+        if t is WriteCmd and not cmd.flags & _FUA:
+            if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+                return None
+            self.stats.observe("write", perf_counter() - t0)
             self.unflushed = True
             self._dirtied += 1
             return [self.tx.ok(cmd.cookie)]
@@ -171,8 +178,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------ full path
     async def run(self, cmd: Command) -> Out:
+        t0 = perf_counter()
         try:
-            return await self._run(cmd)
+            out = await self._run(cmd)
+            self.stats.observe(_OP_NAMES[type(cmd)], perf_counter() - t0)
+            return out
         except CommandError as e:
             self.stats.errors += 1
             return [self.tx.error(cmd.cookie, e.errno, e.message)]

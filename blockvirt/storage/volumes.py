@@ -34,6 +34,7 @@ from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.formats.cow import ChainNode, Layer
 from blockvirt.storage.formats.layer_map import BLOCK, FULL_PAGE
 from blockvirt.storage.layers import LayerRegistry
+from blockvirt.storage.stats import VolumeStats
 
 log = logging.getLogger("blockvirt.volumes")
 
@@ -42,19 +43,6 @@ log = logging.getLogger("blockvirt.volumes")
 MAX_CHAIN_DEPTH = 250
 #: Warn (in the API answer and the log) past this depth.
 WARN_CHAIN_DEPTH = 16
-
-
-@dataclass(slots=True)
-class VolumeStats:
-    """Absolute per-volume counters: plain ints bumped on the data path, read at scrape time."""
-
-    ops: dict[str, int] = field(default_factory=dict)
-    read_bytes: int = 0
-    write_bytes: int = 0
-    errors: int = 0
-
-    def count(self, op: str) -> None:
-        self.ops[op] = self.ops.get(op, 0) + 1
 
 
 @dataclass(slots=True)
