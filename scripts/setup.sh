@@ -12,7 +12,7 @@ packages=(python3 python3-venv python3-pip)
 if (( want_test )); then
     # Real clients and peers: qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy/nbdsh/nbdfuse,
     # libnbd's Python binding, nbdkit and nbd-server (benchmark peers), fio, ext4 tools, FUSE.
-    packages+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse nbd-server fio e2fsprogs fuse3 util-linux)
+    packages+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse nbd-server fio e2fsprogs fuse3 util-linux openssl)
 fi
 
 missing=()

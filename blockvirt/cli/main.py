@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
+    serve.add_argument("--tls-dir", metavar="DIR", help="ca-cert.pem, server-cert.pem, server-key.pem")
+    serve.add_argument(
+        "--tls",
+        choices=["require", "allow"],
+        help="with --tls-dir: require TLS (STARTTLS) before anything else, or allow both (default require)",
+    )
     serve.add_argument(
         "--warn-depth", type=int, default=16, metavar="N", help="warn when a chain grows past N layers"
     )
@@ -171,12 +177,15 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from blockvirt.server.service import Service, ServiceConfig, parse_hostport
+    from blockvirt.server.tls import TLSConfigError
 
     try:
         nbd_host, nbd_port = parse_hostport(args.nbd, "--nbd")
         api_host, api_port = parse_hostport(args.api_listen, "--api")
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.tls and not args.tls_dir:
+        raise UsageError("blockvirt serve: --tls needs --tls-dir DIR")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -191,9 +200,14 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_deadline=args.shutdown_deadline,
         ready_file=args.ready_file,
         warn_depth=args.warn_depth,
+        tls_dir=args.tls_dir,
+        tls_mode=args.tls or "require",
     )
     try:
         asyncio.run(Service(cfg).run())
+    except TLSConfigError as e:
+        print(f"blockvirt serve: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as e:
         print(f"blockvirt serve: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR

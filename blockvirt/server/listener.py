@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 
 from blockvirt.nbd.handshake import TLSMode
 from blockvirt.server.exports import ExportRegistry
@@ -21,12 +22,14 @@ class NbdServer:
         port: int,
         *,
         tls_mode: TLSMode = TLSMode.NONE,
+        tls_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 30.0,
     ) -> None:
         self.registry = registry
         self.host = host
         self.port = port
-        self.tls_mode = tls_mode
+        self.tls_mode = tls_mode if tls_context is not None else TLSMode.NONE
+        self.tls_context = tls_context
         self.handshake_timeout = handshake_timeout
         self.sessions: set[NbdSession] = set()
         self.closing = False

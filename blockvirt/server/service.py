@@ -13,8 +13,10 @@ from typing import cast
 from aiohttp import web
 
 from blockvirt.api.app import build_app
+from blockvirt.nbd.handshake import TLSMode
 from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.listener import NbdServer
+from blockvirt.server.tls import server_context
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.service")
@@ -41,6 +43,8 @@ class ServiceConfig:
     shutdown_deadline: float = 10.0
     ready_file: str | None = None
     warn_depth: int = 16
+    tls_dir: str | None = None
+    tls_mode: str = "require"  # or "allow"
 
 
 class Service:
@@ -53,9 +57,16 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
+        tls_context = server_context(cfg.tls_dir) if cfg.tls_dir else None  # fail before binding
         self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth)
         registry = ExportRegistry(self.volumes)
-        self.nbd = NbdServer(registry, cfg.nbd_host, cfg.nbd_port)
+        self.nbd = NbdServer(
+            registry,
+            cfg.nbd_host,
+            cfg.nbd_port,
+            tls_mode=TLSMode.ALLOW if cfg.tls_mode == "allow" else TLSMode.REQUIRE,
+            tls_context=tls_context,
+        )
         self.volumes.disconnect = self.nbd.disconnect_volume
         await self.volumes.start()
         await self.nbd.start()

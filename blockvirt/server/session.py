@@ -30,6 +30,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
 from blockvirt.server.dispatch import Dispatcher
+from blockvirt.server.tls import peer_identity
 from blockvirt.storage import buffers
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.volumes import Volume
@@ -86,6 +87,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._closing = False
         self._lost = False
         self._recycle = False
+        self.identity = ""  # the client certificate's CN, once TLS is up
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.closed = self.loop.create_future()
 
@@ -174,12 +176,40 @@ class NbdSession(asyncio.BufferedProtocol):
                     return
                 if isinstance(ev, OptionRefused):
                     log.debug("session %d: option %d refused: %s", self.id, ev.option, ev.message)
-                elif isinstance(ev, StartTLS):  # pragma: no cover - TLS is not configured yet
-                    self._close()
+                elif isinstance(ev, StartTLS):
+                    # Nothing more may be read in plaintext: the client's next bytes are TLS.
+                    transport.pause_reading()
+                    self.server.track(self.loop.create_task(self._start_tls()))
                     return
         except ProtocolError as e:
             log.info("session %d (%s): protocol violation in handshake: %s", self.id, self.peer, e)
             self._close(abort=True)
+
+    async def _start_tls(self) -> None:
+        assert self.conn is not None and self.transport is not None
+        ctx = self.server.tls_context
+        assert ctx is not None, "STARTTLS is only acked when TLS is configured"
+        try:
+            tls_transport = await self.loop.start_tls(
+                self.transport,
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except (TimeoutError, OSError, ConnectionError) as e:
+            log.info("session %d (%s): TLS handshake failed: %s", self.id, self.peer, e)
+            self._close(abort=True)
+            return
+        if tls_transport is None or self._lost:
+            return
+        self.transport = tls_transport
+        self._recycle = False  # the TLS transport keeps references to what it is given
+        self._reading_paused = False
+        self.identity = peer_identity(tls_transport.get_extra_info("peercert"))
+        log.info("session %d (%s): TLS established, client %r", self.id, self.peer, self.identity)
+        self.conn.handshake.tls_started()
+        self._handshake()
 
     def _negotiated(self, ev: Negotiated) -> None:
         assert self.conn is not None and self.conn.transmission is not None
