@@ -13,6 +13,8 @@ if (( want_test )); then
     # Real clients and peers: qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy/nbdsh/nbdfuse,
     # libnbd's Python binding, nbdkit and nbd-server (benchmark peers), fio, ext4 tools, FUSE.
     packages+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse nbd-server fio e2fsprogs fuse3 util-linux openssl)
+    # A real Prometheus (and promtool) for the metrics tests; the tests start their own.
+    packages+=(prometheus)
 fi
 
 missing=()
@@ -25,6 +27,10 @@ if (( ${#missing[@]} )); then
     echo "installing: ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Under systemd, Debian starts prometheus as a system service: the tests run their own.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        $sudo systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    fi
 fi
 
 # Debian's interpreter, with system site-packages, so libnbd's `nbd` module is importable.

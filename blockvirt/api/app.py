@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from blockvirt.metrics.registry import build_registry
 from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, PoolRecord, parse_size
+from blockvirt.storage.stats import VolumeStats
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.api")
@@ -96,6 +97,21 @@ async def get_volume(request: web.Request) -> web.Response:
     return web.json_response(request.app[VOLUMES].info(request.match_info["name"]))
 
 
+async def volume_stats(request: web.Request) -> web.Response:
+    """Absolute counters of one export (`NAME` or `NAME@SNAP`) since it was opened."""
+    vm = request.app[VOLUMES]
+    name = request.match_info["name"]
+    if not vm.metrics:
+        raise CatalogError("conflict", "per-volume accounting is off (the server runs with --no-metrics)")
+    vol_name, at, snap = name.partition("@")
+    if vm.record(vol_name) is None or (at and vm.catalog.snapshot(vol_name, snap) is None):
+        raise CatalogError("not-found", f"no volume or snapshot named {name!r}")
+    # Never opens the export: one that was not opened yet has served nothing.
+    vol = next((v for v in vm.open_nodes() if v.export_name == name), None)
+    stats = vol.stats if vol is not None else VolumeStats()
+    return web.json_response({"volume": name, "connections": vol.users if vol else 0, **stats.to_dict()})
+
+
 async def delete_volume(request: web.Request) -> web.Response:
     await request.app[VOLUMES].delete(request.match_info["name"])
     return web.Response(status=204)
@@ -170,12 +186,18 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_app(volumes: VolumeManager) -> web.Application:
+def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None) -> web.Application:
+    """The API; `/metrics` serves `registry` (by default one over `volumes`), or answers 404
+    when the volumes do no accounting (`serve --no-metrics`)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     app[VOLUMES] = volumes
-    registry = build_registry(volumes)
+    if registry is None and volumes.metrics:
+        registry = build_registry(volumes)
 
     async def metrics(request: web.Request) -> web.Response:
+        if registry is None:
+            return _error(404, "not-found", "metrics are off (the server runs with --no-metrics)")
+        # On the loop, not in a thread: collectors read the catalog (SQLite, this thread's).
         resp = web.Response(body=generate_latest(registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
@@ -185,6 +207,7 @@ def build_app(volumes: VolumeManager) -> web.Application:
     app.router.add_post("/api/v1/volumes", create_volume)
     app.router.add_get("/api/v1/volumes/{name}", get_volume)
     app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
+    app.router.add_get("/api/v1/volumes/{name}/stats", volume_stats)
     app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
     app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
     app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)

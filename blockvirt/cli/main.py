@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="API and /metrics listen address",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object per line"
+    )
+    serve.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="no per-volume accounting on the data path; /metrics and volume stats answer an error",
+    )
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
     serve.add_argument("--tls-dir", metavar="DIR", help="ca-cert.pem, server-cert.pem, server-key.pem")
     serve.add_argument(
@@ -81,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     for action, helptext in (("list", "list volumes"),):
         p = vsub.add_parser(action, help=helptext)
         _common(p, top=False)
-    for action, helptext in (("info", "show one volume"), ("delete", "delete a volume and its data")):
+    for action, helptext in (
+        ("info", "show one volume"),
+        ("delete", "delete a volume and its data"),
+        ("stats", "I/O served since the export was opened: ops, bytes, busy time (NAME or VOL@SNAP)"),
+    ):
         p = vsub.add_parser(action, help=helptext)
         _common(p, top=False)
         p.add_argument("name")
@@ -174,8 +187,8 @@ def _volume_row(v: dict[str, Any]) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
+    from blockvirt import logs
     from blockvirt.server.service import Service, ServiceConfig, parse_hostport
     from blockvirt.server.tls import TLSConfigError
 
@@ -186,11 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.tls and not args.tls_dir:
         raise UsageError("blockvirt serve: --tls needs --tls-dir DIR")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(args.log_level, args.log_format, sys.stderr)
     cfg = ServiceConfig(
         data_dir=args.data_dir,
         nbd_host=nbd_host,
@@ -202,6 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         warn_depth=args.warn_depth,
         tls_dir=args.tls_dir,
         tls_mode=args.tls or "require",
+        metrics=args.metrics,
     )
     try:
         asyncio.run(Service(cfg).run())
@@ -264,6 +274,9 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
                 ]
             ),
         )
+    elif action == "stats":
+        st = api.get(f"/api/v1/volumes/{_q(args.name)}/stats")
+        _emit(args, st, _stats_text(st))
     elif action == "delete":
         api.delete(f"/api/v1/volumes/{_q(args.name)}")
         _emit(args, {"deleted": args.name}, f"deleted volume {args.name}")
@@ -277,8 +290,36 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         _emit(args, job, f"flatten of {args.name}: job {job['id']} {job['state']}")
         return EXIT_OK if job["state"] != "failed" else EXIT_ERROR
     else:
-        raise UsageError("blockvirt volume: choose an action: create, list, info, delete, clone, flatten")
+        raise UsageError(
+            "blockvirt volume: choose an action: create, list, info, stats, delete, clone, flatten"
+        )
     return EXIT_OK
+
+
+def _stats_text(st: dict[str, Any]) -> str:
+    import time
+
+    ops = st["ops"]
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["since"]))
+    lines = [
+        f"export:      {st['volume']}",
+        f"since:       {since}",
+        f"connections: {st['connections']}",
+        f"read:        {_human_size(st['read_bytes'])} ({st['read_bytes']} bytes) "
+        f"in {ops.get('read', 0)} ops",
+        f"written:     {_human_size(st['write_bytes'])} ({st['write_bytes']} bytes) "
+        f"in {ops.get('write', 0)} ops",
+        f"busy:        {st['busy_seconds']:.6f} s",
+        f"errors:      {st['errors']}",
+    ]
+    if ops:
+        lines.append("")
+        lines.append(f"{'OP':<14}{'COUNT':>10}{'MEAN LATENCY':>16}")
+        for op in sorted(ops):
+            lat = st["latency"].get(op, {"count": 0, "sum_seconds": 0.0})
+            mean = f"{lat['sum_seconds'] / lat['count'] * 1e6:.1f} us" if lat["count"] else "-"
+            lines.append(f"{op:<14}{ops[op]:>10}{mean:>16}")
+    return "\n".join(lines)
 
 
 def _wait_job(args: argparse.Namespace, api: ApiClient, job_id: str) -> dict[str, Any]:

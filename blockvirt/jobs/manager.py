@@ -37,6 +37,10 @@ class Job:
     updated: float = field(default_factory=time.time)
     task: asyncio.Task[None] | None = None
 
+    def log_extra(self) -> dict[str, str]:
+        """Fields for `log.*(..., extra=...)`: structured log lines carry the job and volume."""
+        return {"job": self.id, "volume": self.volume}
+
     @property
     def progress(self) -> float:
         return 1.0 if self.state == DONE else (self.done / self.total if self.total else 0.0)
@@ -103,6 +107,7 @@ class JobManager:
         job = Job(uuid.uuid4().hex[:12], kind, volume, params)
         self.jobs[job.id] = job
         self.save(job)
+        log.info("job %s (%s on %s) started", job.id, kind, volume, extra=job.log_extra())
         self.run(job, runner)
         return job
 
@@ -115,7 +120,7 @@ class JobManager:
                     self.save(job)
                 raise  # a stop: stays RUNNING in the catalog, resumed next time
             except Exception as e:
-                log.exception("job %s (%s on %s) failed", job.id, job.kind, job.volume)
+                log.exception("job %s (%s on %s) failed", job.id, job.kind, job.volume, extra=job.log_extra())
                 job.state, job.error = FAILED, str(e) or type(e).__name__
                 self.save(job)
                 return
@@ -123,7 +128,7 @@ class JobManager:
                 job.state = DONE
                 job.done = job.total
             self.save(job)
-            log.info("job %s (%s on %s) %s", job.id, job.kind, job.volume, job.state)
+            log.info("job %s (%s on %s) %s", job.id, job.kind, job.volume, job.state, extra=job.log_extra())
 
         job.task = asyncio.get_running_loop().create_task(main())
 

@@ -87,6 +87,10 @@ def _put(target: Layer, first: int, n: int, data: bytes | None, notify: Notify |
     tdata, tzero = target.map.page_bits(first // PAGE_BLOCKS)
     i0 = first % PAGE_BLOCKS
     free = ~(tdata | tzero) >> i0 & ((1 << n) - 1)
+    for f, c in target.filling:  # a guest write is filling these: its data wins
+        lo, hi = max(f, first), min(f + c, first + n)
+        if lo < hi:
+            free &= ~(((1 << (hi - lo)) - 1) << (lo - first))
     done = 0
     for i, k in _runs(free):
         if data is None:

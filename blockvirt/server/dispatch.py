@@ -32,7 +32,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import CommandError, nbd_errno
 from blockvirt.nbd.transmission import ServerTransmission, merge_extents
 from blockvirt.storage.node import BlockNode, StorageError
-from blockvirt.storage.stats import VolumeStats
+from blockvirt.storage.stats import Latency, VolumeStats
 
 log = logging.getLogger("blockvirt.dispatch")
 
@@ -79,8 +79,16 @@ class Dispatcher:
     ) -> None:
         self.node = node
         self.stats = stats if stats is not None else VolumeStats()
+        #: False under `serve --no-metrics`: no per-request accounting, no clock reads
+        #: (errors, which are rare, are still counted). Requests are counted when answered.
+        self.metered = self.stats.enabled
         self.size = size  # fixed for the session: NBD has no way to announce a change
         self.read_only = bool(tflags & TransmissionFlag.READ_ONLY)
+        # The fast path's histograms, at hand (they exist from the first session on).
+        metered = self.metered
+        self._read_lat = self.stats.latency_of("read") if metered else Latency()
+        self._write_lat = self.stats.latency_of("write") if metered and not self.read_only else Latency()
+        self._t0 = perf_counter()  # see begin()
         self.tx = tx
         self.contexts = contexts
         allowed = dict(_ALLOWED)
@@ -99,17 +107,9 @@ class Dispatcher:
     def check(self, cmd: Command) -> CommandError | None:
         """Why `cmd` must fail before touching storage, or None if it may run."""
         err = self._check(cmd)
-        stats = self.stats
         if err is not None:
-            stats.errors += 1
-            return err
-        t = type(cmd)
-        stats.count(_OP_NAMES[t])
-        if t is ReadCmd:
-            stats.read_bytes += cmd.length
-        elif t is WriteCmd:
-            stats.write_bytes += cmd.length
-        return None
+            self.stats.errors += 1
+        return err
 
     def _check(self, cmd: Command) -> CommandError | None:
         t = type(cmd)
@@ -145,55 +145,98 @@ class Dispatcher:
         return None
 
     # ------------------------------------------------------------ fast path
+    def begin(self) -> None:
+        """The session starts on a run of requests now (a burst, or after sending replies)."""
+        if self.metered:
+            self._t0 = perf_counter()
+
     def try_now(self, cmd: Command) -> Out | None:
         """Complete a READ or small WRITE without awaiting, if the node can; else None.
 
         Raises StorageError for a failure the caller must report.
+
+        Inline requests are timed with one clock read each: from the end of the one before
+        (or `begin`) to the end of this one, so the time includes parsing and validation.
         """
         t = type(cmd)
-        t0 = perf_counter()
         if t is ReadCmd:
             if cmd.length == 0:
-                return None
+                return self._not_now()
             if self.tx.structured and not cmd.flags & _DF:
                 # The node decides whether looking for holes pays (large reads only).
                 segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
                 if segs is None:
-                    return None
-                self.stats.observe("read", perf_counter() - t0)
+                    return self._not_now()
+                if self.metered:
+                    now = perf_counter()
+                    self._read_lat.observe(now - self._t0)
+                    self._t0 = now
+                    self.stats.read_bytes += cmd.length
                 return self.tx.read_segments(cmd.cookie, segs)
             data = self.node.read_nowait(cmd.offset, cmd.length)
             if data is None:
-                return None
-            self.stats.observe("read", perf_counter() - t0)
+                return self._not_now()
+            if self.metered:
+                now = perf_counter()
+                self._read_lat.observe(now - self._t0)
+                self._t0 = now
+                self.stats.read_bytes += cmd.length
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
         if t is WriteCmd and not cmd.flags & _FUA:
             if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
-                return None
-            self.stats.observe("write", perf_counter() - t0)
+                return self._not_now()
+            if self.metered:
+                now = perf_counter()
+                self._write_lat.observe(now - self._t0)
+                self._t0 = now
+                self.stats.write_bytes += cmd.length
             self.unflushed = True
             self._dirtied += 1
             return [self.tx.ok(cmd.cookie)]
+        return self._not_now()
+
+    def _not_now(self) -> Out | None:
+        """Not answered inline (run() times it): the next inline request starts from now.
+        Always None, try_now's answer."""
+        if self.metered:
+            self._t0 = perf_counter()
         return None
 
     # ------------------------------------------------------------ full path
     async def run(self, cmd: Command) -> Out:
-        t0 = perf_counter()
+        metered = self.metered
+        t0 = perf_counter() if metered else 0.0
         try:
             out = await self._run(cmd)
-            self.stats.observe(_OP_NAMES[type(cmd)], perf_counter() - t0)
+            if metered:
+                self._completed(cmd, perf_counter() - t0)
             return out
         except CommandError as e:
-            self.stats.errors += 1
+            self._failed(cmd)
             return [self.tx.error(cmd.cookie, e.errno, e.message)]
         except (StorageError, OSError) as e:
-            self.stats.errors += 1
+            self._failed(cmd)
             log.warning("%s failed: %s", type(cmd).__name__, e)
             return [self.tx.error(cmd.cookie, nbd_errno(e.errno), str(e))]
 
-    def error_reply(self, cmd: Command, err: CommandError | StorageError) -> Out:
-        if isinstance(err, StorageError):
+    def _completed(self, cmd: Command, seconds: float) -> None:
+        t = type(cmd)
+        stats = self.stats
+        stats.observe(_OP_NAMES[t], seconds)
+        if t is ReadCmd:
+            stats.read_bytes += cmd.length
+        elif t is WriteCmd:
+            stats.write_bytes += cmd.length
+
+    def _failed(self, cmd: Command) -> None:
+        if self.metered:
+            self.stats.fail(_OP_NAMES[type(cmd)])
+        else:
             self.stats.errors += 1
+
+    def error_reply(self, cmd: Command, err: CommandError | StorageError) -> Out:
+        if isinstance(err, StorageError):  # from try_now: the request was valid
+            self._failed(cmd)
             return [self.tx.error(cmd.cookie, nbd_errno(err.errno), str(err))]
         return [self.tx.error(cmd.cookie, err.errno, err.message)]
 

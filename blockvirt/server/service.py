@@ -13,6 +13,8 @@ from typing import cast
 from aiohttp import web
 
 from blockvirt.api.app import build_app
+from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.metrics.registry import build_registry
 from blockvirt.nbd.handshake import TLSMode
 from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.listener import NbdServer
@@ -45,6 +47,8 @@ class ServiceConfig:
     warn_depth: int = 16
     tls_dir: str | None = None
     tls_mode: str = "require"  # or "allow"
+    #: Per-export accounting, /metrics and the loop-lag monitor (off: `serve --no-metrics`).
+    metrics: bool = True
 
 
 class Service:
@@ -53,12 +57,13 @@ class Service:
         self.volumes: VolumeManager | None = None
         self.nbd: NbdServer | None = None
         self._runner: web.AppRunner | None = None
+        self.loop_lag: LoopLagMonitor | None = None
         self.api_url = ""
 
     async def start(self) -> None:
         cfg = self.config
         tls_context = server_context(cfg.tls_dir) if cfg.tls_dir else None  # fail before binding
-        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth)
+        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth, metrics=cfg.metrics)
         registry = ExportRegistry(self.volumes)
         self.nbd = NbdServer(
             registry,
@@ -70,7 +75,13 @@ class Service:
         self.volumes.disconnect = self.nbd.disconnect_volume
         await self.volumes.start()
         await self.nbd.start()
-        self._runner = web.AppRunner(build_app(self.volumes), access_log=None, handle_signals=False)
+        metrics = None
+        if cfg.metrics:
+            self.loop_lag = LoopLagMonitor()
+            self.loop_lag.start()
+            metrics = build_registry(self.volumes, self.loop_lag)
+        app = build_app(self.volumes, metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
         await site.start()
@@ -91,6 +102,8 @@ class Service:
             await self._runner.cleanup()
         if self.volumes is not None:
             await self.volumes.close()
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
         log.info("stopped")
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

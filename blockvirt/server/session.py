@@ -91,6 +91,13 @@ class NbdSession(asyncio.BufferedProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.closed = self.loop.create_future()
 
+    def _ids(self) -> dict[str, object]:
+        """Structured log fields: the session, its peer and (once chosen) the export."""
+        extra: dict[str, object] = {"session": self.id, "peer": self.peer}
+        if self.volume is not None:
+            extra["volume"] = self.volume.export_name
+        return extra
+
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Other loops' transports (uvloop) are not asyncio.Transport subclasses, only alike.
@@ -111,7 +118,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self.conn = ServerConnection(self.server.registry.catalog(self.peer), tls=self.server.tls_mode)
         transport.write(self.conn.data_to_send())
         self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
-        log.debug("session %d: connected from %s", self.id, self.peer)
+        log.debug("session %d: connected from %s", self.id, self.peer, extra=self._ids())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Receive straight into the codec's buffer (or a large WRITE's payload buffer).
@@ -171,18 +178,26 @@ class NbdSession(asyncio.BufferedProtocol):
                     self._negotiated(ev)
                     return
                 if isinstance(ev, Aborted):
-                    log.debug("session %d: handshake ended: %s", self.id, ev.reason)
+                    log.debug("session %d: handshake ended: %s", self.id, ev.reason, extra=self._ids())
                     self._close()
                     return
                 if isinstance(ev, OptionRefused):
-                    log.debug("session %d: option %d refused: %s", self.id, ev.option, ev.message)
+                    log.debug(
+                        "session %d: option %d refused: %s", self.id, ev.option, ev.message, extra=self._ids()
+                    )
                 elif isinstance(ev, StartTLS):
                     # Nothing more may be read in plaintext: the client's next bytes are TLS.
                     transport.pause_reading()
                     self.server.track(self.loop.create_task(self._start_tls()))
                     return
         except ProtocolError as e:
-            log.info("session %d (%s): protocol violation in handshake: %s", self.id, self.peer, e)
+            log.info(
+                "session %d (%s): protocol violation in handshake: %s",
+                self.id,
+                self.peer,
+                e,
+                extra=self._ids(),
+            )
             self._close(abort=True)
 
     async def _start_tls(self) -> None:
@@ -198,7 +213,7 @@ class NbdSession(asyncio.BufferedProtocol):
                 ssl_handshake_timeout=self.server.handshake_timeout,
             )
         except (TimeoutError, OSError, ConnectionError) as e:
-            log.info("session %d (%s): TLS handshake failed: %s", self.id, self.peer, e)
+            log.info("session %d (%s): TLS handshake failed: %s", self.id, self.peer, e, extra=self._ids())
             self._close(abort=True)
             return
         if tls_transport is None or self._lost:
@@ -207,7 +222,13 @@ class NbdSession(asyncio.BufferedProtocol):
         self._recycle = False  # the TLS transport keeps references to what it is given
         self._reading_paused = False
         self.identity = peer_identity(tls_transport.get_extra_info("peercert"))
-        log.info("session %d (%s): TLS established, client %r", self.id, self.peer, self.identity)
+        log.info(
+            "session %d (%s): TLS established, client %r",
+            self.id,
+            self.peer,
+            self.identity,
+            extra=self._ids(),
+        )
         self.conn.handshake.tls_started()
         self._handshake()
 
@@ -226,11 +247,11 @@ class NbdSession(asyncio.BufferedProtocol):
         self.disp = Dispatcher(
             vol.node, ev.export.size, ev.transmission_flags, self.tx, ev.contexts, vol.stats
         )
-        log.info("session %d (%s): opened export %r", self.id, self.peer, ev.export.name)
+        log.info("session %d (%s): opened export %r", self.id, self.peer, ev.export.name, extra=self._ids())
         self._pump()
 
     def _handshake_expired(self) -> None:
-        log.info("session %d (%s): handshake timed out", self.id, self.peer)
+        log.info("session %d (%s): handshake timed out", self.id, self.peer, extra=self._ids())
         self._close(abort=True)
 
     # ------------------------------------------------------------ transmission
@@ -241,6 +262,7 @@ class NbdSession(asyncio.BufferedProtocol):
         assert tx is not None and transport is not None and disp is not None
         batch: list[bytes | bytearray | memoryview] = []
         batched = 0
+        disp.begin()
         try:
             # Also stop while the client is not reading its replies: every request answered
             # now would pile its reply up in the transport's buffer.
@@ -248,7 +270,9 @@ class NbdSession(asyncio.BufferedProtocol):
                 try:
                     cmd = tx.next_event()
                 except ProtocolError as e:
-                    log.info("session %d (%s): protocol violation: %s", self.id, self.peer, e)
+                    log.info(
+                        "session %d (%s): protocol violation: %s", self.id, self.peer, e, extra=self._ids()
+                    )
                     self._close(abort=True)
                     return
                 if cmd is None:
@@ -278,6 +302,7 @@ class NbdSession(asyncio.BufferedProtocol):
                     _emit(transport, batch, self._recycle)
                     batch = []
                     batched = 0
+                    disp.begin()  # sending is not part of the next request's service time
         finally:
             if batch and not transport.is_closing():
                 _emit(transport, batch, self._recycle)
@@ -299,7 +324,7 @@ class NbdSession(asyncio.BufferedProtocol):
         try:
             out = await disp.run(cmd)
         except Exception:
-            log.exception("session %d: internal error on %r", self.id, type(cmd).__name__)
+            log.exception("session %d: internal error on %r", self.id, type(cmd).__name__, extra=self._ids())
             out = [self.tx.error(cmd.cookie, Errno.EIO, "internal server error")]
         finally:
             self.inflight -= 1
@@ -343,7 +368,7 @@ class NbdSession(asyncio.BufferedProtocol):
                 await disp.node.flush()
                 disp.unflushed = False
             except StorageError as e:
-                log.error("session %d: flush on disconnect failed: %s", self.id, e)
+                log.error("session %d: flush on disconnect failed: %s", self.id, e, extra=self._ids())
 
     async def _disconnect(self) -> None:
         """NBD_CMD_DISC: finish in-flight requests, flush, then close (no reply)."""
@@ -376,10 +401,11 @@ class NbdSession(asyncio.BufferedProtocol):
         if self.closed.done():
             return
         await self._drain_and_flush()
+        extra = self._ids()
         if self.volume is not None:
             self.volume.users -= 1
             self.volume = None
         self.server.sessions.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
-        log.debug("session %d: closed", self.id)
+        log.debug("session %d: closed", self.id, extra=extra)

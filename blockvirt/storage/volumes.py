@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +65,12 @@ class Volume:
 class VolumeManager:
     """Create, open, list and delete volumes and their snapshots. Tree edits are serialised."""
 
-    def __init__(self, data_dir: str, *, io: FileIO = REAL, warn_depth: int = WARN_CHAIN_DEPTH) -> None:
+    def __init__(
+        self, data_dir: str, *, io: FileIO = REAL, warn_depth: int = WARN_CHAIN_DEPTH, metrics: bool = True
+    ) -> None:
         self.data_dir = data_dir
+        #: Per-export accounting on (off: `serve --no-metrics`, the data path counts nothing).
+        self.metrics = metrics
         self.io = io
         self.catalog = Catalog(data_dir)
         self.layers = LayerRegistry(self.catalog, io)
@@ -74,13 +79,15 @@ class VolumeManager:
         self._open: dict[str, Volume] = {}
         self._snaps: dict[tuple[str, str], Volume] = {}
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unlinks: set[asyncio.Future[None]] = set()  # file removals close() waits for
         #: Set by the server: disconnect every session of an export (for --force edits).
         self.disconnect: Any = None
 
     async def start(self) -> None:
         """Resume interrupted jobs and collect garbage left by a crash."""
         for job in self.jobs.pending():
-            log.info("resuming job %s (%s on %s)", job.id, job.kind, job.volume)
+            log.info("resuming job %s (%s on %s)", job.id, job.kind, job.volume, extra=job.log_extra())
             self.jobs.run(job, self._runner(job.kind))
         async with self._lock:
             await self._collect(start_merges=True)
@@ -110,7 +117,7 @@ class VolumeManager:
         if rec is None:
             return None
         layers = self.layers.acquire_chain(rec.head, writable_head=True)
-        vol = Volume(rec, ChainNode(layers, rec.size, writable=True))
+        vol = Volume(rec, ChainNode(layers, rec.size, writable=True), stats=VolumeStats(enabled=self.metrics))
         self._open[name] = vol
         return vol
 
@@ -126,7 +133,12 @@ class VolumeManager:
         lrec = self.catalog.layer(srec.layer)
         assert lrec is not None
         layers = self.layers.acquire_chain(srec.layer, writable_head=False)
-        vol = Volume(rec, ChainNode(layers, lrec.size, writable=False), snapshot=snap)
+        vol = Volume(
+            rec,
+            ChainNode(layers, lrec.size, writable=False),
+            snapshot=snap,
+            stats=VolumeStats(enabled=self.metrics),
+        )
         self._snaps[key] = vol
         return vol
 
@@ -298,7 +310,11 @@ class VolumeManager:
 
     # ------------------------------------------------------------ snapshots
     async def snapshot_create(self, name: str, snap: str) -> dict[str, Any]:
-        """O(1): drain, commit the head, put an empty head on top; clients stay connected."""
+        """O(1): put an empty head on top while drained; clients stay connected.
+
+        The snapshot is crash-consistent: it holds every write completed before it, and
+        those are durable once the frozen head's commit (started right away) is done, or
+        the next FLUSH returns, like any other write."""
         validate_name(snap, "snapshot")
         async with self._lock:
             rec = self._require(name)
@@ -317,11 +333,13 @@ class VolumeManager:
             prec = self.catalog.pool(rec.pool)
             assert prec is not None
             started = time.perf_counter()
+            # Everything slow happens outside the drain: the new layer's files are made (and
+            # synced) first, and the frozen head's final commit (an fdatasync that can take a
+            # while under write load) runs after I/O has resumed. FLUSH waits for it.
+            new_id = new_layer_id()
+            await executor.run(Layer.create, self.io, prec.path, new_id, rec.size, thick=False)
             async with node.drained():
                 old = node.head
-                await old.commit()
-                new_id = new_layer_id()
-                await executor.run(Layer.create, self.io, prec.path, new_id, rec.size, thick=False)
                 now = time.time()
                 with self.catalog.transaction() as db:
                     db.execute(
@@ -333,14 +351,23 @@ class VolumeManager:
                 lrec = self.catalog.layer(new_id)
                 assert lrec is not None
                 head = self.layers.acquire(lrec, writable=True)
-                node.set_layers([head, *node.layers], keep_index=True)
+                node.freeze_head(head)
                 vol.record = dataclasses.replace(rec, head=new_id)
+            self._background(node.commit_frozen())
             elapsed = time.perf_counter() - started
         out: dict[str, Any] = {"volume": name, "name": snap, "created": now, "seconds": round(elapsed, 6)}
         if depth > self.warn_depth:
             out["warning"] = f"chain depth is {depth}: consider deleting snapshots or flattening"
-            log.warning("volume %s: chain depth %d after snapshot %s", name, depth, snap)
+            log.warning(
+                "volume %s: chain depth %d after snapshot %s", name, depth, snap, extra={"volume": name}
+            )
         return out
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     def _snap(self, name: str, snap: str) -> SnapshotRecord:
         srec = self.catalog.snapshot(name, snap)
@@ -373,6 +400,7 @@ class VolumeManager:
             prec = self.catalog.pool(rec.pool)
             assert prec is not None
             node = vol.node
+            await node.commit_frozen()
             async with node.drained():
                 new_id = new_layer_id()
                 await executor.run(Layer.create, self.io, prec.path, new_id, lrec.size, thick=False)
@@ -466,6 +494,7 @@ class VolumeManager:
     async def _collect(self, *, start_merges: bool) -> list[Job]:
         """Delete layers nothing needs; start merges of hidden layers with one child."""
         live = self.catalog.live_layers()
+        removed = 0
         for rec in self.catalog.layers():
             if rec.id in live or self.layers.get(rec.id) is not None:
                 continue
@@ -473,9 +502,11 @@ class VolumeManager:
                 continue  # a child is garbage too and goes first; next pass takes this one
             with self.catalog.transaction() as db:
                 db.execute("DELETE FROM layers WHERE id = ?", (rec.id,))
-            await executor.run(self.layers.delete_files, rec)
+            await self._delete_files(rec)
+            removed += 1
             log.info("removed unused layer %s", rec.id)
-        if any(r.id not in live and self.layers.get(r.id) is None for r in self.catalog.layers()):
+        # Again while that freed parents (a garbage child still open keeps its parent).
+        if removed and any(r.id not in live and self.layers.get(r.id) is None for r in self.catalog.layers()):
             return await self._collect(start_merges=start_merges)
         started: list[Job] = []
         if not start_merges:
@@ -483,11 +514,21 @@ class VolumeManager:
         heads = {v.head: v.name for v in self.catalog.volumes()}
         named = {s.layer for s in self.catalog.all_snapshots()}
         # Layers a running job reads or writes wait for it: it collects again when it ends.
-        merging = {
-            j.params.get(k) for j in self.jobs.list() if j.state == "running" for k in ("source", "target")
-        }
+        # That is its source and target, the parent a merge re-points its target to, and the
+        # whole chain a flatten reads.
+        merging: set[str | None] = set()
+        for j in self.jobs.list():
+            if j.state != "running":
+                continue
+            merging.update(j.params.get(k) for k in ("source", "target"))
+            src = self.catalog.layer(j.params["source"]) if j.kind == "merge" else None
+            if src is not None:
+                merging.add(src.parent)
+            if j.kind == "flatten" and self.catalog.layer(j.params["target"]):
+                merging.update(r.id for r in self.catalog.chain(j.params["target"]))
+        merging.discard(None)
         for rec in self.catalog.layers():
-            if rec.id in heads or rec.id in named or rec.id in merging:
+            if rec.id in heads or rec.id in named or rec.id in merging or rec.parent in merging:
                 continue
             children = self.catalog.children(rec.id)
             if len(children) != 1:
@@ -502,7 +543,16 @@ class VolumeManager:
                 # Move the (smaller) immutable child down into its parent instead.
                 kind, params = "commit", {"source": child.id, "target": rec.id, "cursor": 0}
             started.append(self.jobs.start(kind, owner, params, self._runner(kind)))
+            merging.update((rec.id, child.id, rec.parent))  # the same rule within this pass
         return started
+
+    async def _delete_files(self, rec: LayerRecord) -> None:
+        """Remove the files of a layer whose catalog row is gone. Runs to the end even if the
+        caller is cancelled (a stop): nothing would remove them later."""
+        fut = asyncio.get_running_loop().run_in_executor(executor.pool(), self.layers.delete_files, rec)
+        self._unlinks.add(fut)
+        fut.add_done_callback(self._unlinks.discard)
+        await asyncio.shield(fut)
 
     def _volume_of_layer(self, layer_id: str) -> str | None:
         for s in self.catalog.snapshots_of_layer(layer_id):
@@ -562,9 +612,7 @@ class VolumeManager:
     async def _swap_in_parent(self, job: Job, *, parent: Layer, child: LayerRecord) -> None:
         """The parent now reads as the child: it takes the child's name and children."""
         async with self._lock, contextlib.AsyncExitStack() as drains:
-            affected = [v for v in self.open_nodes() if any(lay.id == child.id for lay in v.node.layers)]
-            for v in affected:
-                await drains.enter_async_context(v.node.drained())
+            affected = await self._drain_users(child.id, drains)
             with self.catalog.transaction() as db:
                 db.execute("UPDATE snapshots SET layer = ? WHERE layer = ?", (parent.id, child.id))
                 db.execute("UPDATE layers SET parent = ? WHERE parent = ?", (parent.id, child.id))
@@ -580,9 +628,26 @@ class VolumeManager:
                 v.node.set_layers([*old[:idx], *old[idx + 1 :]], keep_index=False)
                 self.layers.release(old[idx])
         if self.layers.get(child.id) is None:
-            await executor.run(self.layers.delete_files, child)
+            await self._delete_files(child)
         async with self._lock:
             await self._collect(start_merges=True)
+
+    async def _drain_users(self, layer_id: str, drains: contextlib.AsyncExitStack) -> list[Volume]:
+        """Drain every open node whose chain holds the layer, including nodes opened while we
+        waited (exports open without the lock): a chain edit must reach them all."""
+        affected: list[Volume] = []
+        while True:
+            more = [
+                v
+                for v in self.open_nodes()
+                if all(v is not a for a in affected) and any(lay.id == layer_id for lay in v.node.layers)
+            ]
+            if not more:
+                return affected
+            for v in more:
+                await v.node.commit_frozen()  # no commit may be pending on a layer we drop
+                await drains.enter_async_context(v.node.drained())
+            affected += more
 
     def _nodes_headed_by(self, layer_id: str) -> list[ChainNode]:
         return [v.node for v in self.open_nodes() if v.node.head.id == layer_id]
@@ -653,9 +718,7 @@ class VolumeManager:
     ) -> None:
         """Commit: target's parent becomes `new_parent`, dropped layers leave every open chain."""
         async with self._lock, contextlib.AsyncExitStack() as drains:
-            affected = [v for v in self.open_nodes() if any(lay.id == target.id for lay in v.node.layers)]
-            for v in affected:
-                await drains.enter_async_context(v.node.drained())
+            affected = await self._drain_users(target.id, drains)
             if job.state == CANCELLED:
                 return
             with self.catalog.transaction() as db:
@@ -675,18 +738,28 @@ class VolumeManager:
                 self.layers.release_all(old[idx + 1 :])
         for rec in dropped:
             if self.layers.get(rec.id) is None:
-                await executor.run(self.layers.delete_files, rec)
+                await self._delete_files(rec)
         async with self._lock:
             await self._collect(start_merges=True)
 
     async def close(self) -> None:
         await self.jobs.close()
+        if self._unlinks:  # started by jobs just stopped
+            await asyncio.wait(set(self._unlinks))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
         for vol in self.open_nodes():
             try:
                 await vol.node.flush()
             except Exception as e:  # keep closing the rest
-                log.error("flush of %s at shutdown failed: %s", vol.export_name, e)
+                name = vol.export_name
+                log.error("flush of %s at shutdown failed: %s", name, e, extra={"volume": name})
         self._open.clear()
         self._snaps.clear()
         self.layers.close_all()
         self.catalog.close()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background commit failed: %s", task.exception())

@@ -240,13 +240,14 @@ def test_large_trim_and_zero_are_not_limited_by_payload_size() -> None:
     assert errno_of(d, WriteZeroesCmd(1, 0, 0, 2**32 - 1)) == 0
 
 
-def test_check_counts_ops_bytes_and_errors() -> None:
-    d = disp()
-    d.check(ReadCmd(1, 0, 0, 100))
-    d.check(W(0, 50))
-    d.check(W(0, 30))
-    d.check(FlushCmd(1, 0, 0, 0))
-    d.check(ReadCmd(1, 0, SIZE, 100))  # error: not counted as a read
+async def test_answered_requests_count_ops_bytes_and_errors() -> None:
+    pair, d, _ = session()
+    await execute(pair, d, Cmd.READ, 0, 100, fast_path=True)
+    await execute(pair, d, Cmd.WRITE, 0, data=bytes(50), fast_path=True)
+    await execute(pair, d, Cmd.WRITE, 0, data=bytes(30))
+    await execute(pair, d, Cmd.FLUSH)
+    r = await execute(pair, d, Cmd.READ, SIZE, 100)  # refused by validation: an error, not a read
+    assert r.error
     assert d.stats.ops == {"read": 1, "write": 2, "flush": 1}
     assert (d.stats.read_bytes, d.stats.write_bytes, d.stats.errors) == (100, 80, 1)
 

@@ -18,7 +18,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.fileio import FileIO
@@ -96,6 +96,8 @@ class Layer:
         self.refs = 0  # chains using this layer (the registry closes it at zero)
         self._flusher = executor.FlushCoalescer(self._commit)
         self._committing = False  # a commit's entries are taken but not yet journaled
+        #: (first, count) block ranges guest writes are filling: a stream leaves them alone.
+        self.filling: list[tuple[int, int]] = []
 
     @property
     def writable(self) -> bool:
@@ -159,6 +161,18 @@ class Layer:
     def allocated_bytes(self) -> int:
         return self.io.allocated(self.fd) if self.fd >= 0 else 0
 
+    @contextlib.contextmanager
+    def fill(self, first: int, count: int) -> Iterator[None]:
+        """Around a guest write's pwrite and state change, when it may await in between:
+        a stream copying into this layer must not write these blocks meanwhile (its older
+        data could land after the guest's)."""
+        span = (first, count)
+        self.filling.append(span)
+        try:
+            yield
+        finally:
+            self.filling.remove(span)
+
     def states_durable(self, first: int, count: int) -> bool:
         """Whether the journal already holds the states of these blocks (none changed since
         the last commit, and no commit is still writing them)."""
@@ -171,8 +185,12 @@ class Layer:
 
     # ------------------------------------------------------------ commit
     async def commit(self) -> None:
-        """Make every completed write durable: data first, then the journal (group commit)."""
-        await self._flusher.flush()
+        """Make every completed write durable: data first, then the journal (group commit).
+
+        A cancelled caller (a stopped job, a shutdown) does not cancel the commit: it has
+        taken the changed block states, which would be lost, and its file I/O goes on in a
+        thread anyway. It runs to the end; the next commit waits for it."""
+        await asyncio.shield(self._flusher.flush())
 
     async def _commit(self) -> None:
         if self.map_fd is None:
@@ -291,6 +309,7 @@ class ChainNode(BlockNode):
         self._edit = asyncio.Lock()
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
         self.guard = WriteGuard()
+        self._frozen: list[Layer] = []  # former heads whose final commit is owed
 
     # ------------------------------------------------------------ chain
     @property
@@ -303,6 +322,19 @@ class ChainNode(BlockNode):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(writable=self.writable)
+
+    def freeze_head(self, new_head: Layer) -> None:
+        """Put an empty layer on top (only while drained). The old head's last commit is
+        owed: FLUSH makes it (see commit_frozen)."""
+        self._frozen.append(self.head)
+        self.set_layers([new_head, *self.layers], keep_index=True)
+
+    async def commit_frozen(self) -> None:
+        """Commit former heads that still hold uncommitted writes."""
+        for lay in list(self._frozen):
+            await lay.commit()
+            if lay in self._frozen:
+                self._frozen.remove(lay)
 
     def set_layers(self, layers: Sequence[Layer], *, keep_index: bool) -> None:
         """Swap the chain (only while drained). `keep_index` when an empty head was added."""
@@ -497,8 +529,9 @@ class ChainNode(BlockNode):
             if partial and head.map.state(b) != DATA
         ]
         if not rmw:
-            await self._pwrite(head.fd, data, offset)
-            head.map.set_data(first, count)
+            with head.fill(first, count):
+                await self._pwrite(head.fd, data, offset)
+                head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
         else:
             rmw = sorted(set(rmw))
@@ -506,16 +539,17 @@ class ChainNode(BlockNode):
             mine = {b: loop.create_future() for b in rmw}
             self._locks.update(mine)
             try:
-                blocks = {b: await self._current_block(b) for b in rmw}
-                base = first << BLOCK_SHIFT if first in blocks else offset
-                buf = bytearray()
-                if first in blocks:
-                    buf += blocks[first][:head_part]
-                buf += data
-                if last in blocks and tail_part:  # (first == last may be in only for its head)
-                    buf += blocks[last][tail_part:]
-                await self._pwrite(head.fd, buf, base)
-                head.map.set_data(first, count)
+                with head.fill(first, count):
+                    blocks = {b: await self._current_block(b) for b in rmw}
+                    base = first << BLOCK_SHIFT if first in blocks else offset
+                    buf = bytearray()
+                    if first in blocks:
+                        buf += blocks[first][:head_part]
+                    buf += data
+                    if last in blocks and tail_part:  # (first == last may be in only for its head)
+                        buf += blocks[last][tail_part:]
+                    await self._pwrite(head.fd, buf, base)
+                    head.map.set_data(first, count)
                 self.merged.set_owner(first, count, head.slot)
             finally:
                 for b, fut in mine.items():
@@ -569,8 +603,9 @@ class ChainNode(BlockNode):
         if head.map.all_data:
             await run(self.io.zero_allocated, head.fd, start, nbytes)
         elif not may_trim:
-            await run(self.io.zero_allocated, head.fd, start, nbytes)
-            head.map.set_data(first, count)
+            with head.fill(first, count):
+                await run(self.io.zero_allocated, head.fd, start, nbytes)
+                head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
         else:
             await run(self.io.punch, head.fd, start, nbytes)
@@ -587,6 +622,8 @@ class ChainNode(BlockNode):
         if not self.writable:
             return
         await self.head.commit()
+        if self._frozen:  # writes completed before a snapshot live in the frozen head
+            await self.commit_frozen()
 
     async def cache(self, offset: int, length: int) -> None:
         return None

@@ -1,0 +1,273 @@
+"""Collectors: every value is read from live state when Prometheus scrapes, nothing is
+updated on the data path here (the dispatcher bumps plain counters in VolumeStats).
+
+Labels stay bounded: `volume` (one per volume, plus one per open `VOL@SNAP` snapshot export),
+`op` (the seven NBD commands), `pool`, and `job` for running and recently finished jobs only.
+Scrapes run on the event loop (the catalog's SQLite connection belongs to it), so they only
+stat files and read memory: they never open a volume or read a layer map.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Container, Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from blockvirt.jobs.manager import RUNNING, Job
+from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.storage.formats.cow import layer_paths
+from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
+from blockvirt.storage.volumes import Volume, VolumeManager
+
+#: Finished jobs stay visible this long (seconds), so a dashboard shows them reach 100 %...
+JOB_RETENTION = 3600.0
+#: ...and at most this many job series are exported (running ones first, then the newest).
+MAX_JOB_SERIES = 50
+
+_LE = [*(floatToGoString(b) for b in LATENCY_BOUNDS), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+def histogram_buckets(lat: Latency) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative, ending in +Inf) from non-cumulative counts."""
+    return list(zip(_LE, (float(c) for c in lat.cumulative()), strict=True))
+
+
+def _file_allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def layer_allocated(volumes: VolumeManager, layer_id: str) -> int:
+    """Bytes a layer's data file holds in its pool: fstat if open, else stat (never opened here)."""
+    lay = volumes.layers.get(layer_id)
+    if lay is not None:
+        return lay.allocated_bytes()
+    rec = volumes.catalog.layer(layer_id)
+    if rec is None:
+        return 0
+    return _file_allocated(layer_paths(volumes.catalog.layer_dir(rec), rec.id)[0])
+
+
+class VolumeCollector(Collector):
+    """Per-export traffic, latency and connections; per-volume space, snapshots and depth.
+
+    A snapshot export (`VOL@SNAP`, read-only) is counted under its own label value
+    `volume="VOL@SNAP"` while it is open, not folded into the volume: its readers (backups,
+    say) are a different workload from the volume's own initiators. To fold them in, sum over
+    `label_replace(M, "volume", "$1", "volume", "([^@]+).*")`. Deleted volumes and snapshots
+    vanish at the next scrape.
+    """
+
+    def __init__(self, volumes: VolumeManager) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        vm = self.volumes
+        rb = CounterMetricFamily("blockvirt_volume_read_bytes", "Bytes read by clients", labels=["volume"])
+        wb = CounterMetricFamily(
+            "blockvirt_volume_write_bytes", "Bytes written by clients", labels=["volume"]
+        )
+        ops = CounterMetricFamily(
+            "blockvirt_volume_ops", "Requests served, by NBD command", labels=["volume", "op"]
+        )
+        errs = CounterMetricFamily(
+            "blockvirt_volume_errors", "Requests answered with an error", labels=["volume"]
+        )
+        busy = CounterMetricFamily(
+            "blockvirt_volume_busy_seconds",
+            "Time spent serving requests (sum of request latencies; exceeds wall time under concurrency)",
+            labels=["volume"],
+        )
+        lat = HistogramMetricFamily(
+            "blockvirt_volume_latency_seconds",
+            "Request service time inside the server, by NBD command",
+            labels=["volume", "op"],
+        )
+        conns = GaugeMetricFamily("blockvirt_connections", "Connected NBD clients", labels=["volume"])
+        size = GaugeMetricFamily("blockvirt_volume_size_bytes", "Virtual size", labels=["volume"])
+        alloc = GaugeMetricFamily(
+            "blockvirt_volume_allocated_bytes",
+            "Bytes the volume's head and snapshots occupy in its pool",
+            labels=["volume"],
+        )
+        snaps = GaugeMetricFamily("blockvirt_volume_snapshots", "Number of snapshots", labels=["volume"])
+        depth = GaugeMetricFamily(
+            "blockvirt_volume_chain_depth", "Layers a read may have to look through", labels=["volume"]
+        )
+
+        records = vm.records()
+        snapshots: dict[str, list[str]] = {}
+        snap_names: set[str] = set()
+        for s in vm.catalog.all_snapshots():
+            snapshots.setdefault(s.volume, []).append(s.layer)
+            snap_names.add(f"{s.volume}@{s.name}")
+        names = {r.name for r in records}
+        exports: dict[str, Volume] = {}
+        for v in vm.open_nodes():
+            name = v.export_name
+            if v.record.name in names and (v.snapshot is None or name in snap_names):
+                exports[name] = v
+
+        def traffic(name: str, st: VolumeStats) -> None:
+            rb.add_metric([name], st.read_bytes)
+            wb.add_metric([name], st.write_bytes)
+            errs.add_metric([name], st.errors)
+            busy.add_metric([name], st.busy_seconds)
+            for op, n in sorted(st.ops.items()):
+                ops.add_metric([name, op], n)
+            for op, h in sorted(st.latency.items()):
+                lat.add_metric([name, op], histogram_buckets(h), h.total)
+
+        empty = VolumeStats()
+        for rec in records:
+            vol = exports.get(rec.name)
+            traffic(rec.name, vol.stats if vol is not None else empty)
+            conns.add_metric([rec.name], vol.users if vol is not None else 0)
+            layers = snapshots.get(rec.name, [])
+            if vol is not None:
+                size.add_metric([rec.name], vol.node.size)
+                depth.add_metric([rec.name], len(vol.node.layers))
+                head = vol.node.head.allocated_bytes()
+            else:
+                size.add_metric([rec.name], rec.size)
+                depth.add_metric([rec.name], len(vm.catalog.chain(rec.head)))
+                head = layer_allocated(vm, rec.head)
+            alloc.add_metric([rec.name], head + sum(layer_allocated(vm, lid) for lid in layers))
+            snaps.add_metric([rec.name], len(layers))
+        for name, vol in sorted(exports.items()):
+            if vol.snapshot is not None:
+                traffic(name, vol.stats)
+                conns.add_metric([name], vol.users)
+        yield from (rb, wb, ops, errs, busy, lat, conns, size, alloc, snaps, depth)
+
+
+class PoolCollector(Collector):
+    """Space per pool: the filesystem's view (capacity, used, free), what blockvirt's layers
+    hold, and what its volumes promise (provisioned; overcommit = provisioned / capacity)."""
+
+    def __init__(self, volumes: VolumeManager) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        cat = self.volumes.catalog
+        cap = GaugeMetricFamily(
+            "blockvirt_pool_capacity_bytes", "Size of the pool's filesystem", labels=["pool"]
+        )
+        used = GaugeMetricFamily(
+            "blockvirt_pool_used_bytes", "Bytes used on the pool's filesystem (by anything)", labels=["pool"]
+        )
+        free = GaugeMetricFamily(
+            "blockvirt_pool_free_bytes", "Bytes still available on the pool's filesystem", labels=["pool"]
+        )
+        alloc = GaugeMetricFamily(
+            "blockvirt_pool_allocated_bytes", "Bytes blockvirt's layers occupy in the pool", labels=["pool"]
+        )
+        prov = GaugeMetricFamily(
+            "blockvirt_pool_provisioned_bytes",
+            "Sum of the virtual sizes of the pool's volumes",
+            labels=["pool"],
+        )
+        over = GaugeMetricFamily(
+            "blockvirt_pool_overcommit_ratio", "Provisioned bytes / capacity", labels=["pool"]
+        )
+        provisioned: dict[str, int] = {}
+        for rec in cat.volumes():
+            provisioned[rec.pool] = provisioned.get(rec.pool, 0) + rec.size
+        allocated: dict[str, int] = {}
+        for lrec in cat.layers():
+            allocated[lrec.pool] = allocated.get(lrec.pool, 0) + layer_allocated(self.volumes, lrec.id)
+        for pool in cat.pools():
+            p = provisioned.get(pool.name, 0)
+            prov.add_metric([pool.name], p)
+            alloc.add_metric([pool.name], allocated.get(pool.name, 0))
+            try:
+                st = os.statvfs(pool.path)
+            except OSError:
+                continue  # an unreachable pool: no space figures rather than wrong ones
+            capacity = st.f_blocks * st.f_frsize
+            cap.add_metric([pool.name], capacity)
+            used.add_metric([pool.name], (st.f_blocks - st.f_bfree) * st.f_frsize)
+            free.add_metric([pool.name], st.f_bavail * st.f_frsize)
+            if capacity:
+                over.add_metric([pool.name], p / capacity)
+        yield from (cap, used, free, alloc, prov, over)
+
+
+def exported_jobs(jobs: Iterable[Job], volumes: Container[str], now: float | None = None) -> list[Job]:
+    """Running jobs, then jobs that ended within JOB_RETENTION on volumes that still exist
+    (newest first); at most MAX_JOB_SERIES."""
+    now = time.time() if now is None else now
+    running: list[Job] = []
+    ended: list[Job] = []
+    for j in jobs:
+        if j.state == RUNNING:
+            running.append(j)
+        elif now - j.updated <= JOB_RETENTION and j.volume in volumes:
+            ended.append(j)
+    running.sort(key=lambda j: j.created, reverse=True)
+    ended.sort(key=lambda j: j.updated, reverse=True)
+    return (running + ended)[:MAX_JOB_SERIES]
+
+
+class JobCollector(Collector):
+    def __init__(self, volumes: VolumeManager) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        prog = GaugeMetricFamily(
+            "blockvirt_job_progress_ratio",
+            "Progress of running and recently finished jobs (0 to 1)",
+            labels=["job", "volume", "kind"],
+        )
+        running = GaugeMetricFamily(
+            "blockvirt_jobs_running", "Jobs running now, by kind (every kind seen so far)", labels=["kind"]
+        )
+        counts: dict[str, int] = {}
+        jobs = self.volumes.jobs.list()
+        for j in jobs:
+            counts[j.kind] = counts.get(j.kind, 0) + (j.state == RUNNING)
+        for j in exported_jobs(jobs, {r.name for r in self.volumes.records()}):
+            prog.add_metric([j.id, j.volume, j.kind], j.progress)
+        for kind, n in sorted(counts.items()):
+            running.add_metric([kind], n)
+        yield from (prog, running)
+
+
+class LoopCollector(Collector):
+    def __init__(self, monitor: LoopLagMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        lag = self.monitor.lag
+        h = HistogramMetricFamily(
+            "blockvirt_event_loop_lag_seconds",
+            f"How late a timer due every {self.monitor.interval:g}s fired: time the event loop was busy",
+        )
+        h.add_metric([], histogram_buckets(lag), lag.total)
+        yield h
+
+
+class InfoCollector(Collector):
+    def __init__(self) -> None:
+        try:
+            from importlib.metadata import version
+
+            self.version = version("blockvirt")
+        except Exception:
+            self.version = "unknown"
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("blockvirt_build_info", "Always 1; the version is a label", labels=["version"])
+        g.add_metric([self.version], 1)
+        yield g
