@@ -194,6 +194,11 @@ async def test_job_progress_loop_lag_and_process_metrics(server: BlockvirtServer
     prog = value(text, "blockvirt_job_progress_ratio", job=job["id"], volume="jb1c", kind="flatten")
     assert prog == 1.0
     lag = value(text, "blockvirt_event_loop_lag_seconds_count")
+    deadline = time.monotonic() + 10
+    while not lag and time.monotonic() < deadline:  # the lag probe samples periodically
+        await asyncio.sleep(0.2)
+        text = await scrape(server)
+        lag = value(text, "blockvirt_event_loop_lag_seconds_count")
     assert lag is not None and lag > 0
     buckets = [s.value for s in series(text, "blockvirt_event_loop_lag_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == lag
