@@ -59,6 +59,9 @@ class LayerRegistry:
         for path in layer_paths(self.catalog.layer_dir(rec), rec.id):
             self.io.unlink(path)
 
+    def open_layers(self) -> list[Layer]:
+        return list(self._open.values())
+
     def close_all(self) -> None:
         for lay in list(self._open.values()):
             lay.close()

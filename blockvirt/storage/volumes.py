@@ -754,6 +754,14 @@ class VolumeManager:
             except Exception as e:  # keep closing the rest
                 name = vol.export_name
                 log.error("flush of %s at shutdown failed: %s", name, e, extra={"volume": name})
+        # A commit whose caller was stopped (a job) still runs: let it end before its files
+        # close, and journal what stopped jobs left in layers no open node heads.
+        for lay in self.layers.open_layers():
+            if lay.writable:
+                try:
+                    await lay.commit()
+                except Exception as e:
+                    log.error("commit of layer %s at shutdown failed: %s", lay.id, e)
         self._open.clear()
         self._snaps.clear()
         self.layers.close_all()
