@@ -7,18 +7,18 @@ page cache); large writes, FUA writes, syncs and fallocate calls go to the pool.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Sequence
 
 from blockvirt.storage import executor
+from blockvirt.storage.fileio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 #: Writes up to this size are copied into the page cache inline on the loop.
 INLINE_WRITE_MAX = 64 * 1024
@@ -29,19 +29,8 @@ MAX_READ_SEGMENTS = 64
 #: At most this many extents per block-status answer (clients loop for the rest).
 MAX_EXTENTS = 16384
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _DSYNC = getattr(os, "RWF_DSYNC", 0)
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _storage_error(e: OSError, what: str) -> StorageError:
