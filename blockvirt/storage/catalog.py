@@ -6,6 +6,7 @@ Pure bookkeeping with blocking calls; the async `VolumeManager` runs it off the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -13,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch ($ allows "\n")
@@ -69,6 +70,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+#: Changes to the schema above, in order: (user_version after it, SQL). A catalog made before
+#: a change is brought up to date when opened, in one transaction per step. Append only.
+_MIGRATIONS: list[tuple[int, str]] = [
+    # Pool settings (QoS capacity, cost model, space watermarks) as one JSON object.
+    (1, "ALTER TABLE pools ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'"),
+]
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
 
 class CatalogError(Exception):
     """A management request cannot be done; `kind` picks the HTTP status at the API."""
@@ -104,6 +113,8 @@ class PoolRecord:
     name: str
     path: str
     created: float
+    #: Operator settings (QoS capacity, cost model, watermarks); see blockvirt.storage.pools.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,11 +184,26 @@ class Catalog:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        self._migrate()
         if self.pool(DEFAULT_POOL) is None:
             self.add_pool(DEFAULT_POOL, os.path.join(self.data_dir, "pools", DEFAULT_POOL))
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise CatalogError(
+                "internal",
+                f"catalog schema version {version} is newer than this blockvirt knows ({SCHEMA_VERSION})",
+            )
+        for target, sql in _MIGRATIONS:
+            if target <= version:
+                continue
+            with self.transaction() as db:
+                db.execute(sql)
+                db.execute(f"PRAGMA user_version = {int(target)}")
 
     # ------------------------------------------------------------ pools
     def add_pool(self, name: str, path: str) -> PoolRecord:
@@ -187,19 +213,31 @@ class Catalog:
         rec = PoolRecord(name, path, time.time())
         with self._lock:
             try:
-                self.db.execute("INSERT INTO pools VALUES (?, ?, ?)", (rec.name, rec.path, rec.created))
+                self.db.execute(
+                    "INSERT INTO pools (name, path, created) VALUES (?, ?, ?)",
+                    (rec.name, rec.path, rec.created),
+                )
             except sqlite3.IntegrityError:
                 raise CatalogError("conflict", f"pool {name!r} or path {path!r} already exists") from None
         return rec
 
     def pool(self, name: str) -> PoolRecord | None:
-        row = self.db.execute("SELECT name, path, created FROM pools WHERE name = ?", (name,)).fetchone()
-        return PoolRecord(*row) if row else None
+        row = self.db.execute(
+            "SELECT name, path, created, settings FROM pools WHERE name = ?", (name,)
+        ).fetchone()
+        return _pool(row) if row else None
 
     def pools(self) -> list[PoolRecord]:
-        return [
-            PoolRecord(*r) for r in self.db.execute("SELECT name, path, created FROM pools ORDER BY name")
-        ]
+        rows = self.db.execute("SELECT name, path, created, settings FROM pools ORDER BY name")
+        return [_pool(r) for r in rows]
+
+    def set_pool_settings(self, name: str, settings: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE pools SET settings = ? WHERE name = ?", (json.dumps(settings), name))
+
+    def delete_pool(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM pools WHERE name = ?", (name,))
 
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager
@@ -338,6 +376,11 @@ class Catalog:
                     rec.updated,
                 ),
             )
+
+
+def _pool(row: tuple[Any, ...]) -> PoolRecord:
+    name, path, created, settings = row
+    return PoolRecord(name, path, created, json.loads(settings))
 
 
 def _layer(row: tuple[Any, ...]) -> LayerRecord:
