@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from blockvirt.metrics.registry import build_registry
-from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, PoolRecord, parse_size
+from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size
 from blockvirt.storage.stats import VolumeStats
 from blockvirt.storage.volumes import VolumeManager
 
@@ -67,6 +66,8 @@ def _field(body: dict[str, Any], key: str, kind: type, default: Any = ...) -> An
         raise CatalogError("invalid", f"field {key!r} must be true or false")
     if kind is str and not isinstance(value, str):
         raise CatalogError("invalid", f"field {key!r} must be a string")
+    if kind is dict and not isinstance(value, dict):
+        raise CatalogError("invalid", f"field {key!r} must be a JSON object")
     return value
 
 
@@ -159,27 +160,45 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(job.to_dict())
 
 
-def _pool_info(rec: PoolRecord) -> dict[str, Any]:
-    """A pool with its space now, so a filling pool is visible before writes fail."""
-    out = rec.to_dict()
-    try:
-        st = os.statvfs(rec.path)
-    except OSError:
-        out.update(capacity=None, free=None)
-    else:
-        out.update(capacity=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
-    return out
-
-
 async def list_pools(request: web.Request) -> web.Response:
-    cat = request.app[VOLUMES].catalog
-    return web.json_response({"pools": [_pool_info(p) for p in cat.pools()]})
+    return web.json_response({"pools": request.app[VOLUMES].pool_list()})
 
 
 async def create_pool(request: web.Request) -> web.Response:
     body = await _body(request)
-    rec = request.app[VOLUMES].catalog.add_pool(_field(body, "name", str), _field(body, "path", str))
-    return web.json_response(rec.to_dict(), status=201)
+    settings = _field(body, "settings", dict, {})
+    vm = request.app[VOLUMES]
+    rec = vm.pools.create(_field(body, "name", str), _field(body, "path", str), settings)
+    return web.json_response(vm.pool_info(rec.name), status=201)
+
+
+async def get_pool(request: web.Request) -> web.Response:
+    return web.json_response(request.app[VOLUMES].pool_info(request.match_info["name"]))
+
+
+async def update_pool(request: web.Request) -> web.Response:
+    """Change settings: the body holds the settings to change (see PoolSettings)."""
+    body = await _body(request)
+    vm = request.app[VOLUMES]
+    rec = vm.pools.update(request.match_info["name"], body)
+    return web.json_response(vm.pool_info(rec.name))
+
+
+async def delete_pool(request: web.Request) -> web.Response:
+    request.app[VOLUMES].pools.delete(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def resize_volume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    raw_size = body.get("size")
+    if raw_size is None:
+        raise CatalogError("invalid", "missing field 'size'")
+    if isinstance(raw_size, bool) or not isinstance(raw_size, int | str):
+        raise CatalogError("invalid", "field 'size' must be bytes or a string like '10G'")
+    force = _field(body, "force", bool, False)
+    out = await request.app[VOLUMES].resize(request.match_info["name"], parse_size(raw_size), force=force)
+    return web.json_response(out)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -209,6 +228,7 @@ def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None)
     app.router.add_delete("/api/v1/volumes/{name}", delete_volume)
     app.router.add_get("/api/v1/volumes/{name}/stats", volume_stats)
     app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
+    app.router.add_post("/api/v1/volumes/{name}/resize", resize_volume)
     app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
     app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
     app.router.add_post("/api/v1/volumes/{name}/snapshots/{snap}/revert", revert_snapshot)
@@ -217,5 +237,8 @@ def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None)
     app.router.add_get("/api/v1/jobs/{id}", get_job)
     app.router.add_get("/api/v1/pools", list_pools)
     app.router.add_post("/api/v1/pools", create_pool)
+    app.router.add_get("/api/v1/pools/{name}", get_pool)
+    app.router.add_patch("/api/v1/pools/{name}", update_pool)
+    app.router.add_delete("/api/v1/pools/{name}", delete_pool)
     app.router.add_get("/metrics", metrics)
     return app

@@ -7,38 +7,37 @@ import argparse
 import json
 import os
 import sys
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
+from blockvirt.cli import pools
 from blockvirt.cli.client import ApiClient, ApiError
+from blockvirt.cli.common import (
+    DEFAULT_API_URL,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    add_common,
+    emit,
+    human_size,
+    print_table,
+    q,
+    wait_job,
+)
 
-DEFAULT_API_URL = "http://127.0.0.1:9810"
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+# Shared helpers, under the names this module has always used.
+_Parser = Parser
+_human_size = human_size
+_print_table = print_table
+_emit = emit
+_q = q
+_wait_job = wait_job
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
-    # On subcommands the defaults are suppressed so a global --json/--api is not overwritten.
-    d = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument(
-        "--api",
-        metavar="URL",
-        help=f"management API URL (default $BLOCKVIRT_API or {DEFAULT_API_URL})",
-        **({"default": None} if top else d),
-    )
-    p.add_argument(
-        "--json", action="store_true", help="machine-readable output", **({"default": False} if top else d)
-    )
+    add_common(p, top)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(vc, top=False)
     vc.add_argument("source", metavar="VOL@SNAP")
     vc.add_argument("name", metavar="NEW")
+    vr = vsub.add_parser("resize", help="grow a volume live, or shrink it (--force, no clients connected)")
+    _common(vr, top=False)
+    vr.add_argument("name")
+    vr.add_argument("size", help="new virtual size: bytes or 512M, 10G, 1T ...")
+    vr.add_argument("--force", action="store_true", help="allow shrinking (data past the new end is lost)")
     vf = vsub.add_parser("flatten", help="copy shared data in so the volume stands alone (a job)")
     _common(vf, top=False)
     vf.add_argument("name")
@@ -142,38 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--data-dir", default="./blockvirt-data")
     chk.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
 
-    pool = sub.add_parser("pool", help="manage storage pools")
-    _common(pool, top=False)
-    psub = pool.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    pc = psub.add_parser("create", help="add a pool backed by a directory")
-    _common(pc, top=False)
-    pc.add_argument("name")
-    pc.add_argument("--path", required=True)
-    pl = psub.add_parser("list", help="list pools")
-    _common(pl, top=False)
+    pools.add_parser(sub)
     return parser
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
-    cells = [[h for _, h in cols]] + [[str(r.get(k, "")) for k, _ in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _emit(args: argparse.Namespace, data: Any, human: str | None = None) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif human is not None:
-        print(human)
 
 
 def _volume_row(v: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +257,18 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
     elif action == "clone":
         info = api.post("/api/v1/volumes", {"name": args.name, "source": args.source})
         _emit(args, info, f"created volume {info['name']} as a linked clone of {args.source}")
+    elif action == "resize":
+        try:
+            size = parse_size(args.size)
+        except CatalogError as e:
+            raise UsageError(e.message) from None
+        info = api.post(f"/api/v1/volumes/{_q(args.name)}/resize", {"size": size, "force": args.force})
+        old = info["resized_from"]
+        verb = "grew" if info["size"] > old else "shrank" if info["size"] < old else "kept"
+        human = f"{verb} volume {args.name}: {_human_size(old)} -> {_human_size(info['size'])}"
+        if info["size"] > old and info["connections"]:
+            human += " (connected clients see the new size when they reconnect or query it)"
+        _emit(args, info, human)
     elif action == "flatten":
         job = api.post(f"/api/v1/volumes/{_q(args.name)}/flatten", {})
         if args.wait:
@@ -291,7 +277,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         return EXIT_OK if job["state"] != "failed" else EXIT_ERROR
     else:
         raise UsageError(
-            "blockvirt volume: choose an action: create, list, info, stats, delete, clone, flatten"
+            "blockvirt volume: choose an action: create, list, info, stats, delete, resize, clone, flatten"
         )
     return EXIT_OK
 
@@ -320,27 +306,6 @@ def _stats_text(st: dict[str, Any]) -> str:
             mean = f"{lat['sum_seconds'] / lat['count'] * 1e6:.1f} us" if lat["count"] else "-"
             lines.append(f"{op:<14}{ops[op]:>10}{mean:>16}")
     return "\n".join(lines)
-
-
-def _wait_job(args: argparse.Namespace, api: ApiClient, job_id: str) -> dict[str, Any]:
-    """Poll a job to its end, drawing a progress bar on a terminal."""
-    import time
-
-    tty = sys.stderr.isatty() and not args.json
-    while True:
-        job: dict[str, Any] = api.get(f"/api/v1/jobs/{_q(job_id)}")
-        if tty:
-            done = int(job["progress"] * 30)
-            print(
-                f"\r{job['kind']} [{'#' * done}{'.' * (30 - done)}] {job['progress']:6.1%}",
-                end="",
-                file=sys.stderr,
-            )
-        if job["state"] != "running":
-            if tty:
-                print(file=sys.stderr)
-            return job
-        time.sleep(0.2)
 
 
 def _tree(snaps: list[dict[str, Any]]) -> str:
@@ -432,35 +397,6 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.damaged else EXIT_OK
 
 
-def _pool(args: argparse.Namespace, api: ApiClient) -> int:
-    if args.action == "create":
-        rec = api.post("/api/v1/pools", {"name": args.name, "path": args.path})
-        _emit(args, rec, f"created pool {rec['name']} at {rec['path']}")
-    elif args.action == "list":
-        pools = api.get("/api/v1/pools")["pools"]
-        if args.json:
-            _emit(args, pools)
-        else:
-            rows = [
-                {
-                    **p,
-                    "cap_h": _human_size(p["capacity"]) if p.get("capacity") is not None else "?",
-                    "free_h": _human_size(p["free"]) if p.get("free") is not None else "?",
-                }
-                for p in pools
-            ]
-            _print_table(
-                rows, [("name", "NAME"), ("path", "PATH"), ("cap_h", "CAPACITY"), ("free_h", "FREE")]
-            )
-    else:
-        raise UsageError("blockvirt pool: choose an action: create, list")
-    return EXIT_OK
-
-
-def _q(name: str) -> str:
-    return urllib.parse.quote(name, safe="")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -476,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "volume":
             return _volume(args, api)
         if args.command == "pool":
-            return _pool(args, api)
+            return pools.run(args, api)
         if args.command == "snapshot":
             return _snapshot(args, api)
         if args.command == "job":

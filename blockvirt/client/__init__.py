@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import urllib.parse
 from types import TracebackType
 
@@ -244,6 +245,13 @@ class NbdClient:
         host, port = self._link.writer.get_extra_info("peername")[:2]
         info = await NbdClient.info(f"nbd://{host}:{port}/{urllib.parse.quote(self.export.name)}")
         return info.size
+
+    async def refresh_size(self) -> int:
+        """Learn the export's size now (after a live grow) and use it on this connection: the
+        server accepts requests up to the volume's current size on existing connections."""
+        size = await self.current_size()
+        self.export = dataclasses.replace(self.export, size=size)
+        return size
 
     async def close(self) -> None:
         """NBD_CMD_DISC, then close the socket."""

@@ -24,7 +24,6 @@ from prometheus_client.utils import floatToGoString
 
 from blockvirt.jobs.manager import RUNNING, Job
 from blockvirt.metrics.loop import LoopLagMonitor
-from blockvirt.storage.formats.cow import layer_paths
 from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
 from blockvirt.storage.volumes import Volume, VolumeManager
 
@@ -41,22 +40,9 @@ def histogram_buckets(lat: Latency) -> list[tuple[str, float]]:
     return list(zip(_LE, (float(c) for c in lat.cumulative()), strict=True))
 
 
-def _file_allocated(path: str) -> int:
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return 0
-
-
 def layer_allocated(volumes: VolumeManager, layer_id: str) -> int:
-    """Bytes a layer's data file holds in its pool: fstat if open, else stat (never opened here)."""
-    lay = volumes.layers.get(layer_id)
-    if lay is not None:
-        return lay.allocated_bytes()
-    rec = volumes.catalog.layer(layer_id)
-    if rec is None:
-        return 0
-    return _file_allocated(layer_paths(volumes.catalog.layer_dir(rec), rec.id)[0])
+    """Bytes a layer's data file holds in its pool (never opens the layer)."""
+    return volumes.layer_allocated(layer_id)
 
 
 class VolumeCollector(Collector):

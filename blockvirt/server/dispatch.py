@@ -82,7 +82,11 @@ class Dispatcher:
         #: False under `serve --no-metrics`: no per-request accounting, no clock reads
         #: (errors, which are rare, are still counted). Requests are counted when answered.
         self.metered = self.stats.enabled
-        self.size = size  # fixed for the session: NBD has no way to announce a change
+        #: The size this session negotiated. NBD cannot announce a change, but a volume can
+        #: grow under a connected client: a client that learns the new size (NBD_OPT_INFO on
+        #: the side, or a netlink reconfigure) may use it, so ranges are checked against the
+        #: larger of this and the node's size now. (Shrinking is refused while connected.)
+        self.size = size
         self.read_only = bool(tflags & TransmissionFlag.READ_ONLY)
         # The fast path's histograms, at hand (they exist from the first session on).
         metered = self.metered
@@ -124,7 +128,7 @@ class Dispatcher:
         if self.read_only and t in _MUTATING:
             return CommandError(Errno.EPERM, "export is read-only")
         end = cmd.offset + cmd.length
-        if end > self.size:
+        if end > self.size and end > self.node.size:
             # Spec: writing past the end SHOULD be ENOSPC, every other range error EINVAL.
             errno = Errno.ENOSPC if t is WriteCmd or t is WriteZeroesCmd else Errno.EINVAL
             return CommandError(errno, f"request [{cmd.offset}, {end}) beyond export size {self.size}")
@@ -286,7 +290,7 @@ class Dispatcher:
     async def _block_status(self, cmd: Command) -> dict[int, Sequence[tuple[int, int]]]:
         extents = merge_extents(await self.node.block_status(cmd.offset, cmd.length))
         if not extents:  # nodes must answer at least one byte; be safe
-            extents = [(min(cmd.length, self.size - cmd.offset), 0)]
+            extents = [(min(cmd.length, max(self.size, self.node.size) - cmd.offset), 0)]
         if cmd.flags & _REQ_ONE:
             ln, fl = extents[0]
             extents = [(min(ln, cmd.length), fl)]
@@ -297,6 +301,6 @@ class Dispatcher:
             elif name == QEMU_ALLOCATION_DEPTH:
                 dext = merge_extents(await self.node.allocation_depth(cmd.offset, cmd.length))
                 if not dext:
-                    dext = [(min(cmd.length, self.size - cmd.offset), 0)]
+                    dext = [(min(cmd.length, max(self.size, self.node.size) - cmd.offset), 0)]
                 out[cid] = [(min(dext[0][0], cmd.length), dext[0][1])] if cmd.flags & _REQ_ONE else dext
         return out

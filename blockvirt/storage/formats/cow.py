@@ -131,6 +131,7 @@ class Layer:
         replay = layout.decode_journal(raw)
         for cluster, data, zero in replay.entries:
             lmap.apply_cluster(cluster, data, zero)
+        lmap.clip()
         lmap.dirty.clear()
         # The data file is always opened read-write: a merge may stream into an immutable
         # layer; whether the layer takes guest writes is the chain's business.
@@ -160,6 +161,15 @@ class Layer:
 
     def allocated_bytes(self) -> int:
         return self.io.allocated(self.fd) if self.fd >= 0 else 0
+
+    def resize_file(self, size: int) -> None:
+        """Set the data file's size (blocking): growing keeps it sparse, or preallocates the
+        new range for a thick layer; shrinking frees everything past the end."""
+        old = self.io.size(self.fd)
+        if size > old and self.map.all_data:
+            self.io.preallocate(self.fd, size)
+        self.io.truncate(self.fd, size)
+        self.size = size
 
     @contextlib.contextmanager
     def fill(self, first: int, count: int) -> Iterator[None]:
@@ -651,6 +661,53 @@ class ChainNode(BlockNode):
         """(length, depth) runs: 1 = the head, 2 = its parent, ...; 0 = nowhere."""
         depth = self._depth
         return [(n, depth.get(owner, 0) if owner else 0) for n, owner in self._extents(offset, length)]
+
+    async def resize(self, new_size: int) -> None:
+        """Change the head's size (only while drained; the caller journals and records it).
+
+        Growing exposes blocks the head never held: they must read as zeros, even where an
+        older, larger snapshot below holds data (it was cut by an earlier shrink), and even
+        where the head's own file still has data from before such a shrink. So the new range
+        is punched and marked ZERO over ancestors (UNALLOC elsewhere), and the tail of a
+        partial last block is zeroed."""
+        old = self._size
+        head = self.head
+        old_blocks = -(-old // BLOCK)
+        new_blocks = -(-new_size // BLOCK)
+        run: Callable[..., Awaitable[None]] = executor.run if self.io.blocking else _call
+        if new_size > old:
+            await run(head.resize_file, new_size)
+            head.map.grow(new_blocks)
+            count = new_blocks - old_blocks
+            if count:
+                start, nbytes = old_blocks * BLOCK, count * BLOCK
+                if head.map.all_data:
+                    await run(self.io.zero_allocated, head.fd, start, nbytes)
+                else:
+                    await run(self.io.punch, head.fd, start, nbytes)
+                    below = max((-(-lay.size // BLOCK) for lay in self.layers[1:]), default=0)
+                    zero_end = max(old_blocks, min(new_blocks, below))
+                    if zero_end > old_blocks:
+                        head.map.set_zero(old_blocks, zero_end - old_blocks)
+                    if new_blocks > zero_end:
+                        head.map.set_unalloc(zero_end, new_blocks - zero_end)
+            self.merged.invalidate(max(old_blocks - 1, 0), count + 1)
+            self._size = new_size
+            if old % BLOCK:  # bytes past the old end inside its last block
+                await self._write(old, bytes(min(new_size, old_blocks * BLOCK) - old), False)
+        else:
+            head.map.truncate(new_blocks)
+            await run(head.resize_file, new_size)
+            self.merged.invalidate(max(new_blocks - 1, 0), old_blocks - new_blocks + 1)
+            self._size = new_size
+
+    def data_blocks_beyond(self, size: int) -> int:
+        """Blocks past `size` that hold data in this node's view (what a shrink would cut)."""
+        first = -(-size // BLOCK)
+        last = -(-self._size // BLOCK)
+        if last <= first:
+            return 0
+        return sum(n for owner, n in self.merged.runs(first, last - first) if owner)
 
     async def close(self) -> None:
         """Nothing: layers belong to the registry, which closes them when unused."""

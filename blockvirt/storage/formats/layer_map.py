@@ -162,7 +162,25 @@ class LayerMap:
         return out
 
     def truncate(self, nblocks: int) -> None:
-        """Forget every block at or past `nblocks` (shrinking)."""
+        """Forget every block at or past `nblocks` (shrinking); the change is journaled."""
         if nblocks < self.nblocks and not self.all_data:
             self.set_unalloc(nblocks, self.nblocks - nblocks)
         self.nblocks = nblocks
+
+    def grow(self, nblocks: int) -> None:
+        """Make room for `nblocks`; the caller sets the new blocks' states."""
+        assert nblocks >= self.nblocks
+        self.nblocks = nblocks
+
+    def clip(self) -> None:
+        """Drop states at or past `nblocks` without journaling them. A journal may hold such
+        entries when a resize was interrupted by a crash; they mean nothing at this size, and
+        the next grow overwrites them (it sets every new block's state)."""
+        last_page = self.nblocks // PAGE_BLOCKS
+        for page in [p for p in self.pages if p >= last_page]:
+            keep = (1 << max(0, self.nblocks - page * PAGE_BLOCKS)) - 1
+            bits = self.pages[page]
+            bits[0] &= keep
+            bits[1] &= keep
+            if not bits[0] and not bits[1]:
+                del self.pages[page]

@@ -1,0 +1,129 @@
+"""`blockvirt pool ...`: create, list, info, set, delete storage pools."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blockvirt.cli.client import ApiClient
+from blockvirt.cli.common import EXIT_OK, Parser, UsageError, add_common, emit, human_size, print_table, q
+
+#: Settings flags shared by `pool create` and `pool set`: (flag, API key, type, help).
+SETTINGS: list[tuple[str, str, type, str]] = [
+    ("--warn-percent", "warn_percent", float, "used %% at which the pool turns to warning (default 80)"),
+    ("--critical-percent", "critical_percent", float, "used %% at which it turns critical (default 90)"),
+    ("--iops-capacity", "iops_capacity", float, "QoS: 4 KiB I/Os per second the pool can serve (0: no cap)"),
+    ("--latency-target", "latency_target_ms", float, "QoS: ms above which the capacity shrinks (0: off)"),
+    ("--cost-s0", "cost_s0", int, "QoS: request cost = (1 + bytes/S0) / (1 + 4096/S0); S0 in bytes"),
+    ("--background-shares", "background_shares", int, "QoS: shares of migration copies (disks: 1000)"),
+]
+
+
+def add_parser(sub: Any) -> None:
+    pool = sub.add_parser("pool", help="manage storage pools")
+    add_common(pool, top=False)
+    psub = pool.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    pc = psub.add_parser("create", help="add a pool backed by a new or empty directory")
+    add_common(pc, top=False)
+    pc.add_argument("name")
+    pc.add_argument("--path", required=True)
+    _settings_flags(pc)
+    pl = psub.add_parser("list", help="list pools with their space")
+    add_common(pl, top=False)
+    for action, helptext in (
+        ("info", "show a pool: space, overcommit, watermark state, settings"),
+        ("delete", "forget an empty pool (its directory is removed if empty)"),
+    ):
+        p = psub.add_parser(action, help=helptext)
+        add_common(p, top=False)
+        p.add_argument("name")
+    ps = psub.add_parser("set", help="change a pool's settings (watermarks, QoS capacity)")
+    add_common(ps, top=False)
+    ps.add_argument("name")
+    _settings_flags(ps)
+
+
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    for flag, key, kind, helptext in SETTINGS:
+        p.add_argument(flag, dest=key, type=kind, default=None, help=helptext)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for _, key, _, _ in SETTINGS if getattr(args, key, None) is not None}
+
+
+def _size(v: int | None) -> str:
+    return human_size(v) if v is not None else "?"
+
+
+def info_text(p: dict[str, Any]) -> str:
+    s = p["settings"]
+    over = f"{p['overcommit']:.2f}x" if p.get("overcommit") is not None else "?"
+    used_pct = f" ({p['used_percent']:.1f}%)" if p.get("used_percent") is not None else ""
+    cap = f"{s['iops_capacity']:g} IOPS" if s["iops_capacity"] else "not capped"
+    lines = [
+        f"name:         {p['name']}",
+        f"path:         {p['path']}",
+        f"state:        {p['state']}",
+        f"capacity:     {_size(p['capacity'])}",
+        f"used:         {_size(p['used'])}{used_pct}",
+        f"free:         {_size(p['free'])}",
+        f"allocated:    {_size(p['allocated'])} (blockvirt layers)",
+        f"provisioned:  {_size(p['provisioned'])} in {p['volumes']} volume(s), overcommit {over}",
+        f"watermarks:   warning at {s['warn_percent']:g}%, critical at {s['critical_percent']:g}%",
+        f"qos:          {cap}, latency target "
+        + (f"{s['latency_target_ms']:g} ms" if s["latency_target_ms"] else "off"),
+    ]
+    lines += [f"warning:      {w}" for w in p.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, api: ApiClient) -> int:
+    if args.action == "create":
+        body: dict[str, Any] = {"name": args.name, "path": args.path}
+        if settings := _settings(args):
+            body["settings"] = settings
+        rec = api.post("/api/v1/pools", body)
+        emit(args, rec, f"created pool {rec['name']} at {rec['path']}")
+    elif args.action == "list":
+        pools = api.get("/api/v1/pools")["pools"]
+        if args.json:
+            emit(args, pools)
+        else:
+            rows = [
+                {
+                    **p,
+                    "cap_h": _size(p["capacity"]),
+                    "free_h": _size(p["free"]),
+                    "prov_h": _size(p["provisioned"]),
+                    "over_h": f"{p['overcommit']:.2f}x" if p.get("overcommit") is not None else "?",
+                }
+                for p in pools
+            ]
+            print_table(
+                rows,
+                [
+                    ("name", "NAME"),
+                    ("path", "PATH"),
+                    ("cap_h", "CAPACITY"),
+                    ("free_h", "FREE"),
+                    ("prov_h", "PROVISIONED"),
+                    ("over_h", "OVERCOMMIT"),
+                    ("state", "STATE"),
+                ],
+            )
+    elif args.action == "info":
+        p = api.get(f"/api/v1/pools/{q(args.name)}")
+        emit(args, p, info_text(p))
+    elif args.action == "set":
+        settings = _settings(args)
+        if not settings:
+            raise UsageError("blockvirt pool set: give at least one setting to change (see --help)")
+        p = api.request("PATCH", f"/api/v1/pools/{q(args.name)}", settings)
+        emit(args, p, info_text(p))
+    elif args.action == "delete":
+        api.delete(f"/api/v1/pools/{q(args.name)}")
+        emit(args, {"deleted": args.name}, f"deleted pool {args.name}")
+    else:
+        raise UsageError("blockvirt pool: choose an action: create, list, info, set, delete")
+    return EXIT_OK

@@ -1,0 +1,270 @@
+"""Storage pools: a directory that holds layer files, its operator settings, and its space.
+
+Settings live in the catalog as one JSON object per pool (validated here, pure); space figures
+are read from the pool's filesystem (statvfs) and from the layers blockvirt keeps there.
+Watermarks turn "used" into a state operators and dashboards can alarm on: ok, warning,
+critical. A thin pool can promise more than it holds (overcommit); that is allowed, and shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from blockvirt.jobs.manager import RUNNING, JobManager
+from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, PoolRecord, validate_name
+from blockvirt.storage.layers import LayerRegistry
+
+log = logging.getLogger("blockvirt.pools")
+
+OK, WARNING, CRITICAL = "ok", "warning", "critical"
+STATE_LEVEL = {OK: 0, WARNING: 1, CRITICAL: 2}
+
+#: Layer files (and their temp files) in a pool directory: the only files blockvirt removes.
+LAYER_FILE_RE = re.compile(r"[0-9a-f]{32}\.(?:data|map)(?:\.tmp)?")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """What an operator can set on a pool (`blockvirt pool set`)."""
+
+    #: Used space (percent of the filesystem) at which the pool turns to warning / critical.
+    warn_percent: float = 80.0
+    critical_percent: float = 90.0
+    #: QoS: what the pool can serve, in 4 KiB-equivalent I/Os per second (0: not limited).
+    iops_capacity: float = 0.0
+    #: QoS: cost model, cost of a request = (1 + bytes/S0) / (1 + 4096/S0) 4 KiB-equivalent I/Os.
+    cost_s0: int = 6144
+    #: QoS: latency (ms) above which the effective capacity shrinks (0: off).
+    latency_target_ms: float = 0.0
+    #: QoS: shares of background work (migration copies) against volumes (default 1000 each).
+    background_shares: int = 100
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PoolSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def updated(self, changes: dict[str, Any]) -> PoolSettings:
+        """A copy with `changes` applied, each checked; raises CatalogError('invalid')."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        values = self.to_dict()
+        for key, value in changes.items():
+            if key not in known:
+                raise CatalogError("invalid", f"unknown pool setting {key!r}: use one of {', '.join(known)}")
+            values[key] = _check_setting(key, value)
+        new = PoolSettings(**values)
+        if new.warn_percent > new.critical_percent:
+            raise CatalogError(
+                "invalid",
+                f"warn_percent ({new.warn_percent:g}) must not exceed critical_percent "
+                f"({new.critical_percent:g})",
+            )
+        return new
+
+
+def _check_setting(key: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CatalogError("invalid", f"pool setting {key!r} must be a number, not {value!r}")
+    if key in ("warn_percent", "critical_percent"):
+        if not 0 < value <= 100:
+            raise CatalogError("invalid", f"{key} must be in (0, 100], not {value!r}")
+        return float(value)
+    if key == "iops_capacity":
+        if not 0 <= value <= 1e9:
+            raise CatalogError(
+                "invalid", f"iops_capacity must be 0 (unlimited) or a positive rate, not {value}"
+            )
+        return float(value)
+    if key == "latency_target_ms":
+        if not 0 <= value <= 60_000:
+            raise CatalogError("invalid", f"latency_target_ms must be 0 (off) or up to 60000, not {value}")
+        return float(value)
+    if key == "cost_s0":
+        if not 512 <= value <= 64 * 2**20 or value != int(value):
+            raise CatalogError(
+                "invalid", f"cost_s0 must be a whole number of bytes in [512, 64M], not {value}"
+            )
+        return int(value)
+    if key == "background_shares":
+        if not 1 <= value <= 10_000 or value != int(value):
+            raise CatalogError(
+                "invalid", f"background_shares must be a whole number in [1, 10000], not {value}"
+            )
+        return int(value)
+    raise AssertionError(key)
+
+
+def watermark_state(used_percent: float, settings: PoolSettings) -> str:
+    if used_percent >= settings.critical_percent:
+        return CRITICAL
+    if used_percent >= settings.warn_percent:
+        return WARNING
+    return OK
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """A pool's space now (bytes); capacity figures are None if the directory is unreachable."""
+
+    capacity: int | None
+    used: int | None
+    free: int | None
+    allocated: int  # what blockvirt's layer files occupy
+    provisioned: int  # sum of the virtual sizes of the pool's volumes
+
+    @property
+    def used_percent(self) -> float | None:
+        if not self.capacity or self.used is None:
+            return None
+        return 100.0 * self.used / self.capacity
+
+    @property
+    def overcommit(self) -> float | None:
+        return self.provisioned / self.capacity if self.capacity else None
+
+
+def fs_space(path: str) -> tuple[int, int, int] | None:
+    """(capacity, used, free-for-us) of the filesystem holding `path`, or None."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize)
+
+
+class Pools:
+    """Pool operations over the catalog. Deleting needs the pool empty and unused by jobs."""
+
+    def __init__(self, catalog: Catalog, layers: LayerRegistry, jobs: JobManager) -> None:
+        self.catalog = catalog
+        self.layers = layers
+        self.jobs = jobs
+        self._states: dict[str, str] = {}  # last watermark state seen, to log transitions
+
+    def require(self, name: str) -> PoolRecord:
+        rec = self.catalog.pool(name)
+        if rec is None:
+            raise CatalogError("not-found", f"no pool named {name!r}")
+        return rec
+
+    def settings(self, name: str) -> PoolSettings:
+        return PoolSettings.from_dict(self.require(name).settings)
+
+    def create(self, name: str, path: str, settings: dict[str, Any] | None = None) -> PoolRecord:
+        validate_name(name, "pool")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise CatalogError("invalid", "pool path must be a non-empty directory path")
+        full = os.path.abspath(path)
+        checked = PoolSettings().updated(settings or {})
+        data_dir = self.catalog.data_dir
+        if _nested(full, data_dir) and not full.startswith(data_dir + os.sep):
+            raise CatalogError("conflict", f"path {path!r} is or holds the data directory")
+        for other in self.catalog.pools():
+            if _nested(full, other.path):
+                raise CatalogError(
+                    "conflict", f"path {path!r} overlaps pool {other.name!r}: pools may not nest"
+                )
+        if os.path.exists(full):
+            if not os.path.isdir(full):
+                raise CatalogError("invalid", f"pool path {path!r} exists and is not a directory")
+            if os.listdir(full):
+                raise CatalogError(
+                    "conflict", f"pool path {path!r} is not empty: use a new or empty directory"
+                )
+        try:
+            rec = self.catalog.add_pool(name, full)
+        except OSError as e:
+            raise CatalogError("invalid", f"cannot create pool directory {path!r}: {e.strerror}") from None
+        if checked != PoolSettings():
+            self.catalog.set_pool_settings(name, checked.to_dict())
+        return self.require(rec.name)
+
+    def update(self, name: str, changes: dict[str, Any]) -> PoolRecord:
+        rec = self.require(name)
+        new = PoolSettings.from_dict(rec.settings).updated(changes)
+        self.catalog.set_pool_settings(name, new.to_dict())
+        return self.require(name)
+
+    def delete(self, name: str) -> None:
+        rec = self.require(name)
+        if name == DEFAULT_POOL:
+            raise CatalogError("conflict", "the default pool cannot be deleted")
+        used = [lr for lr in self.catalog.layers() if lr.pool == name]
+        if used:
+            vols = sorted({v.name for v in self.catalog.volumes() if v.pool == name})
+            what = f"volumes {', '.join(vols)}" if vols else f"{len(used)} snapshot layer(s)"
+            raise CatalogError("conflict", f"pool {name!r} still holds {what}: move or delete them first")
+        for job in self.jobs.list():
+            if job.state == RUNNING and job.params.get("pool") == name:
+                raise CatalogError("conflict", f"job {job.id} ({job.kind}) is moving data into pool {name!r}")
+        self.catalog.delete_pool(name)
+        # The directory is the operator's: remove it only if we left it empty.
+        try:
+            os.rmdir(rec.path)
+        except OSError:
+            pass
+
+    def space(self, rec: PoolRecord, allocated_of: Any) -> Space:
+        """Space figures; `allocated_of(layer_id)` gives a layer's allocated bytes."""
+        provisioned = sum(v.size for v in self.catalog.volumes() if v.pool == rec.name)
+        allocated = sum(allocated_of(lr.id) for lr in self.catalog.layers() if lr.pool == rec.name)
+        fs = fs_space(rec.path)
+        if fs is None:
+            return Space(None, None, None, allocated, provisioned)
+        return Space(fs[0], fs[1], fs[2], allocated, provisioned)
+
+    def info(self, rec: PoolRecord, allocated_of: Any) -> dict[str, Any]:
+        settings = PoolSettings.from_dict(rec.settings)
+        sp = self.space(rec, allocated_of)
+        used_pct = sp.used_percent
+        state = watermark_state(used_pct, settings) if used_pct is not None else CRITICAL
+        warnings = []
+        if used_pct is None:
+            warnings.append("pool directory is unreachable")
+        elif state != OK:
+            limit = settings.critical_percent if state == CRITICAL else settings.warn_percent
+            warnings.append(f"{used_pct:.1f}% used, above the {state} watermark ({limit:g}%)")
+        if sp.overcommit is not None and sp.overcommit > 1.0:
+            warnings.append(f"thin volumes promise {sp.overcommit:.2f}x the pool's capacity")
+        self._note_state(rec.name, state, warnings)
+        volumes = sum(1 for v in self.catalog.volumes() if v.pool == rec.name)
+        return {
+            "name": rec.name,
+            "path": rec.path,
+            "created": rec.created,
+            "capacity": sp.capacity,
+            "used": sp.used,
+            "free": sp.free,
+            "used_percent": round(used_pct, 2) if used_pct is not None else None,
+            "allocated": sp.allocated,
+            "provisioned": sp.provisioned,
+            "overcommit": round(sp.overcommit, 4) if sp.overcommit is not None else None,
+            "volumes": volumes,
+            "state": state,
+            "warnings": warnings,
+            "settings": settings.to_dict(),
+        }
+
+    def _note_state(self, name: str, state: str, warnings: list[str]) -> None:
+        """Log a watermark crossing once, when it happens (not at every look)."""
+        before = self._states.get(name, OK)
+        self._states[name] = state
+        if state != before:
+            level = logging.WARNING if STATE_LEVEL[state] > STATE_LEVEL[before] else logging.INFO
+            log.log(level, "pool %s: %s -> %s (%s)", name, before, state, "; ".join(warnings) or "ok",
+                    extra={"pool": name})  # fmt: skip
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether one of two absolute paths is the other or inside it."""
+    a, b = a.rstrip(os.sep) + os.sep, b.rstrip(os.sep) + os.sep
+    return a.startswith(b) or b.startswith(a)
