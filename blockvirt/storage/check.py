@@ -1,10 +1,12 @@
 """Offline consistency check of a data directory (`blockvirt check`).
 
 Damage (exit status 1): catalog rows pointing at missing layers or files, unreadable layer
-headers, chains with cycles, map entries beyond a layer's size, DATA and ZERO set at once.
+headers, chains with cycles, DATA and ZERO set at once.
 Not damage, but reported: files no catalog row owns (leaks, e.g. from a crash during a
-create), layers nothing references any more, and torn journal tails (an interrupted commit,
-which replay ignores). `--repair` removes leaks and garbage and cuts torn tails.
+create), layers nothing references any more, torn journal tails (an interrupted commit, which
+replay ignores) and map entries past a layer's size (an interrupted resize). `--repair`
+removes leaks and garbage and cuts torn tails; it only ever removes files named like layer
+files (other files in a pool directory are reported and left alone).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.formats import cow_layout as layout
 from blockvirt.storage.formats.cow import layer_paths
 from blockvirt.storage.formats.layer_map import CLUSTER_BLOCKS
+from blockvirt.storage.pools import LAYER_FILE_RE
 
 
 @dataclass
@@ -121,6 +124,9 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
         for entry in sorted(os.listdir(pool.path)):
             if entry in known:
                 continue
+            if not LAYER_FILE_RE.fullmatch(entry):
+                report.notes.append(f"pool {pool.name}: {entry} is not blockvirt's (left alone)")
+                continue
             report.leaks.append(f"pool {pool.name}: file {entry} belongs to no layer")
             if repair:
                 io.unlink(os.path.join(pool.path, entry))
@@ -144,13 +150,16 @@ def _check_layer(cat: Catalog, layer_id: str, size: int, report: Report, repair:
         return
     replay = layout.decode_journal(raw)
     nclusters = -(-size // (CLUSTER_BLOCKS * 4096))
+    beyond = 0
     for cluster, data, zero in replay.entries:
         if cluster >= nclusters:
-            report.damage.append(f"layer {layer_id}: entry for cluster {cluster} beyond its size")
-            break
+            beyond += 1  # left by a resize a crash interrupted: ignored at this size
+            continue
         if data & zero:
             report.damage.append(f"layer {layer_id}: cluster {cluster} has blocks both DATA and ZERO")
             break
+    if beyond:
+        report.notes.append(f"layer {layer_id}: {beyond} map entries past its size (ignored)")
     if replay.torn:
         report.notes.append(f"layer {layer_id}: torn journal tail after byte {replay.valid_end} (ignored)")
         if repair:
