@@ -189,6 +189,25 @@ async def delete_pool(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def migrate_volume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    pool = _field(body, "pool", str)
+    provisioning = _field(body, "provisioning", str, None)
+    raw = body.get("bps_limit", 0)
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise CatalogError("invalid", "field 'bps_limit' must be bytes per second or a string like '50M'")
+    bps = parse_size(raw) if isinstance(raw, str) else raw
+    job = await request.app[VOLUMES].migrate(
+        request.match_info["name"], pool, provisioning=provisioning, bps_limit=bps
+    )
+    return web.json_response(job.to_dict(), status=202)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job = request.app[VOLUMES].jobs.cancel(request.match_info["id"])
+    return web.json_response(job.to_dict())
+
+
 async def resize_volume(request: web.Request) -> web.Response:
     body = await _body(request)
     raw_size = body.get("size")
@@ -229,12 +248,14 @@ def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None)
     app.router.add_get("/api/v1/volumes/{name}/stats", volume_stats)
     app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
     app.router.add_post("/api/v1/volumes/{name}/resize", resize_volume)
+    app.router.add_post("/api/v1/volumes/{name}/migrate", migrate_volume)
     app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
     app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
     app.router.add_post("/api/v1/volumes/{name}/snapshots/{snap}/revert", revert_snapshot)
     app.router.add_delete("/api/v1/volumes/{name}/snapshots/{snap}", delete_snapshot)
     app.router.add_get("/api/v1/jobs", list_jobs)
     app.router.add_get("/api/v1/jobs/{id}", get_job)
+    app.router.add_post("/api/v1/jobs/{id}/cancel", cancel_job)
     app.router.add_get("/api/v1/pools", list_pools)
     app.router.add_post("/api/v1/pools", create_pool)
     app.router.add_get("/api/v1/pools/{name}", get_pool)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from blockvirt.cli import pools
+from blockvirt.cli import jobs, pools
 from blockvirt.cli.client import ApiClient, ApiError
 from blockvirt.cli.common import (
     DEFAULT_API_URL,
@@ -131,15 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sl, top=False)
     sl.add_argument("volume")
 
-    job = sub.add_parser("job", help="background jobs")
-    _common(job, top=False)
-    jsub = job.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    jl = jsub.add_parser("list", help="list jobs")
-    _common(jl, top=False)
-    js = jsub.add_parser("show", help="show one job")
-    _common(js, top=False)
-    js.add_argument("id")
-    js.add_argument("--wait", action="store_true", help="wait for it to end")
+    jobs.add_parsers(sub)
 
     chk = sub.add_parser("check", help="offline consistency check of a data directory")
     _common(chk, top=False)
@@ -361,34 +353,6 @@ def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
     return EXIT_OK
 
 
-def _job(args: argparse.Namespace, api: ApiClient) -> int:
-    if args.action == "list":
-        jobs = api.get("/api/v1/jobs")["jobs"]
-        if args.json:
-            _emit(args, jobs)
-        elif not jobs:
-            print("no jobs")
-        else:
-            rows = [{**j, "pct": f"{j['progress']:.0%}"} for j in jobs]
-            _print_table(
-                rows,
-                [
-                    ("id", "ID"),
-                    ("kind", "KIND"),
-                    ("volume", "VOLUME"),
-                    ("state", "STATE"),
-                    ("pct", "PROGRESS"),
-                    ("error", "ERROR"),
-                ],
-            )
-    elif args.action == "show":
-        job = _wait_job(args, api, args.id) if args.wait else api.get(f"/api/v1/jobs/{_q(args.id)}")
-        _emit(args, job, "\n".join(f"{k + ':':10} {v}" for k, v in job.items()))
-    else:
-        raise UsageError("blockvirt job: choose an action: list, show")
-    return EXIT_OK
-
-
 def _check(args: argparse.Namespace) -> int:
     from blockvirt.storage.check import check_data_dir
 
@@ -416,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "snapshot":
             return _snapshot(args, api)
         if args.command == "job":
-            return _job(args, api)
+            return jobs.run_job(args, api)
+        if args.command == "migrate":
+            return jobs.run_migrate(args, api)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from blockvirt.storage.catalog import Catalog, JobRecord
 log = logging.getLogger("blockvirt.jobs")
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+#: Job kinds an operator may cancel.
+CANCELLABLE = frozenset({"migrate", "flatten"})
 
 
 @dataclass(slots=True)
@@ -36,6 +39,25 @@ class Job:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     task: asyncio.Task[None] | None = None
+    #: What `done` and `total` count ("bytes" for data movers; merges count pages).
+    unit: str = "pages"
+    #: Recent (monotonic time, done) samples, for the rate and ETA (not persisted).
+    _samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32), repr=False)
+
+    def note_progress(self, done: int, now: float | None = None) -> None:
+        self.done = done
+        self._samples.append((time.monotonic() if now is None else now, done))
+
+    def rate(self) -> float | None:
+        """Units per second over the last few seconds of samples, or None if unknown."""
+        s = self._samples
+        if len(s) < 2:
+            return None
+        t1, d1 = s[-1]
+        t0, d0 = next(((t, d) for t, d in s if t1 - t <= 5.0), s[0])
+        if t1 - t0 < 0.2:
+            t0, d0 = s[0]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else None
 
     def log_extra(self) -> dict[str, str]:
         """Fields for `log.*(..., extra=...)`: structured log lines carry the job and volume."""
@@ -60,18 +82,29 @@ class Job:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "volume": self.volume,
             "state": self.state,
             "done": self.done,
             "total": self.total,
+            "unit": self.unit,
             "progress": round(self.progress, 4),
             "error": self.error,
             "created": self.created,
             "updated": self.updated,
         }
+        if self.state == RUNNING:
+            rate = self.rate()
+            out["rate"] = round(rate, 1) if rate is not None else None
+            left = self.total - self.done
+            out["eta_seconds"] = round(left / rate, 1) if rate and rate > 0 and left >= 0 else None
+        if "result" in self.params:
+            out["result"] = self.params["result"]
+        if "pool" in self.params:
+            out["pool"] = self.params["pool"]
+        return out
 
 
 Runner = Callable[[Job], Awaitable[None]]
@@ -93,6 +126,7 @@ class JobManager:
                 rec.error,
                 rec.created,
                 rec.updated,
+                unit="bytes" if rec.kind == "migrate" else "pages",
             )
 
     def pending(self) -> list[Job]:
@@ -103,8 +137,10 @@ class JobManager:
         job.updated = time.time()
         self.catalog.save_job(job.record())
 
-    def start(self, kind: str, volume: str, params: dict[str, Any], runner: Runner) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind, volume, params)
+    def start(
+        self, kind: str, volume: str, params: dict[str, Any], runner: Runner, *, unit: str = "pages"
+    ) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind, volume, params, unit=unit)
         self.jobs[job.id] = job
         self.save(job)
         log.info("job %s (%s on %s) started", job.id, kind, volume, extra=job.log_extra())
@@ -131,6 +167,29 @@ class JobManager:
             log.info("job %s (%s on %s) %s", job.id, job.kind, job.volume, job.state, extra=job.log_extra())
 
         job.task = asyncio.get_running_loop().create_task(main())
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a running job. Only kinds that say so are cancellable (merges are internal:
+        they run again at the next collection, so stopping one achieves nothing)."""
+        from blockvirt.storage.catalog import CatalogError
+
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise CatalogError("not-found", f"no job {job_id!r}")
+        if job.state != RUNNING:
+            raise CatalogError("conflict", f"job {job_id} is {job.state}, not running")
+        if job.kind not in CANCELLABLE:
+            raise CatalogError("conflict", f"a {job.kind} job cannot be cancelled")
+        if job.params.get("committing"):
+            raise CatalogError("conflict", f"job {job_id} is switching over: too late to cancel")
+        job.state = CANCELLED
+        job.error = "cancelled"
+        if job.task is not None:
+            job.task.cancel()
+        else:
+            self.save(job)
+        log.info("job %s (%s on %s) cancelled", job.id, job.kind, job.volume, extra=job.log_extra())
+        return job
 
     def busy(self, volume: str) -> Job | None:
         for job in self.jobs.values():

@@ -43,6 +43,19 @@ class LayerRegistry:
             raise
         return out
 
+    def replace(self, layer_id: str, new: Layer) -> Layer | None:
+        """The layer's files moved (a migration): `new` takes the open layer's place and its
+        references; returns the old object for the caller to close. If the layer is not open,
+        `new` is not needed: it is closed, and None returned."""
+        old = self._open.get(layer_id)
+        if old is None:
+            new.close()
+            return None
+        new.refs = old.refs
+        old.refs = 0
+        self._open[layer_id] = new
+        return old
+
     def release(self, lay: Layer) -> None:
         lay.refs -= 1
         if lay.refs <= 0 and self._open.get(lay.id) is lay:

@@ -21,12 +21,13 @@ from typing import Any
 
 from blockvirt.jobs import stream as streaming
 from blockvirt.jobs.manager import CANCELLED, Job, JobManager
-from blockvirt.storage import executor
+from blockvirt.storage import executor, migration
 from blockvirt.storage.catalog import (
     DEFAULT_POOL,
     Catalog,
     CatalogError,
     LayerRecord,
+    PoolRecord,
     SnapshotRecord,
     VolumeRecord,
     new_layer_id,
@@ -38,7 +39,7 @@ from blockvirt.storage.formats.cow import ChainNode, Layer, layer_paths
 from blockvirt.storage.formats.layer_map import BLOCK, FULL_PAGE
 from blockvirt.storage.layers import LayerRegistry
 from blockvirt.storage.node import StorageError
-from blockvirt.storage.pools import Pools
+from blockvirt.storage.pools import LAYER_FILE_RE, Pools
 from blockvirt.storage.stats import VolumeStats
 
 log = logging.getLogger("blockvirt.volumes")
@@ -91,6 +92,7 @@ class VolumeManager:
 
     async def start(self) -> None:
         """Resume interrupted jobs and collect garbage left by a crash."""
+        await executor.run(self._collect_orphan_files)
         for job in self.jobs.pending():
             log.info("resuming job %s (%s on %s)", job.id, job.kind, job.volume, extra=job.log_extra())
             self.jobs.run(job, self._runner(job.kind))
@@ -343,6 +345,7 @@ class VolumeManager:
         validate_name(snap, "snapshot")
         async with self._lock:
             rec = self._require(name)
+            self._refuse_migrating(name, "snapshot it")
             if self.catalog.snapshot(name, snap) is not None:
                 raise CatalogError("conflict", f"volume {name!r} already has a snapshot named {snap!r}")
             vol = self.volume(name)
@@ -406,6 +409,7 @@ class VolumeManager:
         async with self._lock:
             rec = self._require(name)
             srec = self._snap(name, snap)
+            self._refuse_migrating(name, "revert it")
             vol = self.volume(name)
             assert vol is not None
             if vol.users:
@@ -455,6 +459,7 @@ class VolumeManager:
         async with self._lock:
             self._require(name)
             srec = self._snap(name, snap)
+            self._refuse_migrating(name, "delete its snapshots")
             exp = self._snaps.get((name, snap))
             if exp is not None and exp.users:
                 raise CatalogError(
@@ -486,6 +491,7 @@ class VolumeManager:
         async with self._lock:
             rec = self._require(vol_name)
             srec = self._snap(vol_name, snap)
+            self._refuse_migrating(vol_name, "clone it")
             lrec = self.catalog.layer(srec.layer)
             assert lrec is not None
             self.catalog.check_new_volume(new, lrec.size, rec.pool)
@@ -582,6 +588,101 @@ class VolumeManager:
             db.execute("UPDATE volumes SET size = ? WHERE name = ?", (size, vol.record.name))
         vol.record = dataclasses.replace(vol.record, size=size)
 
+    # ------------------------------------------------------------ migration
+    async def migrate(
+        self, name: str, pool: str, *, provisioning: str | None = None, bps_limit: float = 0.0
+    ) -> Job:
+        """Move the volume and its snapshot tree to `pool`, live (a job; see migration.py)."""
+        async with self._lock:
+            return migration.start(self, name, pool, provisioning=provisioning, bps_limit=bps_limit)
+
+    def tree_lock(self) -> asyncio.Lock:
+        """The lock that serialises tree edits (for the migration's prepare step)."""
+        return self._lock
+
+    def background_throttle(self, pool: str, limiter: Any) -> Any:
+        """The pause a background copy into `pool` takes before moving n bytes: its own rate
+        limit (QoS admission joins here)."""
+        return limiter
+
+    async def switch_over(
+        self,
+        job: Job,
+        target: PoolRecord,
+        sources: dict[str, Layer],
+        dsts: dict[str, Layer],
+        mirror: Any,
+        provisioning: str | None,
+    ) -> float | None:
+        """Drain every node that reads a moved layer, re-check, commit the catalog and swap
+        the layers in. Returns the pause (seconds nodes were held), or None when the copy is
+        not clean after all (the caller copies on and tries again)."""
+        started = time.perf_counter()
+        async with self._lock, contextlib.AsyncExitStack() as drains:
+            affected = await self._drain_layers(set(dsts), drains)
+            if not mirror.clean or mirror.error is not None:
+                return None
+            if job.state == CANCELLED:
+                raise asyncio.CancelledError
+            rec = self.catalog.volume(job.volume)
+            assert rec is not None
+            thick = rec.thick if provisioning is None else provisioning == "thick"
+            with self.catalog.transaction() as db:
+                for lid, dst in dsts.items():
+                    db.execute(
+                        "UPDATE layers SET pool = ?, thick = ? WHERE id = ?",
+                        (target.name, int(dst.map.all_data), lid),
+                    )
+                db.execute(
+                    "UPDATE volumes SET pool = ?, thick = ? WHERE name = ?",
+                    (target.name, int(thick), rec.name),
+                )
+                db.execute(
+                    "UPDATE jobs SET state = 'done', done = total, updated = ? WHERE id = ?",
+                    (time.time(), job.id),
+                )
+            migration.finish_swap(self, job, target, dsts, affected, provisioning)
+        return time.perf_counter() - started
+
+    async def delete_moved_files(self, pool: str, layer_ids: list[str]) -> None:
+        """Remove the source copies of moved layers (after the commit made them garbage)."""
+        prec = self.catalog.pool(pool)
+        if prec is None:
+            return
+        for lid in layer_ids:
+            rec = self.catalog.layer(lid)
+            if rec is not None and rec.pool == pool:
+                continue  # never the live copy
+            fut = asyncio.get_running_loop().run_in_executor(
+                executor.pool(), self._remove_files, prec.path, lid
+            )
+            self._unlinks.add(fut)
+            fut.add_done_callback(self._unlinks.discard)
+            await asyncio.shield(fut)
+
+    def _collect_orphan_files(self) -> None:
+        """At start: remove layer files the catalog does not place in their pool (left by a
+        crash during a create or a migration). Nothing else runs yet."""
+        for prec in self.catalog.pools():
+            try:
+                entries = os.listdir(prec.path)
+            except OSError:
+                continue
+            for entry in entries:
+                if not LAYER_FILE_RE.fullmatch(entry):
+                    continue
+                rec = self.catalog.layer(entry[:32])
+                if rec is None or rec.pool != prec.name:
+                    self.io.unlink(os.path.join(prec.path, entry))
+                    log.info("removed orphan file %s from pool %s", entry, prec.name)
+
+    def _refuse_migrating(self, name: str, what: str) -> None:
+        job = self.jobs.busy(name)
+        if job is not None and job.kind == "migrate":
+            raise CatalogError(
+                "conflict", f"cannot {what}: {name!r} is migrating (job {job.id}); wait or cancel it"
+            )
+
     async def flatten(self, name: str) -> Job:
         """Copy everything the volume reads from its ancestors into its head (a job)."""
         async with self._lock:
@@ -629,6 +730,7 @@ class VolumeManager:
                 merging.add(src.parent)
             if j.kind == "flatten" and self.catalog.layer(j.params["target"]):
                 merging.update(r.id for r in self.catalog.chain(j.params["target"]))
+            merging.update(j.params.get("layers", []))  # a migration's
         merging.discard(None)
         for rec in self.catalog.layers():
             if rec.id in heads or rec.id in named or rec.id in merging or rec.parent in merging:
@@ -666,7 +768,13 @@ class VolumeManager:
         return None
 
     def _runner(self, kind: str) -> Any:
-        return {"merge": self._run_merge, "flatten": self._run_flatten, "commit": self._run_commit}[kind]
+        runners = {
+            "merge": self._run_merge,
+            "flatten": self._run_flatten,
+            "commit": self._run_commit,
+            "migrate": lambda job: migration.run(self, job),
+        }
+        return runners[kind]
 
     def _commit_is_cheaper(self, parent: LayerRecord, child: LayerRecord) -> bool:
         p = self.layers.acquire(parent)
@@ -736,14 +844,17 @@ class VolumeManager:
             await self._collect(start_merges=True)
 
     async def _drain_users(self, layer_id: str, drains: contextlib.AsyncExitStack) -> list[Volume]:
-        """Drain every open node whose chain holds the layer, including nodes opened while we
-        waited (exports open without the lock): a chain edit must reach them all."""
+        return await self._drain_layers({layer_id}, drains)
+
+    async def _drain_layers(self, layer_ids: set[str], drains: contextlib.AsyncExitStack) -> list[Volume]:
+        """Drain every open node whose chain holds one of the layers, including nodes opened
+        while we waited (exports open without the lock): a chain edit must reach them all."""
         affected: list[Volume] = []
         while True:
             more = [
                 v
                 for v in self.open_nodes()
-                if all(v is not a for a in affected) and any(lay.id == layer_id for lay in v.node.layers)
+                if all(v is not a for a in affected) and any(lay.id in layer_ids for lay in v.node.layers)
             ]
             if not more:
                 return affected

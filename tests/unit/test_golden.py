@@ -345,6 +345,7 @@ def test_corpus_covers_every_group() -> None:
 @pytest.mark.parametrize("path", VECTORS, ids=vector_id)
 def test_vector_matches_schema(path: Path) -> None:
     import jsonschema  # a test dependency: the schema check must not be skipped
+
     schema = load(VECTOR_DIR / "schema.json")
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(load(path), schema, cls=jsonschema.Draft202012Validator)

@@ -516,6 +516,7 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
         with pytest.raises(CatalogError):
             cat.add_pool("../p", str(tmp_path / "p"))
         assert cat.live_layers() == {"l1"}
+
         # A failed transaction changes nothing.
         def aborted_delete() -> None:
             with cat.transaction() as db:

@@ -19,6 +19,7 @@ import errno
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.fileio import FileIO
@@ -26,6 +27,9 @@ from blockvirt.storage.formats import cow_layout as layout
 from blockvirt.storage.formats.layer_map import BLOCK, BLOCK_SHIFT, CLUSTER_BLOCKS, DATA, LayerMap
 from blockvirt.storage.formats.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
 from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
+
+if TYPE_CHECKING:
+    from blockvirt.jobs.mirror import Mirror
 
 #: Writes up to this size are done inline on the loop (a copy into the page cache): handing
 #: them to a thread costs more than the copy. See `WriteGuard` for when that stops.
@@ -152,6 +156,12 @@ class Layer:
             self.io.close(self.map_fd)
             self.map_fd = None
         SLOTS.give(self.slot)
+
+    def close_journal(self) -> None:
+        """Stop appending (a copy that is complete and committed stays read-only)."""
+        if self.map_fd is not None:
+            self.io.close(self.map_fd)
+            self.map_fd = None
 
     def open_journal(self) -> None:
         """Start appending to the journal (a merge writing into an immutable layer)."""
@@ -320,6 +330,10 @@ class ChainNode(BlockNode):
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
         self.guard = WriteGuard()
         self._frozen: list[Layer] = []  # former heads whose final commit is owed
+        #: A live migration's mirror (jobs/mirror.py): every change to the head is copied
+        #: to the head's new home before the request completes. Set and cleared only while
+        #: drained.
+        self.mirror: Mirror | None = None
 
     # ------------------------------------------------------------ chain
     @property
@@ -475,7 +489,14 @@ class ChainNode(BlockNode):
     # ------------------------------------------------------------ writes
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         n = len(data)
-        if self._paused or self._locks or n > INLINE_WRITE_MAX or not n or not self.guard.inline:
+        if (
+            self._paused
+            or self._locks
+            or n > INLINE_WRITE_MAX
+            or not n
+            or not self.guard.inline
+            or self.mirror is not None
+        ):
             return False
         head = self.head
         first = offset >> BLOCK_SHIFT
@@ -576,6 +597,11 @@ class ChainNode(BlockNode):
             if not fua and self.write_nowait(offset, data):
                 return
             await self._write(offset, data, fua)
+            if self.mirror is not None:
+                first = offset >> BLOCK_SHIFT
+                await self.mirror.after_write(
+                    first, ((offset + len(data) - 1) >> BLOCK_SHIFT) - first + 1, fua
+                )
         except OSError as e:
             raise _oserror(e, "write") from e
         finally:
@@ -589,6 +615,8 @@ class ChainNode(BlockNode):
             await self._zero(offset, length, may_trim)
             if fua:
                 await self.head.commit()
+            if self.mirror is not None:
+                await self.mirror.after_write(*_block_span(offset, length), fua)
         except OSError as e:
             raise _oserror(e, "write zeroes") from e
         finally:
@@ -634,6 +662,8 @@ class ChainNode(BlockNode):
         await self.head.commit()
         if self._frozen:  # writes completed before a snapshot live in the frozen head
             await self.commit_frozen()
+        if self.mirror is not None:
+            await self.mirror.flush()
 
     async def cache(self, offset: int, length: int) -> None:
         return None
@@ -711,6 +741,12 @@ class ChainNode(BlockNode):
 
     async def close(self) -> None:
         """Nothing: layers belong to the registry, which closes them when unused."""
+
+
+def _block_span(offset: int, length: int) -> tuple[int, int]:
+    """(first block, block count) a byte range touches."""
+    first = offset >> BLOCK_SHIFT
+    return first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1
 
 
 async def _call(fn: Callable[..., None], *args: object) -> None:
