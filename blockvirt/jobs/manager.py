@@ -180,8 +180,8 @@ class JobManager:
             raise CatalogError("conflict", f"job {job_id} is {job.state}, not running")
         if job.kind not in CANCELLABLE:
             raise CatalogError("conflict", f"a {job.kind} job cannot be cancelled")
-        if job.params.get("committing"):
-            raise CatalogError("conflict", f"job {job_id} is switching over: too late to cancel")
+        if job.params.get("committed"):
+            raise CatalogError("conflict", f"job {job_id} has switched over: it is finishing")
         job.state = CANCELLED
         job.error = "cancelled"
         if job.task is not None:

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from blockvirt.jobs import mirror as mv
-from blockvirt.jobs.manager import CANCELLED, DONE, RUNNING, Job
+from blockvirt.jobs.manager import CANCELLED, RUNNING, Job
 from blockvirt.storage import executor
 from blockvirt.storage.catalog import CatalogError, LayerRecord, PoolRecord
 from blockvirt.storage.formats.cow import Layer, layer_paths
@@ -242,8 +242,7 @@ async def run(vm: VolumeManager, job: Job) -> None:
             "seconds": round(seconds, 3),
             "copied_bytes": copied,
             "mirrored_writes": mirror.mirrored_writes,
-        }
-        vm.jobs.save(job)
+        }  # saved with the job's end (the catalog says done already)
         log.info(
             "migration of %s to pool %s done in %.2fs: %d bytes copied, %d writes mirrored, pause %.2f ms",
             job.volume, target.name, seconds, copied, mirror.mirrored_writes, pause * 1000,
@@ -325,6 +324,8 @@ def finish_swap(
         if v.record.name == job.volume:
             thick = v.record.thick if provisioning is None else provisioning == "thick"
             v.record = dataclasses.replace(v.record, pool=target.name, thick=thick)
-    job.state = DONE
+    # Done in the catalog already; in memory the job runs until the source files are gone
+    # (so nothing else starts on the volume meanwhile), and can no longer be cancelled.
+    job.params["committed"] = True
     for old in old_layers:
         old.close()
