@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from blockvirt.storage import executor
-from blockvirt.storage.formats.cow import Layer
+from blockvirt.storage.formats.cow import Layer, WriteGuard, timed_pwrite
 from blockvirt.storage.formats.layer_map import (
     BLOCK,
     BLOCK_SHIFT,
@@ -29,6 +29,8 @@ from blockvirt.storage.formats.layer_map import (
 )
 from blockvirt.storage.node import StorageError
 
+#: Reads and writes up to this size may be done inline on the loop (mirrored guest writes).
+INLINE_MAX = 64 * 1024
 #: Blocks per chunk of the dirty set (1 MiB): the unit of the copy pass and of its locks.
 CHUNK_BLOCKS = 256
 CHUNK_BYTES = CHUNK_BLOCKS * BLOCK
@@ -64,8 +66,43 @@ async def _call(io_blocking: bool, fn: Callable[..., object], *args: object) -> 
     return fn(*args)
 
 
-async def copy_blocks(src: Layer, dst: Layer, first: int, count: int, *, zero_detect: bool = False) -> int:
+async def _read(src: Layer, nbytes: int, offset: int) -> bytes | bytearray:
+    """Page-cache hits inline (a mirrored write reads back what was just written), the rest
+    in the thread pool."""
+    io = src.io
+    if not io.blocking:
+        return io.pread(src.fd, nbytes, offset)
+    if nbytes <= INLINE_MAX:
+        buf = bytearray(nbytes)
+        if io.preadv_nowait(src.fd, memoryview(buf), offset):
+            return buf
+    return await executor.run(io.pread, src.fd, nbytes, offset)
+
+
+async def _write(
+    dst: Layer, data: bytes | bytearray | memoryview, offset: int, guard: WriteGuard | None
+) -> None:
+    """Small writes inline into the page cache while that stays quick (see WriteGuard)."""
+    io = dst.io
+    if not io.blocking:
+        io.pwrite(dst.fd, data, offset)
+    elif guard is not None and guard.inline and len(data) <= INLINE_MAX:
+        guard.note(timed_pwrite(io, dst.fd, data, offset, False))
+    else:
+        await executor.run(io.pwrite, dst.fd, data, offset)
+
+
+async def copy_blocks(
+    src: Layer,
+    dst: Layer,
+    first: int,
+    count: int,
+    *,
+    zero_detect: bool = False,
+    guard: WriteGuard | None = None,
+) -> int:
     """Give `dst` the states and data `src` has for blocks [first, first + count).
+    With a `guard`, small writes may go inline (mirrored guest writes).
 
     `dst` may be a thick (ALL_DATA) layer: blocks src does not hold become zeros in its file.
     With `zero_detect` (converting a thick source to thin), DATA blocks full of zeros are not
@@ -87,12 +124,11 @@ async def copy_blocks(src: Layer, dst: Layer, first: int, count: int, *, zero_de
         ddata_before = dst.map.page_bits(page)[0] & want if not dst.map.all_data else 0
         for run_first, run_n in _runs(sdata, base):
             off, nbytes = run_first << BLOCK_SHIFT, run_n * BLOCK
-            data = await _call(blocking, io.pread, src.fd, nbytes, off)
-            assert isinstance(data, bytes | bytearray)
+            data = await _read(src, nbytes, off)
             if zero_detect and not dst.map.all_data:
                 copied += await _copy_nonzero(dst, run_first, run_n, data)
                 continue
-            await _call(blocking, io.pwrite, dst.fd, data, off)
+            await _write(dst, data, off, guard)
             if not dst.map.all_data:
                 dst.map.set_data(run_first, run_n)
             copied += nbytes
@@ -199,21 +235,39 @@ class Mirror:
         self.mirrored_writes = 0
         #: Set when a mirror write failed and re-dirtied a chunk (the pass must look again).
         self.redirtied = asyncio.Event()
+        self.guard = WriteGuard()  # mirrored writes go inline while the page cache is quick
 
     @property
     def clean(self) -> bool:
         return not self.dirty and not self._locks
 
-    async def _locked_copy(self, chunk: int, first: int, count: int) -> int:
+    async def _locked_copy(self, chunk: int, first: int, count: int, *, inline: bool = False) -> int:
         fut = asyncio.get_running_loop().create_future()
         self._locks[chunk] = fut
         try:
-            return await copy_blocks(self.source, self.target, first, count, zero_detect=self.zero_detect)
+            return await copy_blocks(
+                self.source,
+                self.target,
+                first,
+                count,
+                zero_detect=self.zero_detect,
+                guard=self.guard if inline else None,
+            )
         finally:
             del self._locks[chunk]
             fut.set_result(None)
 
     async def copy_chunk(self, chunk: int) -> int:
+        copied = await self._copy_chunk(chunk)
+        if copied and self.target.io.blocking:
+            # Start writing the chunk back now: the sync before the switch then finds little
+            # left, and the filesystem never has to flush the whole copy at once (which
+            # stalls every writer on it).
+            first = chunk * CHUNK_BYTES
+            await executor.run(self.target.io.start_writeback, self.target.fd, first, CHUNK_BYTES)
+        return copied
+
+    async def _copy_chunk(self, chunk: int) -> int:
         """The pass: copy one dirty chunk (waits if a mirror write holds it). Raises on a
         target failure after re-dirtying the chunk."""
         while (lock := self._locks.get(chunk)) is not None:
@@ -242,7 +296,7 @@ class Mirror:
             lo = max(first, chunk * CHUNK_BLOCKS)
             hi = min(first + count, (chunk + 1) * CHUNK_BLOCKS)
             try:
-                await self._locked_copy(chunk, lo, hi - lo)
+                await self._locked_copy(chunk, lo, hi - lo, inline=True)
             except (OSError, StorageError) as e:
                 self.dirty.add(chunk)  # never fail the guest: the pass copies it again
                 self.redirtied.set()

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockvirt.migration")
 
 PROVISIONING = (None, "thick", "thin")
+#: The head's copy is synced after every this many bytes.
+SYNC_EVERY = 32 * 1024 * 1024
 #: The pass checkpoints progress (for rate and ETA) at most this often.
 _PROGRESS_EVERY = 0.1
 
@@ -212,12 +214,20 @@ async def run(vm: VolumeManager, job: Job) -> None:
             await _copy_layer(src, dsts[lid], throttle, progress)
         # The head: one pass; failed mirror writes re-dirty chunks, so look until clean.
         while True:
+            unsynced = 0
             for chunk in sorted(mirror.dirty):
                 if mirror.error is not None:
                     raise mv.MirrorFailed(mv.target_error(mirror.error))
                 await throttle(mv.CHUNK_BYTES)
                 try:
-                    progress(await mirror.copy_chunk(chunk))
+                    n = await mirror.copy_chunk(chunk)
+                    progress(n)
+                    unsynced += n
+                    if unsynced >= SYNC_EVERY:
+                        # Sync as we go: the sync before the switch, which stalls writers
+                        # on the filesystem while it runs, then has little left to flush.
+                        await mirror.target.commit()
+                        unsynced = 0
                 except (OSError, StorageError) as e:
                     if mirror.error is not None:
                         raise mv.MirrorFailed(mv.target_error(mirror.error)) from e
@@ -228,20 +238,23 @@ async def run(vm: VolumeManager, job: Job) -> None:
                 await dst.commit()
             if mirror.error is not None:
                 raise mv.MirrorFailed(mv.target_error(mirror.error))
-            if not mirror.clean:
-                mirror.redirtied.clear()
+            if mirror.dirty:  # a failed mirror write gave a chunk back to the pass
                 continue
             job.note_progress(job.total)
-            pause = await vm.switch_over(job, target, sources, dsts, mirror, provisioning)
-            if pause is not None:
+            held = await vm.switch_over(job, target, sources, dsts, mirror, provisioning)
+            if held is not None:
                 committed = True
                 break
+        pause = held[1] - held[0]
         seconds = time.monotonic() - started
         params["result"] = {
             "pause_seconds": round(pause, 6),
             "seconds": round(seconds, 3),
             "copied_bytes": copied,
             "mirrored_writes": mirror.mirrored_writes,
+            # When requests were held, on this host's monotonic clock (for benchmarks that
+            # line it up with what an initiator saw).
+            "switch_monotonic": [round(held[0], 6), round(held[1], 6)],
         }  # saved with the job's end (the catalog says done already)
         log.info(
             "migration of %s to pool %s done in %.2fs: %d bytes copied, %d writes mirrored, pause %.2f ms",
@@ -266,7 +279,10 @@ async def _copy_layer(src: Layer, dst: Layer, throttle: mv.Throttle, progress: A
         first = chunk * mv.CHUNK_BLOCKS
         count = min(mv.CHUNK_BLOCKS, nblocks - first)
         await throttle(count * BLOCK)
-        progress(await mv.copy_blocks(src, dst, first, count, zero_detect=zero_detect))
+        n = await mv.copy_blocks(src, dst, first, count, zero_detect=zero_detect)
+        progress(n)
+        if n and dst.io.blocking:
+            await executor.run(dst.io.start_writeback, dst.fd, first * BLOCK, count * BLOCK)
     await dst.commit()
     dst.close_journal()
 
@@ -316,9 +332,14 @@ def finish_swap(
     for lid, dst in dsts.items():
         old = vm.layers.replace(lid, dst)
         if old is not None:
+            # The copy takes the old slot: every node's merged index stays right (rebuilding
+            # it would stall the first requests after the switch), unless a conversion
+            # changed which blocks a layer holds.
+            dst.slot, old.slot = old.slot, dst.slot
             old_layers.append(old)
+    keep = provisioning is None
     for v in affected:
-        v.node.set_layers([dsts.get(lay.id, lay) for lay in v.node.layers], keep_index=False)
+        v.node.set_layers([dsts.get(lay.id, lay) for lay in v.node.layers], keep_index=keep)
         v.node.mirror = None
     for v in vm.open_nodes():
         if v.record.name == job.volume:

@@ -613,11 +613,11 @@ class VolumeManager:
         dsts: dict[str, Layer],
         mirror: Any,
         provisioning: str | None,
-    ) -> float | None:
+    ) -> tuple[float, float] | None:
         """Drain every node that reads a moved layer, re-check, commit the catalog and swap
-        the layers in. Returns the pause (seconds nodes were held), or None when the copy is
-        not clean after all (the caller copies on and tries again)."""
-        started = time.perf_counter()
+        the layers in. Returns when requests were held and released (time.monotonic()), or
+        None when the copy is not clean after all (the caller copies on and tries again)."""
+        started = time.monotonic()
         async with self._lock, contextlib.AsyncExitStack() as drains:
             affected = await self._drain_layers(set(dsts), drains)
             if not mirror.clean or mirror.error is not None:
@@ -642,7 +642,7 @@ class VolumeManager:
                     (time.time(), job.id),
                 )
             migration.finish_swap(self, job, target, dsts, affected, provisioning)
-        return time.perf_counter() - started
+        return started, time.monotonic()
 
     async def delete_moved_files(self, pool: str, layer_ids: list[str]) -> None:
         """Remove the source copies of moved layers (after the commit made them garbage)."""

@@ -240,6 +240,9 @@ class MemFileIO(FileIO):
         self._durable("fdatasync")
         ino.sync()
 
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """A hint: durability still comes only from the syncs."""
+
     def fsync(self, fd: int) -> None:
         ino = self._ino(fd)
         self.log.append(("fsync", self._path_of(ino), 0, 0))

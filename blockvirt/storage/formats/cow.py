@@ -296,7 +296,7 @@ class WriteGuard:
                 self.inline = True
 
 
-def _timed_pwrite(io: FileIO, fd: int, data: Buffer, offset: int, dsync: bool) -> float:
+def timed_pwrite(io: FileIO, fd: int, data: Buffer, offset: int, dsync: bool) -> float:
     t0 = time.perf_counter()
     io.pwrite(fd, data, offset, dsync=dsync)
     return time.perf_counter() - t0
@@ -505,7 +505,7 @@ class ChainNode(BlockNode):
         if not in_place and (offset | n) & (BLOCK - 1):
             return False  # a partial block not held by the head: read-modify-write (async)
         try:
-            self.guard.note(_timed_pwrite(self.io, head.fd, data, offset, False))
+            self.guard.note(timed_pwrite(self.io, head.fd, data, offset, False))
         except OSError as e:
             raise _oserror(e, "write") from e
         if not in_place:
@@ -522,11 +522,11 @@ class ChainNode(BlockNode):
 
     async def _pwrite(self, fd: int, data: Buffer, offset: int, dsync: bool = False) -> None:
         if self.io.blocking and (dsync or len(data) > INLINE_WRITE_MAX or not self.guard.inline):
-            seconds = await executor.run(_timed_pwrite, self.io, fd, data, offset, dsync)
+            seconds = await executor.run(timed_pwrite, self.io, fd, data, offset, dsync)
             if not dsync:
                 self.guard.note(seconds)
         else:
-            self.guard.note(_timed_pwrite(self.io, fd, data, offset, dsync))
+            self.guard.note(timed_pwrite(self.io, fd, data, offset, dsync))
 
     async def _current_block(self, block: int) -> bytes:
         """The block's contents as the chain reads it now."""
