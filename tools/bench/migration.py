@@ -173,7 +173,7 @@ def part_pause(server: BlockvirtServer, args: argparse.Namespace, tmp: Path) -> 
     rng = random.Random(2)
     floor_switch = []
     floor_whole = []
-    for (a, b) in windows:
+    for a, b in windows:
         t = rng.uniform(b0, max(b0, b1 - span))
         floor_switch.append(max_gap(acks, t, t + span) * 1000)
         t = rng.uniform(b0, max(b0, b1 - (b - a)))
@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if "pause" in results:
         r = results["pause"]
-        print(f"switchover, {r['migrations']} migrations ({r['migration_seconds']:.2f}s each, median); "
-              "largest gap between acknowledgements, ms:")
+        print(
+            f"switchover, {r['migrations']} migrations ({r['migration_seconds']:.2f}s each, median); "
+            "largest gap between acknowledgements, ms:"
+        )
         for key, label in (
             ("switch_gap_ms", "around the switch (target: median <= 10, p99 <= 50)"),
             ("floor_switch_window_gap_ms", "  noise floor, same-length windows, no migration"),
@@ -286,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {label:<58} median {v['median']:7.2f}  p99 {v['p99']:7.2f}  max {v['max']:7.2f}")
     for row in results.get("converge", []):
         cap = row["copy_cap_Bps"] / MiB
-        print(f"convergence, writes at {row['write_rate_share']:.0%} of B={cap:.0f} MiB/s: "
-              f"{row['seconds']:.2f}s <= {row['bound_seconds']:.2f}s: {'ok' if row['ok'] else 'FAIL'}; "
-              f"copied {row['copied_bytes'] / MiB:.1f} of {row['allocated_bytes'] / MiB:.1f} MiB allocated")
+        print(
+            f"convergence, writes at {row['write_rate_share']:.0%} of B={cap:.0f} MiB/s: "
+            f"{row['seconds']:.2f}s <= {row['bound_seconds']:.2f}s: {'ok' if row['ok'] else 'FAIL'}; "
+            f"copied {row['copied_bytes'] / MiB:.1f} of {row['allocated_bytes'] / MiB:.1f} MiB allocated"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     ok = all(r["ok"] for r in results.get("converge", []))
