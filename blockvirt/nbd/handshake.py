@@ -30,6 +30,8 @@ from blockvirt.nbd.constants import (
 )
 from blockvirt.nbd.events import (
     Aborted,
+    AccessDenied,
+    ExportDenied,
     ExportInfo,
     Negotiated,
     OptionRefused,
@@ -99,11 +101,25 @@ class StateMachine:
 
 
 class ExportCatalog(Protocol):
-    """What a server connection may see. Implemented by the export registry (per client)."""
+    """What a server connection may see. Implemented by the export registry, one view per
+    client: the view applies that client's access rules."""
 
-    def lookup(self, name: str) -> ExportInfo | None: ...
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
+        """The export as this client may use it (read-only if that is all it is granted),
+        `ExportDenied` if it exists but this client may not open it, None if unknown."""
+        ...
 
-    def exports(self) -> Iterable[ExportInfo]: ...
+    def exports(self) -> Iterable[ExportInfo]:
+        """What LIST shows: only the exports this client may open."""
+        ...
+
+
+ServerHandshakeEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused
+
+
+def _denied_message(name: str) -> str:
+    # The rule that refused, and who the server thinks the client is, stay in the server log.
+    return f"access to export {name!r} is denied"
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> int:
@@ -265,7 +281,7 @@ class ServerHandshake:
         self._meta_export = None
         self._meta = {}
 
-    def next_event(self) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
+    def next_event(self) -> ServerHandshakeEvent | None:
         """Process buffered input; returns an event, or None when more data is needed."""
         while True:
             st = self.machine.state
@@ -309,7 +325,11 @@ class ServerHandshake:
         self._reply(opt, rep, wire.utf8_prefix(message, MAX_STRING))
         return OptionRefused(opt, int(rep), message)
 
-    def _option(self, opt: int, data: bytes) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
+    def _deny(self, opt: int, denied: ExportDenied) -> AccessDenied:
+        self._reply(opt, Rep.ERR_POLICY, wire.utf8_prefix(_denied_message(denied.name), MAX_STRING))
+        return AccessDenied(opt, denied.name, denied.reason)
+
+    def _option(self, opt: int, data: bytes) -> ServerHandshakeEvent | None:
         self.machine.fire(Input.OPTION)
         if opt == Opt.ABORT:
             self._reply(opt, Rep.ACK)
@@ -355,10 +375,13 @@ class ServerHandshake:
         self.machine.fire(Input.STARTTLS)
         return StartTLS()
 
-    def _export_name(self, data: bytes, tls_needed: bool) -> Negotiated | Aborted:
+    def _export_name(self, data: bytes, tls_needed: bool) -> Negotiated | Aborted | AccessDenied:
         # No error reply exists for EXPORT_NAME: failures close the connection.
         name = _decode_name(data)
         export = None if name is None or tls_needed or self.shutting_down else self.catalog.lookup(name)
+        if isinstance(export, ExportDenied):
+            self.machine.fire(Input.ABORT)
+            return AccessDenied(Opt.EXPORT_NAME, export.name, export.reason, closed=True)
         if export is None:
             self.machine.fire(Input.ABORT)
             why = "TLS required" if tls_needed else f"no export named {name!r}"
@@ -373,11 +396,13 @@ class ServerHandshake:
         contexts = dict(self._meta) if self._meta_export == export.name and self.structured else {}
         return Negotiated(export, flags, self.structured, contexts)
 
-    def _info(self, opt: int, data: bytes) -> Negotiated | OptionRefused | None:
+    def _info(self, opt: int, data: bytes) -> Negotiated | OptionRefused | AccessDenied | None:
         p = _parse_info(data)
         if p.error is not None:
             return self._refuse(opt, p.error, p.message)
         export = self.catalog.lookup(p.name)
+        if isinstance(export, ExportDenied):
+            return self._deny(opt, export)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
         flags = transmission_flags(export, self.structured)
@@ -397,7 +422,7 @@ class ServerHandshake:
             return self._selected(export, flags)
         return None
 
-    def _meta_context(self, opt: int, data: bytes) -> OptionRefused | None:
+    def _meta_context(self, opt: int, data: bytes) -> OptionRefused | AccessDenied | None:
         setting = opt == Opt.SET_META_CONTEXT
         if setting:  # SET replaces the previous selection even when it fails
             self._meta_export, self._meta = None, {}
@@ -407,6 +432,8 @@ class ServerHandshake:
         if p.error is not None:
             return self._refuse(opt, p.error, p.message)
         export = self.catalog.lookup(p.name)
+        if isinstance(export, ExportDenied):
+            return self._deny(opt, export)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)

@@ -201,6 +201,11 @@ class ServerTransmission:
             return UnknownCmd(cookie, flags, offset, length, ctype)
         return cls(cookie, flags, offset, length)
 
+    def receiving(self) -> bool:
+        """Whether bytes of a request not yet complete are buffered (after next_event returned
+        None): the adapter's request timeout runs while this holds."""
+        return self._payload is not None or self._skip > 0 or self.buffer.end > self.buffer.pos
+
     def pending_payload(self) -> int:
         """Bytes of a WRITE payload we are waiting for (for backpressure accounting)."""
         if self._payload_hdr is not None:
