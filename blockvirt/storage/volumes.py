@@ -286,6 +286,7 @@ class VolumeManager:
             self._check_idle(name, "delete the volume")
             with self.catalog.transaction() as db:
                 db.execute("DELETE FROM snapshots WHERE volume = ?", (name,))
+                db.execute("DELETE FROM acl_rules WHERE volume = ?", (name,))
                 db.execute("DELETE FROM volumes WHERE name = ?", (name,))
             self._close_exports(name)
             await self._collect(start_merges=True)
