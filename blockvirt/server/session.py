@@ -89,6 +89,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self.peer = ""
         self.address = ""  # the peer's IP address, without port
         self.view: ExportView | None = None
+        self._denied: set[str] = set()  # exports this session was refused (bounded by the catalog)
         self._admitted = False
         self.id = server.next_session_id()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -257,6 +258,11 @@ class NbdSession(asyncio.BufferedProtocol):
             self._close(abort=True)
 
     def _access_denied(self, ev: AccessDenied) -> None:
+        # Counted and logged once per export and session: a client's SET_META_CONTEXT, INFO
+        # and GO for one export are one refused attempt.
+        if ev.export in self._denied:
+            return
+        self._denied.add(ev.export)
         volume = ev.export.partition("@")[0]
         self.server.counters.denied(volume)
         held = self.server.log_throttle.allow(f"denied:{self.address}:{ev.export}", self.loop.time())
