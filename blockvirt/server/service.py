@@ -123,6 +123,8 @@ class Service:
 
     async def stop(self) -> None:
         """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
+        if self.volumes is None:
+            return  # start() failed on its configuration checks: nothing to stop
         if self.nbd is not None:
             await self.nbd.stop(self.config.shutdown_deadline)
         if self._runner is not None:
