@@ -8,6 +8,7 @@ what it serves, so the whole negotiation, including every error answer, lives he
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +43,9 @@ from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
 
 #: More meta-context queries than this in one option get ERR_TOO_BIG.
 MAX_META_QUERIES = 128
+#: The client refuses option replies longer than this (ours are at most a few KiB): a peer
+#: declaring more is not allowed to make us buffer it.
+MAX_OPTION_REPLY = MAX_OPTION_LENGTH
 
 
 class TLSMode(enum.Enum):
@@ -528,11 +532,16 @@ class ClientHandshake:
             magic, opt, rep, length = wire.OPTION_REPLY.unpack_from(self.buffer.buf, self.buffer.pos)
             if magic != OPT_REPLY_MAGIC or opt != self._pending:
                 raise RemoteProtocolError("bad option reply")
+            if length > MAX_OPTION_REPLY:
+                raise RemoteProtocolError(f"option reply of {length} bytes exceeds {MAX_OPTION_REPLY}")
             if len(self.buffer) < wire.OPTION_REPLY.size + length:
                 return None
             self.buffer.advance(wire.OPTION_REPLY.size)
             data = self.buffer.take(length)
-            result = self._option_reply(opt, rep, data)
+            try:
+                result = self._option_reply(opt, rep, data)
+            except (struct.error, UnicodeDecodeError) as e:  # a reply shorter than its type needs
+                raise RemoteProtocolError(f"malformed reply {rep:#x} to option {opt}: {e}") from None
             if result is not None:
                 return result
         return None
@@ -550,6 +559,8 @@ class ClientHandshake:
     def _option_reply(self, opt: int, rep: int, data: bytes) -> OptionResult | None:
         if rep == Rep.SERVER:
             (n,) = wire.U32.unpack_from(data, 0)
+            if n > len(data) - 4:
+                raise RemoteProtocolError("export name longer than its SERVER reply")
             name = data[4 : 4 + n].decode()
             self._exports.append((name, data[4 + n :].decode(errors="replace")))
             return None
@@ -571,6 +582,8 @@ class ClientHandshake:
         cur = self._export or ExportInfo(name=self._pending_name, size=0)
         if itype == Info.EXPORT:
             _, size, flags = wire.INFO_EXPORT.unpack(data)
+            if not flags & TransmissionFlag.HAS_FLAGS:
+                raise RemoteProtocolError("transmission flags without HAS_FLAGS")
             self._tflags = flags
             base = _export_from_flags(cur.name, size, flags)
             cur = _replace(
