@@ -40,9 +40,12 @@ class BlockvirtServer:
         extra_args: tuple[str, ...] = (),
         log_level: str = "warning",
         startup_timeout: float = 30.0,
+        api_token: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.extra_args = extra_args
+        #: With a token the server requires it (`--api-token-file`); .api and .cli send it.
+        self.api_token = api_token
         self.log_level = log_level
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -60,6 +63,12 @@ class BlockvirtServer:
         ready = self.data_dir.parent / f"{self.data_dir.name}.ready.json"
         ready.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        token_args: list[str] = []
+        if self.api_token is not None:
+            token_file = self.data_dir.parent / f"{self.data_dir.name}.api-token"
+            token_file.write_text(self.api_token + "\n")
+            token_file.chmod(0o600)
+            token_args = ["--api-token-file", str(token_file)]
         cmd = [
             sys.executable,
             "-m",
@@ -75,6 +84,7 @@ class BlockvirtServer:
             str(ready),
             "--log-level",
             self.log_level,
+            *token_args,
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,7 +136,7 @@ class BlockvirtServer:
 
     @property
     def api(self) -> ApiClient:
-        return ApiClient(self.api_url)
+        return ApiClient(self.api_url, token=self.api_token)
 
     def uri(self, export: str) -> str:
         return f"nbd://{self.nbd_host}:{self.nbd_port}/{export}"
@@ -139,9 +149,14 @@ class BlockvirtServer:
         self, *args: str, check: bool = False, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
         """Run `blockvirt ARGS --api URL` and capture its output."""
+        env = {**os.environ, "BLOCKVIRT_API": self.api_url}
+        for var in ("BLOCKVIRT_API_TOKEN", "BLOCKVIRT_API_TOKEN_FILE"):
+            env.pop(var, None)
+        if self.api_token is not None:
+            env["BLOCKVIRT_API_TOKEN"] = self.api_token
         return subprocess.run(
             [sys.executable, "-m", "blockvirt", *args],
-            env={**os.environ, "BLOCKVIRT_API": self.api_url},
+            env=env,
             capture_output=True,
             text=True,
             check=check,

@@ -40,3 +40,9 @@ fi
 extra=""
 (( want_test )) && extra="[test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
+if (( want_test )); then
+    # Coverage-guided fuzzing (tools/fuzz/fuzz_nbd.py). A wheel exists for CPython 3.11 on
+    # x86_64; elsewhere it may need clang to build: the atheris test then skips.
+    .venv/bin/python -m pip install -q --disable-pip-version-check "atheris>=2.3" \
+        || echo "warning: atheris could not be installed; its fuzz test will be skipped" >&2
+fi

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from blockvirt.nbd import wire
 from blockvirt.nbd.connection import ClientConnection, ServerConnection, ServerEvent
 from blockvirt.nbd.constants import BASE_ALLOCATION, OPT_REPLY_MAGIC, Opt, Rep
-from blockvirt.nbd.events import Command, ExportInfo, Negotiated, OptionResult, Reply
+from blockvirt.nbd.events import Command, ExportDenied, ExportInfo, Negotiated, OptionResult, Reply
 from blockvirt.nbd.handshake import TLSMode
 from blockvirt.nbd.transmission import ClientTransmission, ServerTransmission
 from blockvirt.server.dispatch import Dispatcher
@@ -25,21 +25,25 @@ Buffers = Sequence[bytes | bytearray | memoryview]
 
 
 class FakeCatalog:
-    """An `ExportCatalog` over a fixed set of exports (mutable between handshakes)."""
+    """An `ExportCatalog` over a fixed set of exports (mutable between handshakes); names in
+    `denied` exist but this client may not open them."""
 
-    def __init__(self, *exports: ExportInfo) -> None:
+    def __init__(self, *exports: ExportInfo, denied: Iterable[str] = ()) -> None:
         self.by_name: dict[str, ExportInfo] = {e.name: e for e in exports}
+        self.denied = set(denied)
         self.lookups: list[str] = []
 
     def add(self, export: ExportInfo) -> None:
         self.by_name[export.name] = export
 
-    def lookup(self, name: str) -> ExportInfo | None:
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
         self.lookups.append(name)
+        if name in self.denied:
+            return ExportDenied(name, "denied by the test catalog")
         return self.by_name.get(name)
 
     def exports(self) -> Iterable[ExportInfo]:
-        return list(self.by_name.values())
+        return [e for e in self.by_name.values() if e.name not in self.denied]
 
 
 def default_catalog() -> FakeCatalog:
@@ -47,6 +51,7 @@ def default_catalog() -> FakeCatalog:
         ExportInfo("disk", 1 << 20, description="a test disk"),
         ExportInfo("ro", 1 << 20, read_only=True),
         ExportInfo("plain", 4096, contexts=()),
+        denied=("secret",),
     )
 
 

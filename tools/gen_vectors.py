@@ -194,12 +194,13 @@ class Export:
     fast_zero: bool = True  # FAST_ZERO requests can be served (else ENOTSUP)
     sparse_reads: bool = False  # large reads report unallocated blocks as holes
     data: list[tuple[int, bytes]] = field(default_factory=list)
+    access: str = "full"  # what this client's access rules grant: full, read-only or denied (§3.7)
 
     def flags(self, structured: bool) -> int:
         """Spec §3.5, for a node that can do everything (our memory and raw nodes)."""
         f = tflag("HAS_FLAGS") | tflag("SEND_FLUSH") | tflag("SEND_FUA") | tflag("CAN_MULTI_CONN")
         f |= tflag("SEND_CACHE")
-        if self.read_only:
+        if self.read_only or self.access == "read-only":
             f |= tflag("READ_ONLY")
         else:
             f |= tflag("SEND_TRIM") | tflag("SEND_WRITE_ZEROES") | tflag("SEND_FAST_ZERO")
@@ -223,6 +224,8 @@ class Export:
             out["fast_zero"] = False
         if self.sparse_reads:
             out["sparse_reads"] = True
+        if self.access != "full":
+            out["access"] = self.access
         if self.data:
             out["data"] = [{"offset": off, "hex": raw.hex()} for off, raw in self.data]
         return out
@@ -283,6 +286,11 @@ class Vector:
             cflags = v("NBD_FLAG_C_FIXED_NEWSTYLE") | v("NBD_FLAG_C_NO_ZEROES")
         self.no_zeroes = bool(cflags & v("NBD_FLAG_C_NO_ZEROES"))
         self.c2s(u32(cflags), f"client flags {cflags:#x}")
+
+    def denied(self, number: int, export: str, note: str) -> None:
+        message = f"access to export {pyrepr(export)} is denied"
+        self.s2c(option_reply(number, rep("ERR_POLICY"), message.encode()), f"{note}: ERR_POLICY {message!r}")
+        self.event("access_denied", option=number, export=export)
 
     def refused(self, number: int, rtype: str, message: str, note: str) -> None:
         self.s2c(option_reply(number, rep(rtype), message.encode()), f"{note}: {rtype} {message!r}")
@@ -558,6 +566,8 @@ def list_exports() -> Vector:
     t.hello()
     t.c2s(option(opt("LIST")), "NBD_OPT_LIST")
     for e in t.exports.values():
+        if e.access == "denied":
+            continue
         raw = e.name.encode()
         t.s2c(
             option_reply(opt("LIST"), rep("SERVER"), u32(len(raw)) + raw + e.description.encode()),
@@ -1004,6 +1014,72 @@ def export_name_unknown() -> Vector:
     t.c2s(option(opt("EXPORT_NAME"), b"nope"), "NBD_OPT_EXPORT_NAME 'nope'")
     t.event("aborted")
     t.closed = True
+    return t
+
+
+@vector
+def access_denied() -> Vector:
+    secret = Export("secret", 1 * MiB, "not for this client", access="denied")
+    t = errors(
+        "access_denied",
+        "An export this client's access rules refuse: LIST leaves it out; INFO, GO and "
+        "SET_META_CONTEXT get ERR_POLICY and haggling goes on; an open export still works (spec §3.7).",
+        secret,
+        disk(),
+    )
+    t.hello()
+    t.c2s(option(opt("LIST")), "NBD_OPT_LIST")
+    raw = b"disk"
+    t.s2c(
+        option_reply(opt("LIST"), rep("SERVER"), u32(len(raw)) + raw + b"test disk"),
+        "SERVER 'disk' only: 'secret' is not shown to this client",
+    )
+    t.s2c(option_reply(opt("LIST"), rep("ACK")), "ACK")
+    t.c2s(option(opt("INFO"), info_request("secret", [info("BLOCK_SIZE")])), "NBD_OPT_INFO 'secret'")
+    t.denied(opt("INFO"), "secret", "INFO")
+    t.structured_reply()
+    t.c2s(
+        option(opt("SET_META_CONTEXT"), meta_request("secret", [BASE_ALLOCATION])),
+        "NBD_OPT_SET_META_CONTEXT 'secret'",
+    )
+    t.denied(opt("SET_META_CONTEXT"), "secret", "SET_META_CONTEXT")
+    t.c2s(option(opt("GO"), info_request("secret", [info("BLOCK_SIZE")])), "NBD_OPT_GO 'secret'")
+    t.denied(opt("GO"), "secret", "GO")
+    t.go("disk")
+    return t
+
+
+@vector
+def access_denied_export_name() -> Vector:
+    t = errors(
+        "access_denied_export_name",
+        "EXPORT_NAME for an export this client may not open: the server closes silently (spec §3.3, §3.7).",
+        Export("secret", 1 * MiB, access="denied"),
+    )
+    t.hello()
+    t.c2s(option(opt("EXPORT_NAME"), b"secret"), "NBD_OPT_EXPORT_NAME 'secret'")
+    t.event("access_denied", option=opt("EXPORT_NAME"), export="secret")
+    t.closed = True
+    return t
+
+
+@vector
+def read_only_grant() -> Vector:
+    data = pattern(512, 29)
+    t = errors(
+        "read_only_grant",
+        "A writable export that this client's rules open read-only: READ_ONLY is advertised, no "
+        "TRIM or WRITE_ZEROES, reads work and writes get EPERM (spec §3.5, §3.7, §5.1).",
+        Export("disk", 1 * MiB, "test disk", access="read-only", data=[(0, data)]),
+    )
+    start(t, structured=True)
+    t.send("READ", 1, 0, 512)
+    t.read_reply(1, 0, data)
+    t.send("WRITE", 2, 0, 512, payload=bytes(512))
+    t.fail(2, "EPERM", "export is read-only")
+    t.send("WRITE_ZEROES", 3, 0, 512)
+    t.fail(3, "EPERM", "export is read-only")
+    t.expect_data("disk", 0, data)
     return t
 
 

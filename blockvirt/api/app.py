@@ -6,16 +6,18 @@ protocol/mgmt-api.md.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from blockvirt.api.auth import auth_middleware
 from blockvirt.metrics.registry import build_registry
-from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size
+from blockvirt.server.acl import KINDS, AclError, normalize
+from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size, validate_name
 from blockvirt.storage.stats import VolumeStats
 from blockvirt.storage.volumes import VolumeManager
 
@@ -49,7 +51,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError: bad JSON, bad UTF-8, or an integer with too many digits to parse;
+        # RecursionError: nesting deeper than the parser goes.
         raise CatalogError("invalid", "request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise CatalogError("invalid", "request body must be a JSON object")
@@ -69,6 +73,79 @@ def _field(body: dict[str, Any], key: str, kind: type, default: Any = ...) -> An
     if kind is dict and not isinstance(value, dict):
         raise CatalogError("invalid", f"field {key!r} must be a JSON object")
     return value
+
+
+def _volume_name(request: web.Request) -> str:
+    """The {name} of the route, which must be a volume that exists."""
+    name = validate_name(request.match_info["name"])
+    if request.app[VOLUMES].record(name) is None:
+        raise CatalogError("not-found", f"no volume named {name!r}")
+    return name
+
+
+def _rule_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise CatalogError("invalid", f"invalid rule id {raw!r}: expected a number from 'volume acl show'")
+    return int(raw)
+
+
+def _acl_answer(request: web.Request, name: str) -> dict[str, Any]:
+    rules = [r.to_dict() for r in request.app[VOLUMES].catalog.acl_rules(name)]
+    for r in rules:
+        del r["volume"]
+    # "open": no rules, anyone may connect; "restricted": only clients a rule matches.
+    return {"volume": name, "mode": "restricted" if rules else "open", "rules": rules}
+
+
+async def get_acl(request: web.Request) -> web.Response:
+    return web.json_response(_acl_answer(request, _volume_name(request)))
+
+
+async def add_acl_rule(request: web.Request) -> web.Response:
+    name = _volume_name(request)
+    body = await _body(request)
+    unknown = set(body) - {"kind", "value", "read_only"}
+    if unknown:
+        raise CatalogError("invalid", f"unknown field(s): {', '.join(sorted(map(repr, unknown)))}")
+    kind = _field(body, "kind", str)
+    if kind not in KINDS:
+        raise CatalogError("invalid", f"field 'kind' must be one of {', '.join(KINDS)}")
+    try:
+        value = normalize(kind, _field(body, "value", str))
+    except AclError as e:
+        raise CatalogError("invalid", str(e)) from None
+    read_only = _field(body, "read_only", bool, False)
+    rec = request.app[VOLUMES].catalog.add_acl_rule(name, kind, value, read_only)
+    log.info(
+        "access rule %d added to %s: %s %s%s",
+        rec.id,
+        name,
+        kind,
+        value,
+        " (read-only)" if read_only else "",
+        extra={"volume": name},
+    )
+    out = rec.to_dict()
+    del out["volume"]
+    return web.json_response(out, status=201)
+
+
+async def remove_acl_rule(request: web.Request) -> web.Response:
+    name = _volume_name(request)
+    rule_id = _rule_id(request)
+    if not request.app[VOLUMES].catalog.remove_acl_rule(name, rule_id):
+        raise CatalogError("not-found", f"volume {name!r} has no access rule {rule_id}")
+    log.info("access rule %d removed from %s", rule_id, name, extra={"volume": name})
+    return web.json_response({"volume": name, "removed": [rule_id]})
+
+
+async def clear_acl(request: web.Request) -> web.Response:
+    name = _volume_name(request)
+    before = [r.id for r in request.app[VOLUMES].catalog.acl_rules(name)]
+    request.app[VOLUMES].catalog.clear_acl(name)
+    log.info("access rules of %s cleared (%d)", name, len(before), extra={"volume": name})
+    return web.json_response({"volume": name, "removed": before})
 
 
 async def list_volumes(request: web.Request) -> web.Response:
@@ -224,10 +301,16 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None) -> web.Application:
+def build_app(
+    volumes: VolumeManager, registry: CollectorRegistry | None = None, *, token: str | None = None
+) -> web.Application:
     """The API; `/metrics` serves `registry` (by default one over `volumes`), or answers 404
-    when the volumes do no accounting (`serve --no-metrics`)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+    when the volumes do no accounting (`serve --no-metrics`). With `token`, every request
+    but the health check needs `Authorization: Bearer TOKEN` (see blockvirt.api.auth)."""
+    middlewares: list[Middleware] = [errors_middleware]
+    if token is not None:
+        middlewares.insert(0, auth_middleware(token))  # first: nothing runs before the check
+    app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[VOLUMES] = volumes
     if registry is None and volumes.metrics:
         registry = build_registry(volumes)
@@ -249,6 +332,10 @@ def build_app(volumes: VolumeManager, registry: CollectorRegistry | None = None)
     app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
     app.router.add_post("/api/v1/volumes/{name}/resize", resize_volume)
     app.router.add_post("/api/v1/volumes/{name}/migrate", migrate_volume)
+    app.router.add_get("/api/v1/volumes/{name}/acl", get_acl)
+    app.router.add_post("/api/v1/volumes/{name}/acl", add_acl_rule)
+    app.router.add_delete("/api/v1/volumes/{name}/acl", clear_acl)
+    app.router.add_delete("/api/v1/volumes/{name}/acl/{id}", remove_acl_rule)
     app.router.add_get("/api/v1/volumes/{name}/snapshots", list_snapshots)
     app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
     app.router.add_post("/api/v1/volumes/{name}/snapshots/{snap}/revert", revert_snapshot)

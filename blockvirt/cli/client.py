@@ -17,15 +17,18 @@ class ApiError(Exception):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 120.0, *, token: str | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
+        self.token = token
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -33,7 +36,13 @@ class ApiClient:
             raw = e.read()
             try:
                 err = json.loads(raw)["error"]
-                raise ApiError(err["message"], e.code, err.get("code", "")) from None
+                message = err["message"]
+                if e.code == 401:
+                    hint = "use --token-file FILE, or set BLOCKVIRT_API_TOKEN or BLOCKVIRT_API_TOKEN_FILE"
+                    message = (
+                        f"{message} ({hint})" if not self.token else f"{message} (the token was refused)"
+                    )
+                raise ApiError(message, e.code, err.get("code", "")) from None
             except (ValueError, KeyError, TypeError):
                 raise ApiError(f"HTTP {e.code}: {raw[:200].decode(errors='replace')}", e.code) from None
         except urllib.error.URLError as e:

@@ -38,6 +38,12 @@ def add_common(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument(
         "--json", action="store_true", help="machine-readable output", **({"default": False} if top else d)
     )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="API token (default $BLOCKVIRT_API_TOKEN, or the file $BLOCKVIRT_API_TOKEN_FILE)",
+        **({"default": None} if top else d),
+    )
 
 
 def human_size(n: float) -> str:

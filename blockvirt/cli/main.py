@@ -1,5 +1,6 @@
 """`blockvirt` command line. main(argv) -> exit status; errors are one clear line, never a
-traceback. Every command takes --api URL (default $BLOCKVIRT_API) and --json."""
+traceback. Every command takes --api URL (default $BLOCKVIRT_API), --json, and --token-file
+FILE (else the API token comes from $BLOCKVIRT_API_TOKEN or the file $BLOCKVIRT_API_TOKEN_FILE)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ def _common(p: argparse.ArgumentParser, top: bool) -> None:
     add_common(p, top)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= n <= 86400 * 365:
+        raise argparse.ArgumentTypeError(f"out of range: {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blockvirt", description="blockvirt storage virtualization service")
     _common(parser, top=True)
@@ -76,6 +97,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--warn-depth", type=int, default=16, metavar="N", help="warn when a chain grows past N layers"
     )
     serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
+    serve.add_argument(
+        "--api-token-file",
+        metavar="FILE",
+        help="clients must send this file's token (Authorization: Bearer); needed off loopback",
+    )
+    lim = serve.add_argument_group("connection limits and timeouts")
+    lim.add_argument("--max-connections", type=_positive_int, default=1024, metavar="N")
+    lim.add_argument(
+        "--max-connections-per-address",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="from one client IP",
+    )
+    lim.add_argument(
+        "--handshake-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="connect to transmission"
+    )
+    lim.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="a request that started arriving must be complete by then (0: off)",
+    )
+    lim.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="end sessions with nothing in flight for this long (default 0: off)",
+    )
+    lim.add_argument(
+        "--max-inflight", type=_positive_int, default=64, metavar="N", help="requests per connection"
+    )
+    lim.add_argument(
+        "--max-inflight-bytes",
+        default="128M",
+        metavar="SIZE",
+        help="READ/WRITE bytes in flight per connection",
+    )
 
     vol = sub.add_parser("volume", help="manage volumes")
     _common(vol, top=False)
@@ -106,6 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("name")
     vr.add_argument("size", help="new virtual size: bytes or 512M, 10G, 1T ...")
     vr.add_argument("--force", action="store_true", help="allow shrinking (data past the new end is lost)")
+    va = vsub.add_parser("acl", help="access rules: who may open the volume (show, add, remove, clear)")
+    _common(va, top=False)
+    asub = va.add_subparsers(dest="acl_action", metavar="ACTION", parser_class=_Parser)
+    a = asub.add_parser("show", help="list the rules (none: open to everyone)")
+    _common(a, top=False)
+    a.add_argument("name")
+    a = asub.add_parser("add", help="allow clients by certificate CN, SAN, or source address")
+    _common(a, top=False)
+    a.add_argument("name")
+    who = a.add_mutually_exclusive_group(required=True)
+    who.add_argument("--cn", help="the CN of a TLS client certificate")
+    who.add_argument(
+        "--san", help="a subjectAltName of it: DNS:host, IP:addr, email:x, URI:x, or a bare value"
+    )
+    who.add_argument("--address", metavar="CIDR", help="a source address or network: 10.0.0.0/8, ::1")
+    a.add_argument("--read-only", action="store_true", help="matching clients get the volume read-only")
+    a = asub.add_parser("remove", help="remove one rule by its id")
+    _common(a, top=False)
+    a.add_argument("name")
+    a.add_argument("rule_id", metavar="RULE-ID")
+    a = asub.add_parser("clear", help="remove every rule: the volume is open to everyone again")
+    _common(a, top=False)
+    a.add_argument("name")
     vf = vsub.add_parser("flatten", help="copy shared data in so the volume stands alone (a job)")
     _common(vf, top=False)
     vf.add_argument("name")
@@ -155,14 +239,28 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from blockvirt import logs
-    from blockvirt.server.service import Service, ServiceConfig, parse_hostport
+    from blockvirt.api.auth import TokenError
+    from blockvirt.server.limits import Limits
+    from blockvirt.server.service import ConfigError, Service, ServiceConfig, parse_hostport
     from blockvirt.server.tls import TLSConfigError
+    from blockvirt.storage.catalog import CatalogError, parse_size
 
     try:
         nbd_host, nbd_port = parse_hostport(args.nbd, "--nbd")
         api_host, api_port = parse_hostport(args.api_listen, "--api")
+        limits = Limits(
+            max_connections=args.max_connections,
+            max_connections_per_address=args.max_connections_per_address,
+            handshake_timeout=args.handshake_timeout,
+            request_timeout=args.request_timeout,
+            idle_timeout=args.idle_timeout,
+            max_inflight=args.max_inflight,
+            max_inflight_bytes=parse_size(args.max_inflight_bytes),
+        )
+    except CatalogError as e:
+        raise UsageError(f"blockvirt serve: --max-inflight-bytes: {e.message}") from None
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"blockvirt serve: {e}") from None
     if args.tls and not args.tls_dir:
         raise UsageError("blockvirt serve: --tls needs --tls-dir DIR")
     logs.setup(args.log_level, args.log_format, sys.stderr)
@@ -178,10 +276,12 @@ def _serve(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         tls_mode=args.tls or "require",
         metrics=args.metrics,
+        api_token_file=args.api_token_file,
+        limits=limits,
     )
     try:
         asyncio.run(Service(cfg).run())
-    except TLSConfigError as e:
+    except (TLSConfigError, ConfigError, TokenError) as e:
         print(f"blockvirt serve: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:
@@ -261,6 +361,8 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         if info["size"] > old and info["connections"]:
             human += " (connected clients see the new size when they reconnect or query it)"
         _emit(args, info, human)
+    elif action == "acl":
+        return _acl(args, api)
     elif action == "flatten":
         job = api.post(f"/api/v1/volumes/{_q(args.name)}/flatten", {})
         if args.wait:
@@ -269,8 +371,52 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         return EXIT_OK if job["state"] != "failed" else EXIT_ERROR
     else:
         raise UsageError(
-            "blockvirt volume: choose an action: create, list, info, stats, delete, resize, clone, flatten"
+            "blockvirt volume: choose an action: "
+            "create, list, info, stats, delete, resize, clone, flatten, acl"
         )
+    return EXIT_OK
+
+
+def _acl_text(acl: dict[str, Any]) -> str:
+    if not acl["rules"]:
+        return f"{acl['volume']}: no access rules (open to every client)"
+    rows = [
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "value": r["value"],
+            "access": "read-only" if r["read_only"] else "read-write",
+        }
+        for r in acl["rules"]
+    ]
+    cols = [("id", "ID"), ("kind", "KIND"), ("value", "MATCHES"), ("access", "ACCESS")]
+    cells = [[h for _, h in cols]] + [[str(r[k]) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [f"{acl['volume']}: only clients matching a rule may connect"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _acl(args: argparse.Namespace, api: ApiClient) -> int:
+    action = getattr(args, "acl_action", None)
+    if action is None:
+        raise UsageError("blockvirt volume acl: choose an action: show, add, remove, clear")
+    base = f"/api/v1/volumes/{_q(args.name)}/acl"
+    if action == "show":
+        acl = api.get(base)
+        _emit(args, acl, _acl_text(acl))
+    elif action == "add":
+        kind, value = next((k, getattr(args, k)) for k in ("cn", "san", "address") if getattr(args, k))
+        rule = api.post(base, {"kind": kind, "value": value, "read_only": args.read_only})
+        access = "read-only" if rule["read_only"] else "read-write"
+        _emit(args, rule, f"added rule {rule['id']} to {args.name}: {kind} {rule['value']} ({access})")
+    elif action == "remove":
+        out = api.delete(f"{base}/{_q(args.rule_id)}")
+        _emit(args, out, f"removed rule {args.rule_id} from {args.name}")
+    else:
+        out = api.delete(base)
+        n = len(out["removed"])
+        _emit(args, out, f"removed {n} rule(s) from {args.name}: it is open to every client")
     return EXIT_OK
 
 
@@ -361,6 +507,22 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if report.damaged else EXIT_OK
 
 
+def _api_token(args: argparse.Namespace) -> str | None:
+    """--token-file, else $BLOCKVIRT_API_TOKEN, else the file $BLOCKVIRT_API_TOKEN_FILE."""
+    from blockvirt.api.auth import TokenError, read_token_file
+
+    path = getattr(args, "token_file", None)
+    token = os.environ.get("BLOCKVIRT_API_TOKEN", "").strip()
+    if not path and not token:
+        path = os.environ.get("BLOCKVIRT_API_TOKEN_FILE") or None
+    if path:
+        try:
+            return read_token_file(path)
+        except TokenError as e:
+            raise ApiError(str(e)) from None
+    return token or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -372,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "check":
             return _check(args)
-        api = ApiClient(args.api or os.environ.get("BLOCKVIRT_API") or DEFAULT_API_URL)
+        api = ApiClient(
+            args.api or os.environ.get("BLOCKVIRT_API") or DEFAULT_API_URL, token=_api_token(args)
+        )
         if args.command == "volume":
             return _volume(args, api)
         if args.command == "pool":

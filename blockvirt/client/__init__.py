@@ -80,18 +80,24 @@ class _Link:
         return await self.option_result()
 
 
-async def _open(host: str, port: int) -> _Link:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _open(host: str, port: int, local_host: str | None = None) -> _Link:
+    # local_host picks the source address (e.g. 127.0.0.2), for address-based access rules.
+    local_addr = (local_host, 0) if local_host else None
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
     link = _Link(reader, writer)
     await link.greet()
     return link
 
 
-async def list_exports(host: str = "127.0.0.1", port: int = 10809) -> list[tuple[str, str]]:
-    link = await _open(host, port)
+async def list_exports(
+    host: str = "127.0.0.1", port: int = 10809, *, local_host: str | None = None
+) -> list[tuple[str, str]]:
+    link = await _open(host, port, local_host)
     try:
         res = await link.option(Opt.LIST)
         await link.option(Opt.ABORT)
+        if res.reply != Rep.ACK:
+            raise NbdClientError(f"LIST refused: {res.message or Rep(res.reply).name}", reply=res.reply)
         return list(res.exports)
     finally:
         link.writer.close()
@@ -125,12 +131,13 @@ class NbdClient:
         *,
         structured: bool = True,
         contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+        local_host: str | None = None,
     ) -> NbdClient:
         if uri_or_host.startswith("nbd://"):
             host, p, name = parse_uri(uri_or_host)
         else:
             host, p, name = uri_or_host, port or 10809, export or ""
-        link = await _open(host, p)
+        link = await _open(host, p, local_host)
         try:
             sr = False
             if structured:
@@ -157,10 +164,10 @@ class NbdClient:
         return cls(link, res.export, tx, selected)
 
     @staticmethod
-    async def info(uri: str) -> ExportInfo:
+    async def info(uri: str, *, local_host: str | None = None) -> ExportInfo:
         """NBD_OPT_INFO: the export's current size and flags without opening it."""
         host, port, name = parse_uri(uri)
-        link = await _open(host, port)
+        link = await _open(host, port, local_host)
         try:
             link.conn.handshake.go(name, info=True)
             await link.flush_out()

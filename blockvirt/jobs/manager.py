@@ -110,6 +110,14 @@ class Job:
 Runner = Callable[[Job], Awaitable[None]]
 
 
+def public_error(e: BaseException) -> str:
+    """What the API may show of a failure: an OSError's text names files, so only its
+    strerror goes out (the full error is in the server log)."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e) or type(e).__name__
+
+
 class JobManager:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -157,7 +165,7 @@ class JobManager:
                 raise  # a stop: stays RUNNING in the catalog, resumed next time
             except Exception as e:
                 log.exception("job %s (%s on %s) failed", job.id, job.kind, job.volume, extra=job.log_extra())
-                job.state, job.error = FAILED, str(e) or type(e).__name__
+                job.state, job.error = FAILED, public_error(e)
                 self.save(job)
                 return
             if job.state == RUNNING:

@@ -24,6 +24,7 @@ from prometheus_client.utils import floatToGoString
 
 from blockvirt.jobs.manager import RUNNING, Job
 from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.server.limits import SecurityCounters
 from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
 from blockvirt.storage.volumes import Volume, VolumeManager
 
@@ -242,6 +243,44 @@ class LoopCollector(Collector):
         )
         h.add_metric([], histogram_buckets(lag), lag.total)
         yield h
+
+
+class SecurityCollector(Collector):
+    """Refused accesses and connections, and sessions cut by a timeout, from the plain
+    counters the listener and its sessions bump."""
+
+    def __init__(self, counters: SecurityCounters, volumes: VolumeManager) -> None:
+        self.counters = counters
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters
+        denied = CounterMetricFamily(
+            "blockvirt_access_denied",
+            "Opens of an export refused by its volume's access rules (INFO, GO, META_CONTEXT, EXPORT_NAME)",
+            labels=["volume"],
+        )
+        names = {r.name for r in self.volumes.records()}
+        for vol in list(c.access_denied):
+            if vol not in names:
+                del c.access_denied[vol]  # deleted volumes vanish, as in every other family
+        for vol, n in sorted(c.access_denied.items()):
+            denied.add_metric([vol], n)
+        refused = CounterMetricFamily(
+            "blockvirt_connections_refused",
+            "NBD connections closed at accept: over a connection limit, or the server stopping",
+            labels=["reason"],
+        )
+        for reason, n in sorted(c.refused.items()):
+            refused.add_metric([reason], n)
+        timed_out = CounterMetricFamily(
+            "blockvirt_connections_timed_out",
+            "NBD sessions cut by a timeout, by phase (handshake, request, idle)",
+            labels=["phase"],
+        )
+        for phase, n in sorted(c.timed_out.items()):
+            timed_out.add_metric([phase], n)
+        yield from (denied, refused, timed_out)
 
 
 class InfoCollector(Collector):

@@ -9,17 +9,25 @@ from blockvirt.metrics.collectors import (
     JobCollector,
     LoopCollector,
     PoolCollector,
+    SecurityCollector,
     VolumeCollector,
 )
 from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.server.limits import SecurityCounters
 from blockvirt.storage.volumes import VolumeManager
 
 __all__ = ["VolumeCollector", "build_registry"]
 
 
-def build_registry(volumes: VolumeManager, loop_lag: LoopLagMonitor | None = None) -> CollectorRegistry:
+def build_registry(
+    volumes: VolumeManager,
+    loop_lag: LoopLagMonitor | None = None,
+    security: SecurityCounters | None = None,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(VolumeCollector(volumes))
+    if security is not None:
+        registry.register(SecurityCollector(security, volumes))
     registry.register(PoolCollector(volumes))
     registry.register(JobCollector(volumes))
     registry.register(InfoCollector())

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from blockvirt.nbd.connection import ClientConnection, ServerConnection
-from blockvirt.nbd.events import ExportInfo
+from blockvirt.nbd.events import ExportDenied, ExportInfo
 from blockvirt.nbd.handshake import ExportCatalog, TLSMode
 
-__all__ = ["ClientConnection", "ExportCatalog", "ExportInfo", "ServerConnection", "TLSMode"]
+__all__ = [
+    "ClientConnection",
+    "ExportCatalog",
+    "ExportDenied",
+    "ExportInfo",
+    "ServerConnection",
+    "TLSMode",
+]

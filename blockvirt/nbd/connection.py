@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from blockvirt.nbd.events import Aborted, Command, Negotiated, OptionRefused, OptionResult, Reply, StartTLS
+from blockvirt.nbd.events import (
+    Aborted,
+    AccessDenied,
+    Command,
+    Negotiated,
+    OptionRefused,
+    OptionResult,
+    Reply,
+    StartTLS,
+)
 from blockvirt.nbd.handshake import ClientHandshake, ExportCatalog, ServerHandshake, TLSMode
 from blockvirt.nbd.transmission import ClientTransmission, ServerTransmission
 
-ServerEvent = StartTLS | Negotiated | Aborted | OptionRefused | Command
+ServerEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused | Command
 
 
 class ServerConnection:

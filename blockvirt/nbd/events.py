@@ -35,6 +35,16 @@ class ExportInfo:
     contexts: tuple[str, ...] = ("base:allocation",)
 
 
+@dataclass(frozen=True, slots=True)
+class ExportDenied:
+    """An `ExportCatalog`'s answer for an export that exists but this client may not open.
+
+    `reason` is for the server's log only; the client is told nothing but "access denied"."""
+
+    name: str
+    reason: str = ""
+
+
 # ---------------------------------------------------------------- server role: handshake
 
 
@@ -59,6 +69,20 @@ class Aborted:
     """The client sent NBD_OPT_ABORT (or an EXPORT_NAME we cannot serve): close."""
 
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDenied:
+    """The catalog refused this client the export an option named (for logs and metrics).
+
+    After INFO, GO or a META_CONTEXT option the client was answered NBD_REP_ERR_POLICY and
+    haggling goes on. After EXPORT_NAME, which has no error reply, `closed` is set: the
+    handshake is over and the adapter must drop the connection."""
+
+    option: int
+    export: str
+    reason: str
+    closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ what it serves, so the whole negotiation, including every error answer, lives he
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,8 @@ from blockvirt.nbd.constants import (
 )
 from blockvirt.nbd.events import (
     Aborted,
+    AccessDenied,
+    ExportDenied,
     ExportInfo,
     Negotiated,
     OptionRefused,
@@ -40,6 +43,9 @@ from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
 
 #: More meta-context queries than this in one option get ERR_TOO_BIG.
 MAX_META_QUERIES = 128
+#: The client refuses option replies longer than this (ours are at most a few KiB): a peer
+#: declaring more is not allowed to make us buffer it.
+MAX_OPTION_REPLY = MAX_OPTION_LENGTH
 
 
 class TLSMode(enum.Enum):
@@ -99,11 +105,25 @@ class StateMachine:
 
 
 class ExportCatalog(Protocol):
-    """What a server connection may see. Implemented by the export registry (per client)."""
+    """What a server connection may see. Implemented by the export registry, one view per
+    client: the view applies that client's access rules."""
 
-    def lookup(self, name: str) -> ExportInfo | None: ...
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
+        """The export as this client may use it (read-only if that is all it is granted),
+        `ExportDenied` if it exists but this client may not open it, None if unknown."""
+        ...
 
-    def exports(self) -> Iterable[ExportInfo]: ...
+    def exports(self) -> Iterable[ExportInfo]:
+        """What LIST shows: only the exports this client may open."""
+        ...
+
+
+ServerHandshakeEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused
+
+
+def _denied_message(name: str) -> str:
+    # The rule that refused, and who the server thinks the client is, stay in the server log.
+    return f"access to export {name!r} is denied"
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> int:
@@ -265,7 +285,7 @@ class ServerHandshake:
         self._meta_export = None
         self._meta = {}
 
-    def next_event(self) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
+    def next_event(self) -> ServerHandshakeEvent | None:
         """Process buffered input; returns an event, or None when more data is needed."""
         while True:
             st = self.machine.state
@@ -309,7 +329,11 @@ class ServerHandshake:
         self._reply(opt, rep, wire.utf8_prefix(message, MAX_STRING))
         return OptionRefused(opt, int(rep), message)
 
-    def _option(self, opt: int, data: bytes) -> StartTLS | Negotiated | Aborted | OptionRefused | None:
+    def _deny(self, opt: int, denied: ExportDenied) -> AccessDenied:
+        self._reply(opt, Rep.ERR_POLICY, wire.utf8_prefix(_denied_message(denied.name), MAX_STRING))
+        return AccessDenied(opt, denied.name, denied.reason)
+
+    def _option(self, opt: int, data: bytes) -> ServerHandshakeEvent | None:
         self.machine.fire(Input.OPTION)
         if opt == Opt.ABORT:
             self._reply(opt, Rep.ACK)
@@ -355,10 +379,13 @@ class ServerHandshake:
         self.machine.fire(Input.STARTTLS)
         return StartTLS()
 
-    def _export_name(self, data: bytes, tls_needed: bool) -> Negotiated | Aborted:
+    def _export_name(self, data: bytes, tls_needed: bool) -> Negotiated | Aborted | AccessDenied:
         # No error reply exists for EXPORT_NAME: failures close the connection.
         name = _decode_name(data)
         export = None if name is None or tls_needed or self.shutting_down else self.catalog.lookup(name)
+        if isinstance(export, ExportDenied):
+            self.machine.fire(Input.ABORT)
+            return AccessDenied(Opt.EXPORT_NAME, export.name, export.reason, closed=True)
         if export is None:
             self.machine.fire(Input.ABORT)
             why = "TLS required" if tls_needed else f"no export named {name!r}"
@@ -373,11 +400,13 @@ class ServerHandshake:
         contexts = dict(self._meta) if self._meta_export == export.name and self.structured else {}
         return Negotiated(export, flags, self.structured, contexts)
 
-    def _info(self, opt: int, data: bytes) -> Negotiated | OptionRefused | None:
+    def _info(self, opt: int, data: bytes) -> Negotiated | OptionRefused | AccessDenied | None:
         p = _parse_info(data)
         if p.error is not None:
             return self._refuse(opt, p.error, p.message)
         export = self.catalog.lookup(p.name)
+        if isinstance(export, ExportDenied):
+            return self._deny(opt, export)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
         flags = transmission_flags(export, self.structured)
@@ -397,7 +426,7 @@ class ServerHandshake:
             return self._selected(export, flags)
         return None
 
-    def _meta_context(self, opt: int, data: bytes) -> OptionRefused | None:
+    def _meta_context(self, opt: int, data: bytes) -> OptionRefused | AccessDenied | None:
         setting = opt == Opt.SET_META_CONTEXT
         if setting:  # SET replaces the previous selection even when it fails
             self._meta_export, self._meta = None, {}
@@ -407,6 +436,8 @@ class ServerHandshake:
         if p.error is not None:
             return self._refuse(opt, p.error, p.message)
         export = self.catalog.lookup(p.name)
+        if isinstance(export, ExportDenied):
+            return self._deny(opt, export)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)
@@ -501,11 +532,16 @@ class ClientHandshake:
             magic, opt, rep, length = wire.OPTION_REPLY.unpack_from(self.buffer.buf, self.buffer.pos)
             if magic != OPT_REPLY_MAGIC or opt != self._pending:
                 raise RemoteProtocolError("bad option reply")
+            if length > MAX_OPTION_REPLY:
+                raise RemoteProtocolError(f"option reply of {length} bytes exceeds {MAX_OPTION_REPLY}")
             if len(self.buffer) < wire.OPTION_REPLY.size + length:
                 return None
             self.buffer.advance(wire.OPTION_REPLY.size)
             data = self.buffer.take(length)
-            result = self._option_reply(opt, rep, data)
+            try:
+                result = self._option_reply(opt, rep, data)
+            except (struct.error, UnicodeDecodeError) as e:  # a reply shorter than its type needs
+                raise RemoteProtocolError(f"malformed reply {rep:#x} to option {opt}: {e}") from None
             if result is not None:
                 return result
         return None
@@ -523,6 +559,8 @@ class ClientHandshake:
     def _option_reply(self, opt: int, rep: int, data: bytes) -> OptionResult | None:
         if rep == Rep.SERVER:
             (n,) = wire.U32.unpack_from(data, 0)
+            if n > len(data) - 4:
+                raise RemoteProtocolError("export name longer than its SERVER reply")
             name = data[4 : 4 + n].decode()
             self._exports.append((name, data[4 + n :].decode(errors="replace")))
             return None
@@ -533,6 +571,9 @@ class ClientHandshake:
         if rep == Rep.INFO:
             self._info_reply(data)
             return None
+        if rep == Rep.ACK and opt in (Opt.GO, Opt.INFO) and not self._tflags:
+            # The spec: NBD_INFO_EXPORT MUST come before the final ACK of INFO and GO.
+            raise RemoteProtocolError("the server acknowledged INFO/GO without NBD_INFO_EXPORT")
         self._pending = None
         message = data.decode(errors="replace") if rep & (1 << 31) else ""
         return OptionResult(
@@ -544,6 +585,8 @@ class ClientHandshake:
         cur = self._export or ExportInfo(name=self._pending_name, size=0)
         if itype == Info.EXPORT:
             _, size, flags = wire.INFO_EXPORT.unpack(data)
+            if not flags & TransmissionFlag.HAS_FLAGS:
+                raise RemoteProtocolError("transmission flags without HAS_FLAGS")
             self._tflags = flags
             base = _export_from_flags(cur.name, size, flags)
             cur = _replace(

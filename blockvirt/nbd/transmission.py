@@ -7,6 +7,7 @@ through a table, and reply encoders return buffers the adapter hands to `writeli
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,18 @@ _DIRECT_MIN = 64 * 1024
 _GROW_STEP = 1024 * 1024
 #: At most this many bytes of recycled payload buffers are kept per connection.
 _POOL_MAX = 8 * 1024 * 1024
+#: Client side: the longest structured chunk payload accepted for each reply type (None:
+#: OFFSET_DATA, bounded by the request's own length). A server declaring more is refused
+#: before anything is buffered.
+MAX_EXTENTS = 1 << 20  # upstream: SHOULD send at most 2^20 descriptors per chunk
+_CHUNK_LIMIT: dict[int, int] = {
+    ReplyType.NONE: 0,
+    ReplyType.OFFSET_HOLE: wire.OFFSET_HOLE.size,
+    ReplyType.BLOCK_STATUS: 4 + 8 * MAX_EXTENTS,
+    ReplyType.ERROR: 6 + 4096,
+    ReplyType.ERROR_OFFSET: 6 + 4096 + 8,
+}
+_OTHER_CHUNK_LIMIT = 64 * 1024
 
 
 class ServerTransmission:
@@ -200,6 +213,11 @@ class ServerTransmission:
         if cls is None:
             return UnknownCmd(cookie, flags, offset, length, ctype)
         return cls(cookie, flags, offset, length)
+
+    def receiving(self) -> bool:
+        """Whether bytes of a request not yet complete are buffered (after next_event returned
+        None): the adapter's request timeout runs while this holds."""
+        return self._payload is not None or self._skip > 0 or self.buffer.end > self.buffer.pos
 
     def pending_payload(self) -> int:
         """Bytes of a WRITE payload we are waiting for (for backpressure accounting)."""
@@ -354,24 +372,44 @@ class ClientTransmission:
                 if len(buf) < wire.CHUNK.size:
                     return None
                 _, flags, rtype, cookie, length = wire.CHUNK.unpack_from(buf.buf, buf.pos)
+                self._check_chunk(rtype, cookie, length)
                 if len(buf) < wire.CHUNK.size + length:
                     return None
                 buf.advance(wire.CHUNK.size)
                 payload = buf.take(length)
-                ev = self._chunk(flags, rtype, cookie, payload)
+                try:
+                    ev = self._chunk(flags, rtype, cookie, payload)
+                except struct.error as e:  # a payload too short for its type
+                    raise RemoteProtocolError(f"malformed reply chunk of type {rtype}: {e}") from None
                 if ev is not None:
                     return ev
                 continue
             raise RemoteProtocolError(f"bad reply magic {magic:#x}")
         return None
 
-    def _chunk(self, flags: int, rtype: int, cookie: int, payload: bytes) -> Reply | None:
+    def _check_chunk(self, rtype: int, cookie: int, length: int) -> None:
+        """Refuse a chunk before buffering it if its declared length cannot be right."""
         p = self._pending.get(cookie)
         if p is None:
             raise RemoteProtocolError(f"chunk for unknown cookie {cookie}")
         if rtype == ReplyType.OFFSET_DATA:
+            limit = 8 + p.length if p.cmd == Cmd.READ else 0
+        else:
+            limit = _CHUNK_LIMIT.get(rtype, _OTHER_CHUNK_LIMIT)
+        if length > limit:
+            raise RemoteProtocolError(f"reply chunk of type {rtype} declares {length} bytes, at most {limit}")
+
+    def _chunk(self, flags: int, rtype: int, cookie: int, payload: bytes) -> Reply | None:
+        p = self._pending.get(cookie)
+        if p is None:
+            raise RemoteProtocolError(f"chunk for unknown cookie {cookie}")
+        if flags & ~int(ReplyFlag.DONE):  # int(): ~ on an IntFlag only inverts defined bits
+            raise RemoteProtocolError(f"unknown reply flags {flags:#x}")
+        if rtype == ReplyType.OFFSET_DATA:
             (off,) = wire.U64.unpack_from(payload, 0)
             n = len(payload) - 8
+            if n <= 0:
+                raise RemoteProtocolError("data chunk without data")
             if off < p.offset or off + n > p.offset + p.length:
                 raise RemoteProtocolError("data chunk outside the request")
             if p.data is None:
@@ -386,6 +424,8 @@ class ClientTransmission:
                 p.data = bytearray(p.length)
             p.chunks.append(("hole", off, n))
         elif rtype == ReplyType.BLOCK_STATUS:
+            if p.cmd != Cmd.BLOCK_STATUS or (len(payload) - 4) % 8:
+                raise RemoteProtocolError("malformed block status chunk")
             (cid,) = wire.U32.unpack_from(payload, 0)
             ext = tuple(
                 Extent(*wire.EXTENT.unpack_from(payload, 4 + 8 * i)) for i in range((len(payload) - 4) // 8)
@@ -393,6 +433,8 @@ class ClientTransmission:
             p.extents[cid] = ext
         elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
             err, mlen = wire.ERROR_HEAD.unpack_from(payload, 0)
+            if err == 0 or 6 + mlen > len(payload):
+                raise RemoteProtocolError("malformed error chunk")
             p.error = err
             p.message = payload[6 : 6 + mlen].decode(errors="replace")
         elif rtype != ReplyType.NONE:

@@ -1,15 +1,18 @@
 """Export registry: NBD export names -> volumes, and what each export advertises.
 
 Flags and block sizes come from the node's capabilities, never from switches. The registry
-is asked afresh at every INFO/GO, so a new handshake sees the current size.
+is asked afresh at every INFO/GO, so a new handshake sees the current size. Each client sees
+it through an `ExportView`, which applies the volume's access rules to that client.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
-from blockvirt.nbd.events import ExportInfo
+from blockvirt.nbd.events import ExportDenied, ExportInfo
+from blockvirt.server.acl import Access, ClientIdentity, Rule, decide
 from blockvirt.storage.volumes import Volume, VolumeManager
 
 
@@ -17,9 +20,20 @@ class ExportRegistry:
     def __init__(self, volumes: VolumeManager) -> None:
         self.volumes = volumes
 
-    def catalog(self, peer: str = "") -> ExportView:
-        """The view one client gets (the place where per-client access rules will apply)."""
-        return ExportView(self, peer)
+    def catalog(self, client: ClientIdentity | None = None) -> ExportView:
+        """The view one client gets: the volumes' access rules applied to `client`."""
+        return ExportView(self, client if client is not None else ClientIdentity(""))
+
+    def rules(self, volume: str) -> list[Rule]:
+        return [Rule(r.kind, r.value, r.read_only) for r in self.volumes.catalog.acl_rules(volume)]
+
+    def exists(self, name: str) -> bool:
+        """Whether export `name` (`VOL` or `VOL@SNAP`) exists, without opening it."""
+        vol, at, snap = name.partition("@")
+        cat = self.volumes.catalog
+        if cat.volume(vol) is None:
+            return False
+        return not at or cat.snapshot(vol, snap) is not None
 
     def resolve(self, name: str) -> Volume | None:
         return self.volumes.volume(name)
@@ -52,22 +66,43 @@ class ExportRegistry:
 
 
 class ExportView:
-    """Implements nbd.handshake.ExportCatalog for one connection."""
+    """Implements nbd.handshake.ExportCatalog for one connection. `client` is who the session
+    knows the peer to be; it gains certificate names after STARTTLS."""
 
-    def __init__(self, registry: ExportRegistry, peer: str) -> None:
+    def __init__(self, registry: ExportRegistry, client: ClientIdentity) -> None:
         self.registry = registry
-        self.peer = peer
+        self.client = client
 
-    def lookup(self, name: str) -> ExportInfo | None:
+    def access(self, volume: str) -> Access:
+        """What this client may do with volume `volume` (and its snapshots), per its rules."""
+        return decide(self.registry.rules(volume), self.client)
+
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
+        # Decide before opening anything: a refused client must not make us open a volume.
+        if not self.registry.exists(name):
+            return None
+        access = self.access(name.partition("@")[0])
+        if access is Access.DENIED:
+            who = self.client.describe() or "no client certificate"
+            return ExportDenied(name, f"no access rule matches {self.client.address or '?'} ({who})")
         vol = self.registry.resolve(name)
-        return None if vol is None else self.registry.describe(vol)
+        if vol is None:
+            return None
+        return self._granted(self.registry.describe(vol), access)
+
+    @staticmethod
+    def _granted(info: ExportInfo, access: Access) -> ExportInfo:
+        return dataclasses.replace(info, read_only=True) if access is Access.READ_ONLY else info
 
     def exports(self) -> Iterable[ExportInfo]:
         volumes = self.registry.volumes
         for rec in volumes.records():
+            access = self.access(rec.name)
+            if access is Access.DENIED:
+                continue
             vol = self.registry.resolve(rec.name)
             if vol is not None:
-                yield self.registry.describe(vol)
+                yield self._granted(self.registry.describe(vol), access)
             for snap in volumes.catalog.snapshots(rec.name):
                 svol = self.registry.resolve(f"{rec.name}@{snap.name}")
                 if svol is not None:

@@ -9,6 +9,7 @@ import ssl
 
 from blockvirt.nbd.handshake import TLSMode
 from blockvirt.server.exports import ExportRegistry
+from blockvirt.server.limits import Admission, Limits, LogThrottle, SecurityCounters
 from blockvirt.server.session import NbdSession
 
 log = logging.getLogger("blockvirt.listener")
@@ -23,19 +24,28 @@ class NbdServer:
         *,
         tls_mode: TLSMode = TLSMode.NONE,
         tls_context: ssl.SSLContext | None = None,
-        handshake_timeout: float = 30.0,
+        limits: Limits | None = None,
+        counters: SecurityCounters | None = None,
     ) -> None:
         self.registry = registry
         self.host = host
         self.port = port
         self.tls_mode = tls_mode if tls_context is not None else TLSMode.NONE
         self.tls_context = tls_context
-        self.handshake_timeout = handshake_timeout
+        self.limits = limits if limits is not None else Limits()
+        self.admission = Admission(self.limits)
+        self.counters = counters if counters is not None else SecurityCounters()
+        #: Floods (refusals, denials) log a line per second per kind, not one per event.
+        self.log_throttle = LogThrottle()
         self.sessions: set[NbdSession] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.limits.handshake_timeout
 
     def next_session_id(self) -> int:
         return next(self._ids)

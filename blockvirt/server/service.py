@@ -7,16 +7,18 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from aiohttp import web
 
 from blockvirt.api.app import build_app
+from blockvirt.api.auth import is_loopback, read_token_file, readable_by_others
 from blockvirt.metrics.loop import LoopLagMonitor
 from blockvirt.metrics.registry import build_registry
 from blockvirt.nbd.handshake import TLSMode
 from blockvirt.server.exports import ExportRegistry
+from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
 from blockvirt.storage.volumes import VolumeManager
@@ -49,6 +51,28 @@ class ServiceConfig:
     tls_mode: str = "require"  # or "allow"
     #: Per-export accounting, /metrics and the loop-lag monitor (off: `serve --no-metrics`).
     metrics: bool = True
+    #: A file holding the API's bearer token; required when the API is not on loopback.
+    api_token_file: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class ConfigError(Exception):
+    """The service cannot start with this configuration; the message is one line."""
+
+
+def api_token(cfg: ServiceConfig) -> str | None:
+    """The API token, or None; refuses an API reachable from elsewhere without one."""
+    if cfg.api_token_file is None:
+        if not is_loopback(cfg.api_host):
+            raise ConfigError(
+                f"the API address {cfg.api_host}:{cfg.api_port} is not loopback: "
+                "give --api-token-file FILE (clients then send its token)"
+            )
+        return None
+    token = read_token_file(cfg.api_token_file)
+    if readable_by_others(cfg.api_token_file):
+        log.warning("API token file %s can be read by other users (chmod 600 it)", cfg.api_token_file)
+    return token
 
 
 class Service:
@@ -62,7 +86,8 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        tls_context = server_context(cfg.tls_dir) if cfg.tls_dir else None  # fail before binding
+        token = api_token(cfg)  # fail before binding anything
+        tls_context = server_context(cfg.tls_dir) if cfg.tls_dir else None
         self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth, metrics=cfg.metrics)
         registry = ExportRegistry(self.volumes)
         self.nbd = NbdServer(
@@ -71,6 +96,8 @@ class Service:
             cfg.nbd_port,
             tls_mode=TLSMode.ALLOW if cfg.tls_mode == "allow" else TLSMode.REQUIRE,
             tls_context=tls_context,
+            limits=cfg.limits,
+            counters=SecurityCounters(),
         )
         self.volumes.disconnect = self.nbd.disconnect_volume
         await self.volumes.start()
@@ -79,8 +106,8 @@ class Service:
         if cfg.metrics:
             self.loop_lag = LoopLagMonitor()
             self.loop_lag.start()
-            metrics = build_registry(self.volumes, self.loop_lag)
-        app = build_app(self.volumes, metrics)
+            metrics = build_registry(self.volumes, self.loop_lag, self.nbd.counters)
+        app = build_app(self.volumes, metrics, token=token)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
@@ -96,6 +123,8 @@ class Service:
 
     async def stop(self) -> None:
         """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
+        if self.volumes is None:
+            return  # start() failed on its configuration checks: nothing to stop
         if self.nbd is not None:
             await self.nbd.stop(self.config.shutdown_deadline)
         if self._runner is not None:

@@ -5,6 +5,10 @@ Requests that can finish without blocking (page-cached reads, small buffered wri
 answered inline from `data_received`; the rest become tasks, so one connection's requests run
 concurrently and complete out of order. In-flight requests and bytes are bounded: past the
 bound, or while the client is not reading its replies, we stop reading its socket.
+
+Every connection is admitted against the listener's limits first (refused ones are closed
+before the greeting), and timeouts cut clients that stall: the handshake as a whole, a request
+that started arriving but does not finish, and (optionally) an idle session.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from blockvirt.nbd.connection import ServerConnection
 from blockvirt.nbd.constants import Errno
 from blockvirt.nbd.events import (
     Aborted,
+    AccessDenied,
     Command,
     DiscCmd,
     Negotiated,
@@ -29,8 +34,15 @@ from blockvirt.nbd.events import (
 )
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
+from blockvirt.server.acl import ClientIdentity, certificate_names, parse_address
 from blockvirt.server.dispatch import Dispatcher
-from blockvirt.server.tls import peer_identity
+from blockvirt.server.exports import ExportView
+from blockvirt.server.limits import (
+    REFUSED_SHUTTING_DOWN,
+    TIMEOUT_HANDSHAKE,
+    TIMEOUT_IDLE,
+    TIMEOUT_REQUEST,
+)
 from blockvirt.storage import buffers
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.volumes import Volume
@@ -40,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blockvirt.session")
 
-MAX_INFLIGHT = 64
-MAX_INFLIGHT_BYTES = 128 * 1024 * 1024
 #: Inline replies are written once this many payload bytes have gathered (or the burst ends).
 _BATCH_BYTES = 256 * 1024
 #: Reply pieces at least this large are written on their own rather than joined.
@@ -77,6 +87,10 @@ class NbdSession(asyncio.BufferedProtocol):
         self.disp: Dispatcher | None = None
         self.volume: Volume | None = None
         self.peer = ""
+        self.address = ""  # the peer's IP address, without port
+        self.view: ExportView | None = None
+        self._denied: set[str] = set()  # exports this session was refused (bounded by the catalog)
+        self._admitted = False
         self.id = server.next_session_id()
         self.tasks: set[asyncio.Task[None]] = set()
         self.inflight = 0
@@ -87,13 +101,24 @@ class NbdSession(asyncio.BufferedProtocol):
         self._closing = False
         self._lost = False
         self._recycle = False
-        self.identity = ""  # the client certificate's CN, once TLS is up
+        self.identity = ""  # the client certificate's names, once TLS is up
+        limits = server.limits
+        self.max_inflight = limits.max_inflight
+        self.max_inflight_bytes = limits.max_inflight_bytes
         self._handshake_timer: asyncio.TimerHandle | None = None
+        # Transmission timers are lazy: they fire, look at the times below, and re-arm, so
+        # the data path only stores a timestamp (and only when a timeout is on).
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._partial_since: float | None = None  # when the request now arriving started
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_input = 0.0
         self.closed = self.loop.create_future()
 
     def _ids(self) -> dict[str, object]:
-        """Structured log fields: the session, its peer and (once chosen) the export."""
+        """Structured log fields: the session, its peer, its identity and the export."""
         extra: dict[str, object] = {"session": self.id, "peer": self.peer}
+        if self.identity:
+            extra["identity"] = self.identity
         if self.volume is not None:
             extra["volume"] = self.volume.export_name
         return extra
@@ -111,14 +136,37 @@ class NbdSession(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.server.sessions.add(self)
-        if self.server.closing:
-            transport.close()
+        addr = parse_address(str(peer[0])) if isinstance(peer, tuple) else None
+        self.address = str(addr) if addr is not None else self.peer
+        server = self.server
+        refusal = REFUSED_SHUTTING_DOWN if server.closing else server.admission.admit(self.address)
+        if refusal is not None:
+            self._refuse(refusal)
             return
-        self.conn = ServerConnection(self.server.registry.catalog(self.peer), tls=self.server.tls_mode)
+        self._admitted = True
+        server.sessions.add(self)
+        self.view = server.registry.catalog(ClientIdentity(self.address))
+        self.conn = ServerConnection(self.view, tls=server.tls_mode)
         transport.write(self.conn.data_to_send())
-        self._handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(server.limits.handshake_timeout, self._handshake_expired)
         log.debug("session %d: connected from %s", self.id, self.peer, extra=self._ids())
+
+    def _refuse(self, reason: str) -> None:
+        """Over a limit (or stopping): close at once, before the greeting; count and log."""
+        assert self.transport is not None
+        self.transport.abort()
+        counters = self.server.counters
+        counters.refused[reason] = counters.refused.get(reason, 0) + 1
+        held = self.server.log_throttle.allow(f"refused:{reason}", self.loop.time())
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            log.warning(
+                "connection from %s refused: %s%s",
+                self.peer,
+                reason.replace("_", " "),
+                more,
+                extra={"peer": self.peer, "reason": reason},
+            )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Receive straight into the codec's buffer (or a large WRITE's payload buffer).
@@ -133,6 +181,8 @@ class NbdSession(asyncio.BufferedProtocol):
         tx = self.tx
         if tx is not None:
             tx.buffer_updated(nbytes)
+            if self._idle_timer is not None:
+                self._last_input = self.loop.time()
             if not self._blocked:
                 self._pump()
             return
@@ -155,8 +205,10 @@ class NbdSession(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
+        for timer in (self._handshake_timer, self._request_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_timer = self._request_timer = self._idle_timer = None
         if not self._closing:
             self._closing = True
             self.server.track(self.loop.create_task(self._finish()))
@@ -181,7 +233,12 @@ class NbdSession(asyncio.BufferedProtocol):
                     log.debug("session %d: handshake ended: %s", self.id, ev.reason, extra=self._ids())
                     self._close()
                     return
-                if isinstance(ev, OptionRefused):
+                if isinstance(ev, AccessDenied):
+                    self._access_denied(ev)
+                    if ev.closed:
+                        self._close()
+                        return
+                elif isinstance(ev, OptionRefused):
                     log.debug(
                         "session %d: option %d refused: %s", self.id, ev.option, ev.message, extra=self._ids()
                     )
@@ -200,6 +257,28 @@ class NbdSession(asyncio.BufferedProtocol):
             )
             self._close(abort=True)
 
+    def _access_denied(self, ev: AccessDenied) -> None:
+        # Counted and logged once per export and session: a client's SET_META_CONTEXT, INFO
+        # and GO for one export are one refused attempt.
+        if ev.export in self._denied:
+            return
+        self._denied.add(ev.export)
+        volume = ev.export.partition("@")[0]
+        self.server.counters.denied(volume)
+        held = self.server.log_throttle.allow(f"denied:{self.address}:{ev.export}", self.loop.time())
+        if held is None:
+            return
+        more = f" ({held} more since the last report)" if held else ""
+        log.warning(
+            "session %d (%s): access to export %r denied: %s%s",
+            self.id,
+            self.peer,
+            ev.export,
+            ev.reason,
+            more,
+            extra={**self._ids(), "export": ev.export, "option": ev.option},
+        )
+
     async def _start_tls(self) -> None:
         assert self.conn is not None and self.transport is not None
         ctx = self.server.tls_context
@@ -210,7 +289,7 @@ class NbdSession(asyncio.BufferedProtocol):
                 self,
                 ctx,
                 server_side=True,
-                ssl_handshake_timeout=self.server.handshake_timeout,
+                ssl_handshake_timeout=self.server.limits.handshake_timeout,
             )
         except (TimeoutError, OSError, ConnectionError) as e:
             log.info("session %d (%s): TLS handshake failed: %s", self.id, self.peer, e, extra=self._ids())
@@ -221,7 +300,11 @@ class NbdSession(asyncio.BufferedProtocol):
         self.transport = tls_transport
         self._recycle = False  # the TLS transport keeps references to what it is given
         self._reading_paused = False
-        self.identity = peer_identity(tls_transport.get_extra_info("peercert"))
+        cn, sans = certificate_names(tls_transport.get_extra_info("peercert"))
+        client = ClientIdentity(self.address, cn, sans)
+        self.identity = client.describe()
+        if self.view is not None:  # from now on, certificate rules can match
+            self.view.client = client
         log.info(
             "session %d (%s): TLS established, client %r",
             self.id,
@@ -247,12 +330,71 @@ class NbdSession(asyncio.BufferedProtocol):
         self.disp = Dispatcher(
             vol.node, ev.export.size, ev.transmission_flags, self.tx, ev.contexts, vol.stats
         )
-        log.info("session %d (%s): opened export %r", self.id, self.peer, ev.export.name, extra=self._ids())
+        log.info(
+            "session %d (%s): opened export %r%s",
+            self.id,
+            self.peer,
+            ev.export.name,
+            " (read-only)" if ev.export.read_only else "",
+            extra=self._ids(),
+        )
+        if self.server.limits.idle_timeout:
+            self._last_input = self.loop.time()
+            self._idle_timer = self.loop.call_later(self.server.limits.idle_timeout, self._idle_check)
         self._pump()
 
     def _handshake_expired(self) -> None:
-        log.info("session %d (%s): handshake timed out", self.id, self.peer, extra=self._ids())
+        self._timed_out(TIMEOUT_HANDSHAKE, "handshake timed out")
         self._close(abort=True)
+
+    def _timed_out(self, phase: str, what: str) -> None:
+        self.server.counters.timed_out[phase] += 1
+        log.info("session %d (%s): %s", self.id, self.peer, what, extra={**self._ids(), "timeout": phase})
+
+    # ------------------------------------------------------------ transmission timeouts
+    def _watch_input(self) -> None:
+        """After parsing: note when an unfinished request started arriving, arm its timer."""
+        tx = self.tx
+        if tx is None or self._closing or self._reading_paused or not tx.receiving():
+            # Nothing half-received, or we are not reading (our own backpressure: the
+            # client cannot be blamed for that time).
+            self._partial_since = None
+            return
+        timeout = self.server.limits.request_timeout
+        if self._partial_since is None and timeout:
+            self._partial_since = self.loop.time()
+            if self._request_timer is None:
+                self._request_timer = self.loop.call_later(timeout, self._request_check)
+
+    def _request_check(self) -> None:
+        self._request_timer = None
+        since = self._partial_since
+        if since is None or self._closing:
+            return  # it completed; the next partial request arms a new timer
+        timeout = self.server.limits.request_timeout
+        left = since + timeout - self.loop.time()
+        if left > 0:
+            self._request_timer = self.loop.call_later(left, self._request_check)
+            return
+        self._timed_out(TIMEOUT_REQUEST, f"request not received within {timeout:g}s")
+        self._close(abort=True)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._closing or self._lost:
+            return
+        timeout = self.server.limits.idle_timeout
+        now = self.loop.time()
+        # Not idle: requests running, one half-received, or we stopped reading (backpressure).
+        busy = self.inflight or self._reading_paused or (self.tx is not None and self.tx.receiving())
+        if busy:
+            self._last_input = now
+        left = self._last_input + timeout - now
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+            return
+        self._timed_out(TIMEOUT_IDLE, f"idle for {timeout:g}s: closing")
+        self.server.track(self.loop.create_task(self.shutdown()))
 
     # ------------------------------------------------------------ transmission
     def _pump(self) -> None:
@@ -277,6 +419,7 @@ class NbdSession(asyncio.BufferedProtocol):
                     return
                 if cmd is None:
                     return
+                self._partial_since = None  # a request is complete
                 if type(cmd) is DiscCmd:
                     self._blocked = True
                     self._update_reading()
@@ -306,6 +449,7 @@ class NbdSession(asyncio.BufferedProtocol):
         finally:
             if batch and not transport.is_closing():
                 _emit(transport, batch, self._recycle)
+            self._watch_input()
 
     def _spawn(self, cmd: Command) -> None:
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
@@ -314,7 +458,7 @@ class NbdSession(asyncio.BufferedProtocol):
         task = self.loop.create_task(self._run(cmd, nbytes))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        if self.inflight >= MAX_INFLIGHT or self.inflight_bytes >= MAX_INFLIGHT_BYTES:
+        if self.inflight >= self.max_inflight or self.inflight_bytes >= self.max_inflight_bytes:
             self._blocked = True
             self._update_reading()
 
@@ -337,8 +481,8 @@ class NbdSession(asyncio.BufferedProtocol):
         if (
             self._blocked
             and not self._closing
-            and self.inflight < MAX_INFLIGHT // 2
-            and self.inflight_bytes < MAX_INFLIGHT_BYTES // 2
+            and self.inflight < self.max_inflight // 2
+            and self.inflight_bytes < self.max_inflight_bytes // 2
         ):
             self._blocked = False
             self._update_reading()
@@ -353,6 +497,7 @@ class NbdSession(asyncio.BufferedProtocol):
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
+            self._partial_since = None  # our pause: the request clock restarts on resume
         elif not want_pause and self._reading_paused:
             transport.resume_reading()
             self._reading_paused = False
@@ -406,6 +551,9 @@ class NbdSession(asyncio.BufferedProtocol):
             self.volume.users -= 1
             self.volume = None
         self.server.sessions.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.server.admission.release(self.address)
         if not self.closed.done():
             self.closed.set_result(None)
         log.debug("session %d: closed", self.id, extra=extra)

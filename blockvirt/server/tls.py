@@ -1,6 +1,7 @@
 """TLS for NBD's STARTTLS: an x509 server context from a directory laid out the way qemu's
 tls-creds-x509 expects it (ca-cert.pem, server-cert.pem, server-key.pem). Clients must
-present a certificate signed by that CA."""
+present a certificate signed by that CA; its names (blockvirt.server.acl.certificate_names)
+are what access rules match."""
 
 from __future__ import annotations
 
@@ -27,14 +28,3 @@ def server_context(tls_dir: str) -> ssl.SSLContext:
         raise TLSConfigError(f"cannot load TLS credentials from {tls_dir!r}: {e}") from e
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def peer_identity(cert: dict[str, object] | None) -> str:
-    """The client certificate's common name (for logs and, later, access rules)."""
-    if not cert:
-        return ""
-    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return ""

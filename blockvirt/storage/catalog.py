@@ -75,6 +75,38 @@ CREATE TABLE IF NOT EXISTS jobs (
 _MIGRATIONS: list[tuple[int, str]] = [
     # Pool settings (QoS capacity, cost model, space watermarks) as one JSON object.
     (1, "ALTER TABLE pools ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'"),
+    # Per-volume access rules (blockvirt.server.acl). No foreign key: a later rebuild of the
+    # volumes table must not cascade into them; deleting a volume deletes its rules.
+    (
+        2,
+        """CREATE TABLE acl_rules (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            volume TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('cn', 'san', 'address')),
+            value TEXT NOT NULL,
+            read_only INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            UNIQUE (volume, kind, value)
+        )""",
+    ),
+    # QoS: groups (a tree) and each volume's settings, as JSON objects (blockvirt.qos.config).
+    (
+        3,
+        """CREATE TABLE qos_groups (
+            name TEXT PRIMARY KEY,
+            parent TEXT,
+            settings TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+    ),
+    (
+        4,
+        """CREATE TABLE volume_qos (
+            volume TEXT PRIMARY KEY,
+            grp TEXT,
+            settings TEXT NOT NULL
+        )""",
+    ),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -152,6 +184,21 @@ class SnapshotRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AclRecord:
+    """One access rule of a volume (see blockvirt.server.acl for what it means)."""
+
+    id: int
+    volume: str
+    kind: str  # cn | san | address
+    value: str
+    read_only: bool
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     id: str
     kind: str
@@ -208,8 +255,13 @@ class Catalog:
     # ------------------------------------------------------------ pools
     def add_pool(self, name: str, path: str) -> PoolRecord:
         validate_name(name, "pool")
-        path = os.path.abspath(path)
-        os.makedirs(path, exist_ok=True)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise CatalogError("invalid", "a pool path must be a non-empty string")
+        given, path = path, os.path.abspath(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:  # strerror only, and the path as given: nothing of the server's layout
+            raise CatalogError("invalid", f"cannot create pool directory {given!r}: {e.strerror}") from None
         rec = PoolRecord(name, path, time.time())
         with self._lock:
             try:
@@ -343,6 +395,73 @@ class Catalog:
         )
         return [SnapshotRecord(*r) for r in rows]
 
+    # ------------------------------------------------------------ access rules
+    def acl_rules(self, volume: str) -> list[AclRecord]:
+        rows = self.db.execute(
+            "SELECT id, volume, kind, value, read_only, created FROM acl_rules WHERE volume = ? ORDER BY id",
+            (volume,),
+        )
+        return [_acl(r) for r in rows]
+
+    def all_acl_rules(self) -> list[AclRecord]:
+        rows = self.db.execute(
+            "SELECT id, volume, kind, value, read_only, created FROM acl_rules ORDER BY id"
+        )
+        return [_acl(r) for r in rows]
+
+    def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
+        """Store a rule (already validated and normalized by the caller)."""
+        with self.transaction() as db:
+            if self.volume(volume) is None:
+                raise CatalogError("not-found", f"no volume named {volume!r}")
+            try:
+                cur = db.execute(
+                    "INSERT INTO acl_rules (volume, kind, value, read_only, created) VALUES (?, ?, ?, ?, ?)",
+                    (volume, kind, value, int(read_only), time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise CatalogError(
+                    "conflict", f"volume {volume!r} already has a {kind} rule for {value!r}"
+                ) from None
+            row = db.execute(
+                "SELECT id, volume, kind, value, read_only, created FROM acl_rules WHERE id = ?",
+                (cur.lastrowid,),
+            ).fetchone()
+        return _acl(row)
+
+    def remove_acl_rule(self, volume: str, rule_id: int) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM acl_rules WHERE volume = ? AND id = ?", (volume, rule_id))
+        return cur.rowcount > 0
+
+    def clear_acl(self, volume: str) -> int:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM acl_rules WHERE volume = ?", (volume,))
+        return cur.rowcount
+
+    # ------------------------------------------------------------ qos
+    def qos_groups(self) -> list[tuple[str, str | None, str]]:
+        return list(self.db.execute("SELECT name, parent, settings FROM qos_groups ORDER BY name"))
+
+    def save_qos_group(self, name: str, parent: str | None, settings: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO qos_groups VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET parent = excluded.parent, settings = excluded.settings",
+                (name, parent, settings, time.time()),
+            )
+
+    def delete_qos_group(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM qos_groups WHERE name = ?", (name,))
+
+    def volume_qos(self) -> list[tuple[str, str | None, str]]:
+        return list(self.db.execute("SELECT volume, grp, settings FROM volume_qos"))
+
+    def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO volume_qos VALUES (?, ?, ?)", (volume, group, settings))
+
     # ------------------------------------------------------------ jobs
     def jobs(self) -> list[JobRecord]:
         rows = self.db.execute(
@@ -381,6 +500,11 @@ class Catalog:
 def _pool(row: tuple[Any, ...]) -> PoolRecord:
     name, path, created, settings = row
     return PoolRecord(name, path, created, json.loads(settings))
+
+
+def _acl(row: tuple[Any, ...]) -> AclRecord:
+    rid, volume, kind, value, read_only, created = row
+    return AclRecord(rid, volume, kind, value, bool(read_only), created)
 
 
 def _layer(row: tuple[Any, ...]) -> LayerRecord:

@@ -157,7 +157,7 @@ async def run(vm: VolumeManager, job: Job) -> None:
     ids = [r.id for r in layer_recs]
     provisioning = params.get("provisioning")
     limiter = mv.RateLimiter(float(params.get("bps_limit") or 0))
-    throttle = vm.background_throttle(target.name, limiter)
+    throttle = vm.background_throttle(params["source_pool"], target.name, limiter)
     # Stale copies from an interrupted attempt: the catalog says they are not live.
     await executor.run(_remove_copies, vm.io, target.path, ids)
 

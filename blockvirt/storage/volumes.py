@@ -89,6 +89,8 @@ class VolumeManager:
         self._unlinks: set[asyncio.Future[None]] = set()  # file removals close() waits for
         #: Set by the server: disconnect every session of an export (for --force edits).
         self.disconnect: Any = None
+        #: Set by the service: storage I/O control (blockvirt.qos.manager.QosManager).
+        self.qos: Any = None
 
     async def start(self) -> None:
         """Resume interrupted jobs and collect garbage left by a crash."""
@@ -313,8 +315,12 @@ class VolumeManager:
             self._check_idle(name, "delete the volume")
             with self.catalog.transaction() as db:
                 db.execute("DELETE FROM snapshots WHERE volume = ?", (name,))
+                db.execute("DELETE FROM acl_rules WHERE volume = ?", (name,))
+                db.execute("DELETE FROM volume_qos WHERE volume = ?", (name,))
                 db.execute("DELETE FROM volumes WHERE name = ?", (name,))
             self._close_exports(name)
+            if self.qos is not None:
+                self.qos.volume_deleted(name)
             await self._collect(start_merges=True)
 
     def _check_idle(self, name: str, what: str) -> None:
@@ -600,10 +606,20 @@ class VolumeManager:
         """The lock that serialises tree edits (for the migration's prepare step)."""
         return self._lock
 
-    def background_throttle(self, pool: str, limiter: Any) -> Any:
-        """The pause a background copy into `pool` takes before moving n bytes: its own rate
-        limit (QoS admission joins here)."""
-        return limiter
+    def background_throttle(self, source: str, target: str, limiter: Any) -> Any:
+        """The pause a background copy from pool `source` into pool `target` takes before
+        moving n bytes: its own rate limit, then the QoS background class of both pools (so
+        a migration gets its shares of them, and all of whatever the volumes leave)."""
+        qos = self.qos
+
+        async def throttle(nbytes: int) -> None:
+            await limiter(nbytes)
+            if qos is not None:
+                await qos.background(source, nbytes)
+                if target != source:
+                    await qos.background(target, nbytes)
+
+        return throttle
 
     async def switch_over(
         self,
@@ -642,6 +658,8 @@ class VolumeManager:
                     (time.time(), job.id),
                 )
             migration.finish_swap(self, job, target, dsts, affected, provisioning)
+            if self.qos is not None:
+                self.qos.volume_moved(job.volume, target.name)
         return started, time.monotonic()
 
     async def delete_moved_files(self, pool: str, layer_ids: list[str]) -> None:

@@ -369,6 +369,12 @@ def test_compose_and_provisioning_reference_existing_files() -> None:
     bv = services["blockvirt"]
     assert bv["build"] == "." and (REPO_ROOT / "Dockerfile").is_file()
     cmd = bv.get("command") or []
+    # The API binds 0.0.0.0 in the container: it needs a token, given as a secret that
+    # Prometheus gets too.
+    token_path = cmd[cmd.index("--api-token-file") + 1]
+    assert token_path == "/run/secrets/api_token"
+    assert "api_token" in bv.get("secrets", []) and "api_token" in services["prometheus"].get("secrets", [])
+    assert compose["secrets"]["api_token"] == {"environment": "BLOCKVIRT_API_TOKEN"}
     api_port = cmd[cmd.index("--api") + 1].rsplit(":", 1)[1] if "--api" in cmd else "9810"
     assert any(p.endswith(f":{api_port}") for p in bv["ports"])
 
@@ -411,7 +417,10 @@ def test_dockerfile_installs_the_package_and_serves_the_documented_addresses() -
     entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
     argv = entry + cmd
-    assert shlex.join(argv) == "blockvirt serve --data-dir /data --nbd 0.0.0.0:10809 --api 0.0.0.0:9810"
+    assert shlex.join(argv) == (
+        "blockvirt serve --data-dir /data --nbd 0.0.0.0:10809 --api 0.0.0.0:9810"
+        " --api-token-file /run/secrets/api_token"
+    )
 
 
 async def test_dashboard_queries_only_metrics_blockvirt_exports(server: BlockvirtServer) -> None:

@@ -1,4 +1,7 @@
-"""A connection storm: 300 initiators on one volume at once, each a full GO handshake and a read."""
+"""A connection storm: 300 initiators on one volume at once, each a full GO handshake and a read.
+
+They connect from 300 loopback addresses (127.0.1.1 ...), as 300 hosts would: one address
+may hold at most 128 connections by default (serve --max-connections-per-address)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ N = 300
 BLOCK = 4 * KiB
 
 
+def _host(i: int) -> str:
+    return f"127.0.{1 + i // 250}.{1 + i % 250}"
+
+
 async def test_300_concurrent_connections(blockvirt_server: BlockvirtServer) -> None:
     uri = blockvirt_server.create_volume("storm", N * BLOCK + MiB)
     data = os.urandom(N * BLOCK)
@@ -34,7 +41,10 @@ async def test_300_concurrent_connections(blockvirt_server: BlockvirtServer) -> 
     try:
         # All 300 handshakes in flight together, then every one holds its session open.
         results = await asyncio.wait_for(
-            asyncio.gather(*(NbdClient.connect(uri) for _ in range(N)), return_exceptions=True), 60
+            asyncio.gather(
+                *(NbdClient.connect(uri, local_host=_host(i)) for i in range(N)), return_exceptions=True
+            ),
+            60,
         )
         clients = [c for c in results if isinstance(c, NbdClient)]
         errors = [r for r in results if not isinstance(r, NbdClient)]

@@ -24,6 +24,7 @@ from blockvirt.nbd.constants import (
 )
 from blockvirt.nbd.events import (
     Aborted,
+    AccessDenied,
     BlockStatusCmd,
     CacheCmd,
     Command,
@@ -58,7 +59,7 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 U16 = st.integers(0, 2**16 - 1)
 U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)
-NAMES = st.sampled_from(["disk", "ro", "plain", "nope", "", "\u00e9t\u00e9"])
+NAMES = st.sampled_from(["disk", "ro", "plain", "nope", "secret", "", "\u00e9t\u00e9"])
 QUERIES = st.lists(st.sampled_from([BASE_ALLOCATION, "base:", "qemu:", "x:y", ""]), max_size=4)
 OPT_CODES = st.one_of(st.sampled_from(list(Opt)), U32)
 
@@ -192,14 +193,16 @@ def test_server_survives_arbitrary_bytes(
                     _check_limits(conn)
                     break
                 event(type(ev).__name__)
-                if isinstance(ev, Aborted):
+                if isinstance(ev, Aborted) or (isinstance(ev, AccessDenied) and ev.closed):
                     return  # the adapter closes the connection here
                 if isinstance(ev, StartTLS):
                     conn.handshake.tls_started()  # pretend the upgrade happened
                 elif isinstance(ev, Command):
                     _check_command(ev)
                 else:
-                    assert isinstance(ev, Negotiated | OptionRefused)
+                    assert isinstance(ev, Negotiated | OptionRefused | AccessDenied)
+                    if isinstance(ev, AccessDenied):
+                        assert ev.export == "secret"  # the only export the catalog refuses
                 if conn.transmission is None:
                     conn.data_to_send()
     except ProtocolError as e:

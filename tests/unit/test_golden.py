@@ -13,6 +13,7 @@ every message is also parsed from partial reads).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -27,10 +28,12 @@ from blockvirt.nbd import ServerConnection
 from blockvirt.nbd.constants import BASE_ALLOCATION
 from blockvirt.nbd.events import (
     Aborted,
+    AccessDenied,
     BlockStatusCmd,
     CacheCmd,
     Command,
     DiscCmd,
+    ExportDenied,
     ExportInfo,
     FlushCmd,
     Negotiated,
@@ -114,20 +117,28 @@ class VectorNode(MemoryNode):
 class Volume:
     info: ExportInfo
     node: VectorNode
+    access: str = "full"
 
 
 class Catalog:
-    """The vector's exports, described the way the export registry describes a volume."""
+    """The vector's exports, described the way the export registry describes a volume, and
+    seen through the connecting client's access rules as the registry's per-client view does."""
 
     def __init__(self, volumes: Iterable[Volume]) -> None:
         self.volumes = {v.info.name: v for v in volumes}
 
-    def lookup(self, name: str) -> ExportInfo | None:
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
         vol = self.volumes.get(name)
-        return None if vol is None else vol.info
+        if vol is None:
+            return None
+        if vol.access == "denied":
+            return ExportDenied(name, "denied by the vector")
+        if vol.access == "read-only":
+            return dataclasses.replace(vol.info, read_only=True)
+        return vol.info
 
     def exports(self) -> Iterable[ExportInfo]:
-        return [v.info for v in self.volumes.values()]
+        return [v.info for v in self.volumes.values() if v.access != "denied"]
 
 
 async def make_volume(spec: dict[str, Any]) -> Volume:
@@ -157,7 +168,7 @@ async def make_volume(spec: dict[str, Any]) -> Volume:
         max_block=caps.max_block,
         contexts=(BASE_ALLOCATION,) if caps.can_extents else (),
     )
-    return Volume(info, node)
+    return Volume(info, node, spec.get("access", "full"))
 
 
 # ---------------------------------------------------------------- the in-memory server
@@ -176,6 +187,8 @@ def describe(ev: object) -> dict[str, Any]:
         }
     if isinstance(ev, OptionRefused):
         return {"event": "option_refused", "option": ev.option, "reply": ev.reply}
+    if isinstance(ev, AccessDenied):
+        return {"event": "access_denied", "option": ev.option, "export": ev.export}
     if isinstance(ev, Aborted):
         return {"event": "aborted"}
     if isinstance(ev, StartTLS):
@@ -225,7 +238,7 @@ class Server:
             if ev is None:
                 return
             self.events.append(describe(ev))
-            if isinstance(ev, Aborted):
+            if isinstance(ev, Aborted) or (isinstance(ev, AccessDenied) and ev.closed):
                 self.closed = True
             elif isinstance(ev, Negotiated):
                 vol = self.catalog.volumes[ev.export.name]

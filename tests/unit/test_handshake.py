@@ -20,7 +20,7 @@ from blockvirt.nbd.constants import (
     Rep,
     TransmissionFlag,
 )
-from blockvirt.nbd.events import Aborted, ExportInfo, Negotiated, OptionRefused, StartTLS
+from blockvirt.nbd.events import Aborted, AccessDenied, ExportInfo, Negotiated, OptionRefused, StartTLS
 from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
 from blockvirt.nbd.handshake import (
     _TRANSITIONS,
@@ -239,6 +239,33 @@ def test_empty_name_looks_up_the_default_export() -> None:
 
 
 # ---------------------------------------------------------------- LIST / ABORT / unknown
+
+
+def test_denied_export_is_hidden_and_refused_with_err_policy() -> None:
+    """The catalog says 'secret' exists but this client may not open it (spec §3.7)."""
+    pair = NbdPair()
+    _, res = pair.option(Opt.LIST)
+    assert "secret" not in [n for n, _ in res.exports]
+    for info in (True, False):
+        events, res = pair.go("secret", info=info)
+        assert res.reply == Rep.ERR_POLICY and res.message == "access to export 'secret' is denied"
+        assert events == [AccessDenied(Opt.INFO if info else Opt.GO, "secret", "denied by the test catalog")]
+    pair.option(Opt.STRUCTURED_REPLY)
+    for list_only in (True, False):
+        events, res = pair.meta("secret", [BASE_ALLOCATION], list_only=list_only)
+        assert res.reply == Rep.ERR_POLICY and res.contexts == ()
+        assert len(events) == 1 and isinstance(events[0], AccessDenied) and not events[0].closed
+    # Haggling goes on: an open export still works, with no context left from the refusal.
+    neg = pair.negotiate("disk", contexts=())
+    assert neg.export.name == "disk" and neg.contexts == {}
+
+
+def test_export_name_of_a_denied_export_closes() -> None:
+    conn = raw_server()
+    conn.receive_data(wire.option(Opt.EXPORT_NAME, b"secret"))
+    ev = conn.next_event()
+    assert ev == AccessDenied(Opt.EXPORT_NAME, "secret", "denied by the test catalog", closed=True)
+    assert conn.data_to_send() == b"" and conn.handshake.state is State.CLOSED
 
 
 def test_list_returns_every_export_then_ack() -> None:
