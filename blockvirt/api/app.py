@@ -14,7 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from blockvirt.api import qos as qos_api
 from blockvirt.api.auth import auth_middleware
+from blockvirt.api.request import body as _body
+from blockvirt.api.request import field as _field
 from blockvirt.metrics.registry import build_registry
 from blockvirt.server.acl import KINDS, AclError, normalize
 from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size, validate_name
@@ -46,33 +49,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("API error on %s %s", request.method, request.path)
         return _error(500, "internal", "internal server error (see the server log)")
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, RecursionError):
-        # ValueError: bad JSON, bad UTF-8, or an integer with too many digits to parse;
-        # RecursionError: nesting deeper than the parser goes.
-        raise CatalogError("invalid", "request body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise CatalogError("invalid", "request body must be a JSON object")
-    return body
-
-
-def _field(body: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
-    if key not in body:
-        if default is ...:
-            raise CatalogError("invalid", f"missing field {key!r}")
-        return default
-    value = body[key]
-    if kind is bool and not isinstance(value, bool):
-        raise CatalogError("invalid", f"field {key!r} must be true or false")
-    if kind is str and not isinstance(value, str):
-        raise CatalogError("invalid", f"field {key!r} must be a string")
-    if kind is dict and not isinstance(value, dict):
-        raise CatalogError("invalid", f"field {key!r} must be a JSON object")
-    return value
 
 
 def _volume_name(request: web.Request) -> str:
@@ -246,6 +222,8 @@ async def create_pool(request: web.Request) -> web.Response:
     settings = _field(body, "settings", dict, {})
     vm = request.app[VOLUMES]
     rec = vm.pools.create(_field(body, "name", str), _field(body, "path", str), settings)
+    if vm.qos is not None:
+        vm.qos.pool_changed(rec.name)
     return web.json_response(vm.pool_info(rec.name), status=201)
 
 
@@ -257,12 +235,21 @@ async def update_pool(request: web.Request) -> web.Response:
     """Change settings: the body holds the settings to change (see PoolSettings)."""
     body = await _body(request)
     vm = request.app[VOLUMES]
-    rec = vm.pools.update(request.match_info["name"], body)
+    name = request.match_info["name"]
+    if vm.qos is not None and "iops_capacity" in body:
+        new = vm.pools.settings(name).updated({"iops_capacity": body["iops_capacity"]})
+        vm.qos.check_capacity(name, new.iops_capacity)  # refuses one below the reservations
+    rec = vm.pools.update(name, body)
+    if vm.qos is not None:
+        vm.qos.pool_changed(rec.name)
     return web.json_response(vm.pool_info(rec.name))
 
 
 async def delete_pool(request: web.Request) -> web.Response:
-    request.app[VOLUMES].pools.delete(request.match_info["name"])
+    vm = request.app[VOLUMES]
+    vm.pools.delete(request.match_info["name"])
+    if vm.qos is not None:
+        vm.qos.pool_changed(request.match_info["name"])
     return web.Response(status=204)
 
 
@@ -349,4 +336,5 @@ def build_app(
     app.router.add_patch("/api/v1/pools/{name}", update_pool)
     app.router.add_delete("/api/v1/pools/{name}", delete_pool)
     app.router.add_get("/metrics", metrics)
+    qos_api.add_routes(app, volumes)
     return app

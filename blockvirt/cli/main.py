@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from blockvirt.cli import jobs, pools
+from blockvirt.cli import jobs, pools, qos
 from blockvirt.cli.client import ApiClient, ApiError
 from blockvirt.cli.common import (
     DEFAULT_API_URL,
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
 
     pools.add_parser(sub)
+    qos.add_parser(sub)
     return parser
 
 
@@ -547,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return jobs.run_job(args, api)
         if args.command == "migrate":
             return jobs.run_migrate(args, api)
+        if args.command == "qos":
+            return qos.run(args, api)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -37,6 +37,13 @@ def add_parser(sub: Any) -> None:
         p = psub.add_parser(action, help=helptext)
         add_common(p, top=False)
         p.add_argument("name")
+    pcal = psub.add_parser(
+        "calibrate", help="measure the pool's device (direct I/O) and set its QoS capacity and cost model"
+    )
+    add_common(pcal, top=False)
+    pcal.add_argument("name")
+    pcal.add_argument("--seconds", type=float, default=4.0, help="how long to measure (default 4)")
+    pcal.add_argument("--dry-run", action="store_true", help="measure only; change nothing")
     ps = psub.add_parser("set", help="change a pool's settings (watermarks, QoS capacity)")
     add_common(ps, top=False)
     ps.add_argument("name")
@@ -121,9 +128,22 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
             raise UsageError("blockvirt pool set: give at least one setting to change (see --help)")
         p = api.request("PATCH", f"/api/v1/pools/{q(args.name)}", settings)
         emit(args, p, info_text(p))
+    elif args.action == "calibrate":
+        r = api.post(
+            f"/api/v1/pools/{q(args.name)}/calibrate", {"seconds": args.seconds, "apply": not args.dry_run}
+        )
+        how = "direct I/O" if r["direct_io"] else "buffered I/O (this filesystem refuses direct I/O)"
+        human = (
+            f"pool {r['pool']}: {r['iops_4k']:g} IOPS at 4 KiB, {r['iops_1m']:g} at 1 MiB "
+            f"({human_size(r['bandwidth_bytes_per_second'])}/s), {how}\n"
+            f"capacity {r['iops_capacity']:g} IOPS (90% of the 4 KiB rate), "
+            f"cost model S0 = {r['cost_s0']} bytes"
+            + ("; applied" if r["applied"] else "; not applied (--dry-run)")
+        )
+        emit(args, r, human)
     elif args.action == "delete":
         api.delete(f"/api/v1/pools/{q(args.name)}")
         emit(args, {"deleted": args.name}, f"deleted pool {args.name}")
     else:
-        raise UsageError("blockvirt pool: choose an action: create, list, info, set, delete")
+        raise UsageError("blockvirt pool: choose an action: create, list, info, set, calibrate, delete")
     return EXIT_OK

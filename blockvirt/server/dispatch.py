@@ -3,9 +3,11 @@ NBD error replies. Nothing here touches a socket: replies are returned as buffer
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
 from blockvirt.nbd.constants import (
     ALLOWED_CMD_FLAGS,
@@ -33,6 +35,9 @@ from blockvirt.nbd.exceptions import CommandError, nbd_errno
 from blockvirt.nbd.transmission import ServerTransmission, merge_extents
 from blockvirt.storage.node import BlockNode, StorageError
 from blockvirt.storage.stats import Latency, VolumeStats
+
+if TYPE_CHECKING:
+    from blockvirt.qos.manager import VolumeQos
 
 log = logging.getLogger("blockvirt.dispatch")
 
@@ -76,8 +81,15 @@ class Dispatcher:
         tx: ServerTransmission,
         contexts: dict[int, str],
         stats: VolumeStats | None = None,
+        qos: VolumeQos | None = None,
     ) -> None:
         self.node = node
+        #: Storage I/O control of the volume (None: no QoS at all).
+        self.qos = qos
+        #: Cookies admitted by QoS in try_now that then went the slow way (not charged twice).
+        self._prepaid: set[int] = set()
+        #: Tasks waiting for QoS admission: a client that goes away cancels them.
+        self.waiting: set[asyncio.Task[Any]] = set()
         self.stats = stats if stats is not None else VolumeStats()
         #: False under `serve --no-metrics`: no per-request accounting, no clock reads
         #: (errors, which are rare, are still counted). Requests are counted when answered.
@@ -163,14 +175,18 @@ class Dispatcher:
         (or `begin`) to the end of this one, so the time includes parsing and validation.
         """
         t = type(cmd)
+        qos = self.qos
         if t is ReadCmd:
             if cmd.length == 0:
+                return self._not_now()
+            admitted = qos is not None and qos.active
+            if admitted and not qos.try_admit(cmd.length):  # type: ignore[union-attr]
                 return self._not_now()
             if self.tx.structured and not cmd.flags & _DF:
                 # The node decides whether looking for holes pays (large reads only).
                 segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
                 if segs is None:
-                    return self._not_now()
+                    return self._prepay(cmd) if admitted else self._not_now()
                 if self.metered:
                     now = perf_counter()
                     self._read_lat.observe(now - self._t0)
@@ -179,7 +195,7 @@ class Dispatcher:
                 return self.tx.read_segments(cmd.cookie, segs)
             data = self.node.read_nowait(cmd.offset, cmd.length)
             if data is None:
-                return self._not_now()
+                return self._prepay(cmd) if admitted else self._not_now()
             if self.metered:
                 now = perf_counter()
                 self._read_lat.observe(now - self._t0)
@@ -187,8 +203,11 @@ class Dispatcher:
                 self.stats.read_bytes += cmd.length
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
         if t is WriteCmd and not cmd.flags & _FUA:
-            if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+            admitted = qos is not None and qos.active
+            if admitted and not qos.try_admit(cmd.length):  # type: ignore[union-attr]
                 return self._not_now()
+            if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+                return self._prepay(cmd) if admitted else self._not_now()
             if self.metered:
                 now = perf_counter()
                 self._write_lat.observe(now - self._t0)
@@ -199,6 +218,12 @@ class Dispatcher:
             return [self.tx.ok(cmd.cookie)]
         return self._not_now()
 
+    def _prepay(self, cmd: Command) -> Out | None:
+        """QoS admitted this request inline but it must go the slow way after all: it is not
+        charged again there."""
+        self._prepaid.add(cmd.cookie)
+        return self._not_now()
+
     def _not_now(self) -> Out | None:
         """Not answered inline (run() times it): the next inline request starts from now.
         Always None, try_now's answer."""
@@ -207,11 +232,44 @@ class Dispatcher:
         return None
 
     # ------------------------------------------------------------ full path
+    async def _admit(self, qos: VolumeQos, cmd: Command) -> None:
+        """Wait for QoS admission (data commands only; FLUSH and BLOCK_STATUS are free)."""
+        t = type(cmd)
+        if t is FlushCmd or t is BlockStatusCmd:
+            return
+        if self._prepaid and cmd.cookie in self._prepaid:
+            self._prepaid.discard(cmd.cookie)
+            return
+        nbytes = cmd.length if t is ReadCmd or t is WriteCmd else 0
+        if qos.try_admit(nbytes):
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.waiting.add(task)
+        try:
+            await qos.admit(nbytes)
+        finally:
+            self.waiting.discard(task)
+
+    def abandon(self) -> None:
+        """The client went away: requests still waiting for QoS are dropped."""
+        for task in list(self.waiting):
+            task.cancel()
+
     async def run(self, cmd: Command) -> Out:
+        qos = self.qos
+        if qos is not None and qos.active:
+            await self._admit(qos, cmd)
+            latency_control = qos.pool.latency is not None
+        else:
+            latency_control = False
         metered = self.metered
-        t0 = perf_counter() if metered else 0.0
+        t0 = perf_counter() if metered or latency_control else 0.0
         try:
             out = await self._run(cmd)
+            if latency_control:
+                assert qos is not None
+                qos.observe(perf_counter() - t0)
             if metered:
                 self._completed(cmd, perf_counter() - t0)
             return out
@@ -239,6 +297,8 @@ class Dispatcher:
             self.stats.errors += 1
 
     def error_reply(self, cmd: Command, err: CommandError | StorageError) -> Out:
+        if self._prepaid:
+            self._prepaid.discard(cmd.cookie)
         if isinstance(err, StorageError):  # from try_now: the request was valid
             self._failed(cmd)
             return [self.tx.error(cmd.cookie, nbd_errno(err.errno), str(err))]

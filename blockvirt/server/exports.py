@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from blockvirt.nbd.events import ExportDenied, ExportInfo
 from blockvirt.server.acl import Access, ClientIdentity, Rule, decide
 from blockvirt.storage.volumes import Volume, VolumeManager
+
+if TYPE_CHECKING:
+    from blockvirt.qos.manager import VolumeQos
 
 
 class ExportRegistry:
@@ -37,6 +41,11 @@ class ExportRegistry:
 
     def resolve(self, name: str) -> Volume | None:
         return self.volumes.volume(name)
+
+    def qos_for(self, vol: Volume) -> VolumeQos | None:
+        """The volume's QoS handle (a snapshot export is charged to its volume)."""
+        qos = self.volumes.qos
+        return None if qos is None else qos.volume_qos(vol.record.name)
 
     def describe(self, vol: Volume) -> ExportInfo:
         caps = vol.node.capabilities()

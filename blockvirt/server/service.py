@@ -17,6 +17,7 @@ from blockvirt.api.auth import is_loopback, read_token_file, readable_by_others
 from blockvirt.metrics.loop import LoopLagMonitor
 from blockvirt.metrics.registry import build_registry
 from blockvirt.nbd.handshake import TLSMode
+from blockvirt.qos.manager import QosManager
 from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
@@ -83,6 +84,7 @@ class Service:
         self._runner: web.AppRunner | None = None
         self.loop_lag: LoopLagMonitor | None = None
         self.api_url = ""
+        self.qos: QosManager | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -100,7 +102,11 @@ class Service:
             counters=SecurityCounters(),
         )
         self.volumes.disconnect = self.nbd.disconnect_volume
+        self.qos = QosManager(self.volumes.catalog)
+        self.qos.load()
+        self.volumes.qos = self.qos
         await self.volumes.start()
+        self.qos.start()
         await self.nbd.start()
         metrics = None
         if cfg.metrics:
@@ -125,6 +131,8 @@ class Service:
         """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
         if self.volumes is None:
             return  # start() failed on its configuration checks: nothing to stop
+        if self.qos is not None:
+            await self.qos.close()  # waiting requests go now: in-flight work must finish
         if self.nbd is not None:
             await self.nbd.stop(self.config.shutdown_deadline)
         if self._runner is not None:

@@ -205,6 +205,8 @@ class NbdSession(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self.disp is not None:
+            self.disp.abandon()  # requests waiting for QoS: nobody wants their answer
         for timer in (self._handshake_timer, self._request_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
@@ -328,7 +330,13 @@ class NbdSession(asyncio.BufferedProtocol):
         self.volume = vol
         self.tx = self.conn.transmission
         self.disp = Dispatcher(
-            vol.node, ev.export.size, ev.transmission_flags, self.tx, ev.contexts, vol.stats
+            vol.node,
+            ev.export.size,
+            ev.transmission_flags,
+            self.tx,
+            ev.contexts,
+            vol.stats,
+            self.server.registry.qos_for(vol),
         )
         log.info(
             "session %d (%s): opened export %r%s",

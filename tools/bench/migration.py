@@ -45,8 +45,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from blockvirt.client import NbdClient  # noqa: E402
-from blockvirt.testing import BlockvirtServer  # noqa: E402
+from blockvirt.client import NbdClient
+from blockvirt.testing import BlockvirtServer
 
 MiB = 1 << 20
 
