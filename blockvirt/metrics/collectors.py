@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from blockvirt.jobs.manager import RUNNING, Job
 from blockvirt.metrics.loop import LoopLagMonitor
 from blockvirt.server.limits import SecurityCounters
+from blockvirt.storage.pools import STATE_LEVEL
 from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
 from blockvirt.storage.volumes import Volume, VolumeManager
 
@@ -188,7 +189,92 @@ class PoolCollector(Collector):
             free.add_metric([pool.name], st.f_bavail * st.f_frsize)
             if capacity:
                 over.add_metric([pool.name], p / capacity)
-        yield from (cap, used, free, alloc, prov, over)
+        state = GaugeMetricFamily(
+            "blockvirt_pool_watermark_state",
+            "Used space against the pool's watermarks: 0 ok, 1 warning, 2 critical",
+            labels=["pool"],
+        )
+        for pool in cat.pools():
+            info = self.volumes.pools.info(pool, self.volumes.layer_allocated)
+            state.add_metric([pool.name], STATE_LEVEL[info["state"]])
+        yield from (cap, used, free, alloc, prov, over, state)
+
+
+class QosCollector(Collector):
+    """Storage I/O control: per volume what it waited and how it was served, its settings
+    and tags; per pool its capacity (configured and effective), latency and queue."""
+
+    def __init__(self, volumes: VolumeManager) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        qos = self.volumes.qos
+        wait = CounterMetricFamily(
+            "blockvirt_qos_wait_seconds", "Time requests spent waiting for QoS admission", labels=["volume"]
+        )
+        served = CounterMetricFamily(
+            "blockvirt_qos_requests",
+            "Requests admitted, by how: at once, by shares, by reservation",
+            labels=["volume", "phase"],
+        )
+        queued = GaugeMetricFamily("blockvirt_qos_queued_requests", "Requests waiting now", labels=["volume"])
+        setting = GaugeMetricFamily(
+            "blockvirt_qos_setting",
+            "QoS settings: shares, reservation and limit (4 KiB IOPS; limit is the effective one), bps_limit",
+            labels=["volume", "setting"],
+        )
+        tags = GaugeMetricFamily(
+            "blockvirt_qos_tag_seconds",
+            "A volume's rate tags against now (positive: ahead of its schedule), by tag",
+            labels=["volume", "tag"],
+        )
+        pcap = GaugeMetricFamily(
+            "blockvirt_pool_qos_capacity_iops", "Configured capacity (0: not capped)", labels=["pool"]
+        )
+        peff = GaugeMetricFamily(
+            "blockvirt_pool_qos_effective_capacity_iops",
+            "Capacity in force now, after latency control (0: not capped)",
+            labels=["pool"],
+        )
+        plat = GaugeMetricFamily(
+            "blockvirt_pool_qos_latency_seconds",
+            "Mean backend latency latency control last saw (pools with a latency target)",
+            labels=["pool"],
+        )
+        pq = GaugeMetricFamily(
+            "blockvirt_pool_qos_queued_requests", "Requests waiting in the pool", labels=["pool"]
+        )
+        if qos is None:
+            yield from (wait, served, queued, setting, tags, pcap, peff, plat, pq)
+            return
+        now = time.monotonic()
+        for rec in self.volumes.records():
+            vq = qos.volumes.get(rec.name)
+            view = qos.volume_view(rec.name)
+            wait.add_metric([rec.name], vq.wait_seconds if vq is not None else 0.0)
+            for key in ("effective_shares", "reservation", "effective_limit", "bps_limit"):
+                name = key.removeprefix("effective_")
+                setting.add_metric([rec.name, name], float(view.get(key) or 0))
+            if vq is None:
+                continue
+            leaf = vq.leaf
+            for phase, n in leaf.served.items():
+                served.add_metric([rec.name, phase], n)
+            queued.add_metric([rec.name], len(leaf.queue))
+            for tag, pacer in (
+                ("reservation", leaf.res_pacer),
+                ("limit", leaf.limit_pacer),
+                ("bps", leaf.bps_pacer),
+            ):
+                if pacer is not None and pacer.tat > -1e300:
+                    tags.add_metric([rec.name, tag], pacer.tat - now)
+        for name, pool in qos.pools.items():
+            pcap.add_metric([name], pool.configured)
+            peff.add_metric([name], pool.sched.capacity)
+            pq.add_metric([name], pool.sched.root.queued)
+            if pool.latency is not None:
+                plat.add_metric([name], pool.latency.last_latency)
+        yield from (wait, served, queued, setting, tags, pcap, peff, plat, pq)
 
 
 def exported_jobs(jobs: Iterable[Job], volumes: Container[str], now: float | None = None) -> list[Job]:

@@ -9,6 +9,7 @@ from blockvirt.metrics.collectors import (
     JobCollector,
     LoopCollector,
     PoolCollector,
+    QosCollector,
     SecurityCollector,
     VolumeCollector,
 )
@@ -29,6 +30,7 @@ def build_registry(
     if security is not None:
         registry.register(SecurityCollector(security, volumes))
     registry.register(PoolCollector(volumes))
+    registry.register(QosCollector(volumes))
     registry.register(JobCollector(volumes))
     registry.register(InfoCollector())
     if loop_lag is not None:

@@ -138,6 +138,7 @@ def validate(
                 "conflict",
                 f"{what}: reservation {s.reservation:g} IOPS exceeds the limit it is under ({lim:g} IOPS)",
             )
+
     def needed(group: str) -> float:
         """What a group's members reserve (a member group with no reservation of its own
         passes on what its members need)."""
