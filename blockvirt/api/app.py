@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from blockvirt.api import debug as debug_api
 from blockvirt.api import qos as qos_api
 from blockvirt.api.auth import auth_middleware
 from blockvirt.api.request import body as _body
@@ -272,6 +273,10 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(job.to_dict())
 
 
+async def reset_volume(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[VOLUMES].reset(request.match_info["name"]))
+
+
 async def resize_volume(request: web.Request) -> web.Response:
     body = await _body(request)
     raw_size = body.get("size")
@@ -318,6 +323,7 @@ def build_app(
     app.router.add_get("/api/v1/volumes/{name}/stats", volume_stats)
     app.router.add_post("/api/v1/volumes/{name}/flatten", flatten_volume)
     app.router.add_post("/api/v1/volumes/{name}/resize", resize_volume)
+    app.router.add_post("/api/v1/volumes/{name}/reset", reset_volume)
     app.router.add_post("/api/v1/volumes/{name}/migrate", migrate_volume)
     app.router.add_get("/api/v1/volumes/{name}/acl", get_acl)
     app.router.add_post("/api/v1/volumes/{name}/acl", add_acl_rule)
@@ -337,4 +343,5 @@ def build_app(
     app.router.add_delete("/api/v1/pools/{name}", delete_pool)
     app.router.add_get("/metrics", metrics)
     qos_api.add_routes(app, volumes)
+    debug_api.add_routes(app, volumes)
     return app

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="no per-volume accounting on the data path; /metrics and volume stats answer an error",
     )
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
+    serve.add_argument(
+        "--fault-injection",
+        action="store_true",
+        help="testing only: let /api/v1/debug/faults make pools fail or slow down",
+    )
     serve.add_argument("--tls-dir", metavar="DIR", help="ca-cert.pem, server-cert.pem, server-key.pem")
     serve.add_argument(
         "--tls",
@@ -154,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("info", "show one volume"),
         ("delete", "delete a volume and its data"),
         ("stats", "I/O served since the export was opened: ops, bytes, busy time (NAME or VOL@SNAP)"),
+        ("reset", "reopen a failed volume from its files once the device is fixed (no clients connected)"),
     ):
         p = vsub.add_parser(action, help=helptext)
         _common(p, top=False)
@@ -277,6 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         tls_mode=args.tls or "require",
         metrics=args.metrics,
+        fault_injection=args.fault_injection,
         api_token_file=args.api_token_file,
         limits=limits,
     )
@@ -338,6 +345,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
                     f"pool:        {v['pool']}",
                     f"snapshots:   {v.get('snapshots', 0)} (chain depth {v.get('chain_depth', 1)})",
                     f"connections: {v['connections']}",
+                    f"state:       {v.get('state', 'ok')}" + (f" ({v['error']})" if v.get("error") else ""),
                 ]
             ),
         )
@@ -350,6 +358,9 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
     elif action == "clone":
         info = api.post("/api/v1/volumes", {"name": args.name, "source": args.source})
         _emit(args, info, f"created volume {info['name']} as a linked clone of {args.source}")
+    elif action == "reset":
+        info = api.post(f"/api/v1/volumes/{_q(args.name)}/reset", {})
+        _emit(args, info, f"reset volume {args.name}: {info['state']}")
     elif action == "resize":
         try:
             size = parse_size(args.size)
@@ -373,7 +384,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
     else:
         raise UsageError(
             "blockvirt volume: choose an action: "
-            "create, list, info, stats, delete, resize, clone, flatten, acl"
+            "create, list, info, stats, delete, resize, reset, clone, flatten, acl"
         )
     return EXIT_OK
 

@@ -60,9 +60,9 @@ def _mask(first: int, count: int) -> int:
     return ((1 << count) - 1) << first
 
 
-async def _call(io_blocking: bool, fn: Callable[..., object], *args: object) -> object:
-    if io_blocking:
-        return await executor.run(fn, *args)  # type: ignore[arg-type]
+async def _call(layer: Layer, fn: Callable[..., object], *args: object) -> object:
+    if layer.io.blocking:
+        return await executor.run_in(layer.pool_dir, fn, *args)
     return fn(*args)
 
 
@@ -76,7 +76,7 @@ async def _read(src: Layer, nbytes: int, offset: int) -> bytes | bytearray:
         buf = bytearray(nbytes)
         if io.preadv_nowait(src.fd, memoryview(buf), offset):
             return buf
-    return await executor.run(io.pread, src.fd, nbytes, offset)
+    return await executor.run_in(src.pool_dir, io.pread, src.fd, nbytes, offset)
 
 
 async def _write(
@@ -89,7 +89,7 @@ async def _write(
     elif guard is not None and guard.inline and len(data) <= INLINE_MAX:
         guard.note(timed_pwrite(io, dst.fd, data, offset, False))
     else:
-        await executor.run(io.pwrite, dst.fd, data, offset)
+        await executor.run_in(dst.pool_dir, io.pwrite, dst.fd, data, offset)
 
 
 async def copy_blocks(
@@ -109,7 +109,6 @@ async def copy_blocks(
     copied: they become UNALLOC (the layer must have no parent). Returns the bytes of data
     copied. Blocks dst held as DATA that are no longer data are punched (space back)."""
     io = src.io
-    blocking = io.blocking
     copied = 0
     end = first + count
     block = first
@@ -136,21 +135,20 @@ async def copy_blocks(
         if dst.map.all_data:
             # Thick copy: whatever src does not hold as data reads as zeros there.
             for run_first, run_n in _runs(rest, base):
-                await _call(blocking, io.zero_allocated, dst.fd, run_first << BLOCK_SHIFT, run_n * BLOCK)
+                await _call(dst, io.zero_allocated, dst.fd, run_first << BLOCK_SHIFT, run_n * BLOCK)
         else:
             for run_first, run_n in _runs(szero, base):
                 dst.map.set_zero(run_first, run_n)
             for run_first, run_n in _runs(rest & ~szero, base):
                 dst.map.set_unalloc(run_first, run_n)
             for run_first, run_n in _runs(ddata_before & rest, base):
-                await _call(blocking, io.punch, dst.fd, run_first << BLOCK_SHIFT, run_n * BLOCK)
+                await _call(dst, io.punch, dst.fd, run_first << BLOCK_SHIFT, run_n * BLOCK)
         block += n
     return copied
 
 
 async def _copy_nonzero(dst: Layer, first: int, count: int, data: bytes | bytearray) -> int:
     """Write the blocks of `data` that are not all zeros; mark the zero ones UNALLOC."""
-    io = dst.io
     zero = bytes(BLOCK)
     view = memoryview(data)
     copied = 0
@@ -163,9 +161,7 @@ async def _copy_nonzero(dst: Layer, first: int, count: int, data: bytes | bytear
         if is_zero:
             dst.map.set_unalloc(first + k, j - k)
         else:
-            await _call(
-                io.blocking, io.pwrite, dst.fd, view[k * BLOCK : j * BLOCK], (first + k) << BLOCK_SHIFT
-            )
+            await _write(dst, view[k * BLOCK : j * BLOCK], (first + k) << BLOCK_SHIFT, None)
             dst.map.set_data(first + k, j - k)
             copied += (j - k) * BLOCK
         k = j
@@ -264,7 +260,8 @@ class Mirror:
             # left, and the filesystem never has to flush the whole copy at once (which
             # stalls every writer on it).
             first = chunk * CHUNK_BYTES
-            await executor.run(self.target.io.start_writeback, self.target.fd, first, CHUNK_BYTES)
+            tgt = self.target
+            await executor.run_in(tgt.pool_dir, tgt.io.start_writeback, tgt.fd, first, CHUNK_BYTES)
         return copied
 
     async def _copy_chunk(self, chunk: int) -> int:

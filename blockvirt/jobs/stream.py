@@ -75,7 +75,7 @@ async def stream_page(
 
 async def _read(src: Layer, offset: int, length: int) -> bytes:
     if src.io.blocking:
-        return await executor.run(src.io.pread, src.fd, length, offset)
+        return await executor.run_in(src.pool_dir, src.io.pread, src.fd, length, offset)
     return src.io.pread(src.fd, length, offset)
 
 

@@ -93,6 +93,11 @@ class VolumeCollector(Collector):
         depth = GaugeMetricFamily(
             "blockvirt_volume_chain_depth", "Layers a read may have to look through", labels=["volume"]
         )
+        failed = GaugeMetricFamily(
+            "blockvirt_volume_failed",
+            "1 when a failed commit made the volume refuse writes until it is reset",
+            labels=["volume"],
+        )
 
         records = vm.records()
         snapshots: dict[str, list[str]] = {}
@@ -123,6 +128,7 @@ class VolumeCollector(Collector):
             traffic(rec.name, vol.stats if vol is not None else empty)
             conns.add_metric([rec.name], vol.users if vol is not None else 0)
             layers = snapshots.get(rec.name, [])
+            failed.add_metric([rec.name], 1 if vol is not None and vol.node.failed else 0)
             if vol is not None:
                 size.add_metric([rec.name], vol.node.size)
                 depth.add_metric([rec.name], len(vol.node.layers))
@@ -137,7 +143,7 @@ class VolumeCollector(Collector):
             if vol.snapshot is not None:
                 traffic(name, vol.stats)
                 conns.add_metric([name], vol.users)
-        yield from (rb, wb, ops, errs, busy, lat, conns, size, alloc, snaps, depth)
+        yield from (rb, wb, ops, errs, busy, lat, conns, size, alloc, snaps, depth, failed)
 
 
 class PoolCollector(Collector):

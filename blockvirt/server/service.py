@@ -22,6 +22,8 @@ from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
+from blockvirt.storage.faults import FaultyFileIO
+from blockvirt.storage.fileio import REAL
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.service")
@@ -55,6 +57,8 @@ class ServiceConfig:
     #: A file holding the API's bearer token; required when the API is not on loopback.
     api_token_file: str | None = None
     limits: Limits = field(default_factory=Limits)
+    #: Test facility: pools' devices can be made to fail or slow down (/api/v1/debug/faults).
+    fault_injection: bool = False
 
 
 class ConfigError(Exception):
@@ -90,7 +94,10 @@ class Service:
         cfg = self.config
         token = api_token(cfg)  # fail before binding anything
         tls_context = server_context(cfg.tls_dir) if cfg.tls_dir else None
-        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth, metrics=cfg.metrics)
+        io = FaultyFileIO() if cfg.fault_injection else REAL
+        if cfg.fault_injection:
+            log.warning("fault injection is on: /api/v1/debug/faults can break pools on purpose")
+        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth, metrics=cfg.metrics, io=io)
         registry = ExportRegistry(self.volumes)
         self.nbd = NbdServer(
             registry,

@@ -1,4 +1,8 @@
-"""The one escape hatch for blocking syscalls: a bounded thread pool, and flush coalescing."""
+"""The one escape hatch for blocking syscalls: bounded thread pools, and flush coalescing.
+
+Each storage pool (keyed by its directory) has its own threads: a slow or stuck device can
+take all of its pool's threads, but never another pool's. Work not tied to a pool uses the
+shared default."""
 
 from __future__ import annotations
 
@@ -10,15 +14,22 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 POOL_SIZE = 16
 
 
-def pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="blockvirt-io")
-    return _pool
+def pool(key: str = "") -> concurrent.futures.ThreadPoolExecutor:
+    """The threads for `key` (a pool directory; "" for work tied to no pool)."""
+    ex = _pools.get(key)
+    if ex is None:
+        name = "blockvirt-io" if not key else f"blockvirt-io-{len(_pools)}"
+        ex = _pools[key] = concurrent.futures.ThreadPoolExecutor(POOL_SIZE, thread_name_prefix=name)
+    return ex
+
+
+async def run_in(key: str, fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking call on the threads of pool directory `key`."""
+    return await asyncio.get_running_loop().run_in_executor(pool(key), fn, *args)
 
 
 async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -36,6 +36,12 @@ class FileIO:
 
     #: Whether blocking calls should leave the event loop (False for in-memory test doubles).
     blocking = True
+    #: A fault injector (storage/faults.py): then ask `slow_writes` before writing inline.
+    faulty = False
+
+    def slow_writes(self, fd: int) -> bool:
+        """Whether writes to fd are slowed on purpose (they must then leave the loop)."""
+        return False
 
     def open(self, path: str, *, write: bool, create: bool = False) -> int:
         flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC

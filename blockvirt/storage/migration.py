@@ -282,7 +282,7 @@ async def _copy_layer(src: Layer, dst: Layer, throttle: mv.Throttle, progress: A
         n = await mv.copy_blocks(src, dst, first, count, zero_detect=zero_detect)
         progress(n)
         if n and dst.io.blocking:
-            await executor.run(dst.io.start_writeback, dst.fd, first * BLOCK, count * BLOCK)
+            await executor.run_in(dst.pool_dir, dst.io.start_writeback, dst.fd, first * BLOCK, count * BLOCK)
     await dst.commit()
     dst.close_journal()
 

@@ -187,6 +187,8 @@ class VolumeManager:
             "connections": vol.users + snap_users,
             "job": job.id if job else None,
             "created": rec.created,
+            "state": "failed" if vol.node.failed else "ok",
+            "error": vol.node.failed,
         }
 
     def layer_allocated(self, layer_id: str) -> int:
@@ -515,6 +517,18 @@ class VolumeManager:
                     "INSERT INTO volumes VALUES (?, ?, 0, ?, ?, ?)", (new, lrec.size, rec.pool, new_id, now)
                 )
         return self.info(new)
+
+    async def reset(self, name: str) -> dict[str, Any]:
+        """Reopen a failed volume from what its files hold (after the device is fixed): what
+        was written since its last good commit is gone, as after a crash."""
+        async with self._lock:
+            self._require(name)
+            self._check_idle(name, "reset the volume")
+            vol = self._open.get(name)
+            was = vol.node.failed if vol is not None else None
+            self._close_exports(name)
+            log.warning("volume %s reset (it was: %s)", name, was or "not failed", extra={"volume": name})
+        return self.info(name)
 
     async def resize(self, name: str, size: int, *, force: bool = False) -> dict[str, Any]:
         """Grow a volume live (connected clients keep working; new handshakes see the new

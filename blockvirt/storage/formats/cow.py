@@ -19,7 +19,7 @@ import errno
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.fileio import FileIO
@@ -239,7 +239,7 @@ class Layer:
 
     async def _run(self, fn: object, *args: object) -> None:
         if self.io.blocking:
-            await executor.run(fn, *args)  # type: ignore[arg-type]
+            await executor.run_in(self.pool_dir, fn, *args)  # type: ignore[arg-type]
         else:
             fn(*args)  # type: ignore[operator]
 
@@ -334,6 +334,13 @@ class ChainNode(BlockNode):
         #: to the head's new home before the request completes. Set and cleared only while
         #: drained.
         self.mirror: Mirror | None = None
+        #: Why the volume is failed (writes refused), or None. See _commit_head.
+        self.failed: str | None = None
+
+    async def _exec(self, fn: Callable[..., Any], *args: object) -> Any:
+        """A blocking call on the threads of the head's pool (a slow pool stalls only its own
+        volumes)."""
+        return await executor.run_in(self.layers[0].pool_dir, fn, *args)
 
     # ------------------------------------------------------------ chain
     @property
@@ -459,7 +466,8 @@ class ChainNode(BlockNode):
         try:
             plan = self._plan(offset, length)
             if self.io.blocking:
-                return await executor.run(self._read_blocking, plan, offset, length)
+                data: bytearray = await self._exec(self._read_blocking, plan, offset, length)
+                return data
             return self._read_blocking(plan, offset, length)
         except OSError as e:
             raise _oserror(e, "read") from e
@@ -477,7 +485,7 @@ class ChainNode(BlockNode):
                 if fd < 0:
                     out.append((off, n, None))
                 elif self.io.blocking:
-                    out.append((off, n, await executor.run(self.io.pread, fd, n, off)))
+                    out.append((off, n, await self._exec(self.io.pread, fd, n, off)))
                 else:
                     out.append((off, n, self.io.pread(fd, n, off)))
             return out
@@ -496,6 +504,8 @@ class ChainNode(BlockNode):
             or not n
             or not self.guard.inline
             or self.mirror is not None
+            or self.failed is not None
+            or (self.io.faulty and self.io.slow_writes(self.layers[0].fd))
         ):
             return False
         head = self.head
@@ -521,8 +531,14 @@ class ChainNode(BlockNode):
             await asyncio.wait(busy)
 
     async def _pwrite(self, fd: int, data: Buffer, offset: int, dsync: bool = False) -> None:
-        if self.io.blocking and (dsync or len(data) > INLINE_WRITE_MAX or not self.guard.inline):
-            seconds = await executor.run(timed_pwrite, self.io, fd, data, offset, dsync)
+        io = self.io
+        if io.blocking and (
+            dsync
+            or len(data) > INLINE_WRITE_MAX
+            or not self.guard.inline
+            or (io.faulty and io.slow_writes(fd))
+        ):
+            seconds = await self._exec(timed_pwrite, self.io, fd, data, offset, dsync)
             if not dsync:
                 self.guard.note(seconds)
         else:
@@ -532,7 +548,7 @@ class ChainNode(BlockNode):
         """The block's contents as the chain reads it now."""
         plan = self._plan(block << BLOCK_SHIFT, BLOCK)
         if self.io.blocking:
-            return bytes(await executor.run(self._read_blocking, plan, block << BLOCK_SHIFT, BLOCK))
+            return bytes(await self._exec(self._read_blocking, plan, block << BLOCK_SHIFT, BLOCK))
         return bytes(self._read_blocking(plan, block << BLOCK_SHIFT, BLOCK))
 
     async def _write(self, offset: int, data: Buffer, fua: bool) -> None:
@@ -548,7 +564,7 @@ class ChainNode(BlockNode):
                 # In place, but the blocks' DATA state is not journaled yet: a dsync write
                 # alone would not survive a crash. Write, then commit.
                 await self._pwrite(head.fd, data, offset)
-                await head.commit()
+                await self._commit_head()
             else:
                 await self._pwrite(head.fd, data, offset, dsync=fua)
             return
@@ -587,11 +603,12 @@ class ChainNode(BlockNode):
                     del self._locks[b]
                     fut.set_result(None)
         if fua:
-            await head.commit()
+            await self._commit_head()
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         if not self.writable:
             raise StorageError(errno.EROFS, "read-only snapshot")
+        self._check_failed()
         await self._enter()
         try:
             if not fua and self.write_nowait(offset, data):
@@ -610,11 +627,12 @@ class ChainNode(BlockNode):
     async def zero(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
         if not self.writable:
             raise StorageError(errno.EROFS, "read-only snapshot")
+        self._check_failed()
         await self._enter()
         try:
             await self._zero(offset, length, may_trim)
             if fua:
-                await self.head.commit()
+                await self._commit_head()
             if self.mirror is not None:
                 await self.mirror.after_write(*_block_span(offset, length), fua)
         except OSError as e:
@@ -637,7 +655,7 @@ class ChainNode(BlockNode):
         await self._wait_locks(first, full_end - 1)
         head = self.head
         start, nbytes = first * BLOCK, count * BLOCK
-        run: Callable[..., Awaitable[None]] = executor.run if self.io.blocking else _call
+        run: Callable[..., Awaitable[None]] = self._exec if self.io.blocking else _call
         if head.map.all_data:
             await run(self.io.zero_allocated, head.fd, start, nbytes)
         elif not may_trim:
@@ -656,10 +674,26 @@ class ChainNode(BlockNode):
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self.zero(offset, length, may_trim=True, fua=fua)
 
+    async def _commit_head(self) -> None:
+        """Commit the head. A commit that fails with EIO marks the volume failed: after a
+        failed sync the kernel may have dropped the dirty data (Linux does), so nothing
+        written since the last good commit can be promised any more."""
+        try:
+            await self.head.commit()
+        except StorageError as e:
+            if e.errno == errno.EIO and self.failed is None:
+                self.failed = f"a commit failed ({e}); writes are refused until the volume is reset"
+            raise
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise StorageError(errno.EIO, f"volume failed: {self.failed}")
+
     async def flush(self) -> None:
         if not self.writable:
             return
-        await self.head.commit()
+        self._check_failed()
+        await self._commit_head()
         if self._frozen:  # writes completed before a snapshot live in the frozen head
             await self.commit_frozen()
         if self.mirror is not None:
@@ -704,7 +738,7 @@ class ChainNode(BlockNode):
         head = self.head
         old_blocks = -(-old // BLOCK)
         new_blocks = -(-new_size // BLOCK)
-        run: Callable[..., Awaitable[None]] = executor.run if self.io.blocking else _call
+        run: Callable[..., Awaitable[None]] = self._exec if self.io.blocking else _call
         if new_size > old:
             await run(head.resize_file, new_size)
             head.map.grow(new_blocks)
