@@ -237,21 +237,27 @@ class QosCollector(Collector):
         pcap = GaugeMetricFamily(
             "blockvirt_pool_qos_capacity_iops", "Configured capacity (0: not capped)", labels=["pool"]
         )
-        peff = GaugeMetricFamily(
-            "blockvirt_pool_qos_effective_capacity_iops",
-            "Capacity in force now, after latency control (0: not capped)",
+        pwin = GaugeMetricFamily(
+            "blockvirt_pool_qos_window_requests",
+            "Requests latency control lets into the pool's backend at once (pools with a latency "
+            "target; absent while it holds nothing back)",
+            labels=["pool"],
+        )
+        pinf = GaugeMetricFamily(
+            "blockvirt_pool_qos_inflight_requests",
+            "Requests in the pool's backend now, counted by latency control",
             labels=["pool"],
         )
         plat = GaugeMetricFamily(
             "blockvirt_pool_qos_latency_seconds",
-            "Mean backend latency latency control last saw (pools with a latency target)",
+            "The 95th percentile of backend latency latency control last saw (pools with a latency target)",
             labels=["pool"],
         )
         pq = GaugeMetricFamily(
             "blockvirt_pool_qos_queued_requests", "Requests waiting in the pool", labels=["pool"]
         )
         if qos is None:
-            yield from (wait, served, queued, setting, tags, pcap, peff, plat, pq)
+            yield from (wait, served, queued, setting, tags, pcap, pwin, pinf, plat, pq)
             return
         now = time.monotonic()
         for rec in self.volumes.records():
@@ -276,11 +282,13 @@ class QosCollector(Collector):
                     tags.add_metric([rec.name, tag], pacer.tat - now)
         for name, pool in qos.pools.items():
             pcap.add_metric([name], pool.configured)
-            peff.add_metric([name], pool.sched.capacity)
             pq.add_metric([name], pool.sched.root.queued)
             if pool.latency is not None:
                 plat.add_metric([name], pool.latency.last_latency)
-        yield from (wait, served, queued, setting, tags, pcap, peff, plat, pq)
+                pinf.add_metric([name], pool.sched.inflight)
+                if pool.sched.window != float("inf"):
+                    pwin.add_metric([name], pool.sched.window)
+        yield from (wait, served, queued, setting, tags, pcap, pwin, pinf, plat, pq)
 
 
 def exported_jobs(jobs: Iterable[Job], volumes: Container[str], now: float | None = None) -> list[Job]:

@@ -1,67 +1,69 @@
-"""Latency-aware capacity (SIOC / PARDA), pure: time and measurements are arguments.
+"""Latency-aware admission (SIOC / PARDA), pure: time and measurements are arguments.
 
-An operator who does not know a pool's capacity sets a latency target instead. Every period
-the controller looks at the mean backend latency of the requests that completed in it:
-  - above the target, the pool's effective capacity shrinks toward what keeps latency at the
-    target (PARDA's window law: C <- (1 - g)·C + g·(target/latency·C)), starting from what
-    was actually served, so the queue builds in the scheduler, where shares decide, not in
-    the device, where it is first come first served;
-  - at or below it, the capacity grows again (multiplicatively, from what is served), and
-    once it is well above what the pool is asked for, the cap is lifted altogether.
-A configured capacity is an upper bound the controller never exceeds.
+An operator who does not know a pool's capacity sets a latency target instead. The pool then
+has a window: how many requests may be in its backend at once. Every period the controller
+looks at the backend latency of the requests that completed in it (its 95th percentile: the
+target is one that 95 % of requests meet, not an average that hides a tail) and applies
+PARDA's window law,
+
+    W <- (1 - g)·W + g·(target / latency · W + beta),
+
+which settles where latency is about the target (W·target/(W - beta) ~ target). The queue
+then builds in the scheduler, where shares, reservations and limits decide the order, and not
+in the device, which serves first come first served. Throughput stays what the device can do
+as long as the window keeps it busy: a window is a queue depth, not a rate. While latency is
+well below the target and the window is not what holds anything back, it is lifted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
+from dataclasses import dataclass, field
 
 PERIOD = 0.25
 GAIN = 0.5
-GROWTH = 1.1
-MIN_CAPACITY = 50.0
-#: Lifted once the cap is this many times what was served (and latency is fine).
-UNCAP_AT = 4.0
+BETA = 1.0
+MIN_WINDOW = 2.0
+MAX_WINDOW = 4096.0
+#: The percentile of a period's latencies that is held to the target.
+PERCENTILE = 0.95
+#: At most this many latencies are kept per period (a uniform sample beyond that).
+SAMPLES = 2048
 
 
 @dataclass(slots=True)
 class LatencyControl:
     target: float  # seconds
-    ceiling: float = 0.0  # the configured capacity (0: none)
-    capacity: float = 0.0  # current effective capacity (0: not capped)
-    _sum: float = 0.0
+    window: float = math.inf  # requests in flight allowed (inf: not limiting)
+    _samples: list[float] = field(default_factory=list)
     _n: int = 0
-    _served: float = 0.0  # cost units dispatched in the period
-    last_latency: float = 0.0
+    last_latency: float = 0.0  # the last period's 95th percentile
+    _rng: random.Random = field(default_factory=lambda: random.Random(7))
 
     def observe(self, seconds: float) -> None:
-        self._sum += seconds
         self._n += 1
+        if len(self._samples) < SAMPLES:
+            self._samples.append(seconds)
+        else:  # reservoir sampling: every latency of the period equally likely to be kept
+            i = self._rng.randrange(self._n)
+            if i < SAMPLES:
+                self._samples[i] = seconds
 
-    def served(self, cost: float) -> None:
-        self._served += cost
-
-    def update(self, period: float) -> float:
-        """End of a period: returns the new effective capacity (0: no cap)."""
-        n, mean = self._n, (self._sum / self._n if self._n else 0.0)
-        rate = self._served / period if period > 0 else 0.0
-        self._sum, self._n, self._served = 0.0, 0, 0.0
-        if not n:
-            return self.capacity  # nothing measured: keep what we have
-        self.last_latency = mean
-        cap = self.capacity or self.ceiling or 0.0
-        if mean > self.target:
-            base = min(cap, rate) if cap else rate
-            base = max(base, MIN_CAPACITY)
-            new = (1 - GAIN) * base + GAIN * base * self.target / mean
-            self.capacity = max(MIN_CAPACITY, new)
-        elif self.capacity:
-            grown = max(self.capacity, rate) * GROWTH
-            if self.ceiling and grown >= self.ceiling:
-                self.capacity = self.ceiling
-            elif not self.ceiling and grown > UNCAP_AT * max(rate, MIN_CAPACITY):
-                self.capacity = 0.0
-            else:
-                self.capacity = grown
-        if self.ceiling and (not self.capacity or self.capacity > self.ceiling):
-            self.capacity = self.ceiling
-        return self.capacity
+    def update(self, peak_inflight: int) -> float:
+        """End of a period (`peak_inflight`: the most requests in flight during it): returns
+        the new window."""
+        samples = self._samples
+        self._samples, self._n = [], 0
+        if not samples:
+            return self.window  # nothing completed: nothing learned
+        samples.sort()
+        latency = samples[min(len(samples) - 1, int(PERCENTILE * len(samples)))]
+        self.last_latency = latency
+        w = self.window if math.isfinite(self.window) else max(float(peak_inflight), MIN_WINDOW)
+        new = (1 - GAIN) * w + GAIN * (self.target / latency * w + BETA)
+        new = min(MAX_WINDOW, max(MIN_WINDOW, new))
+        if latency < self.target / 2 and new > 2 * max(peak_inflight, MIN_WINDOW):
+            new = math.inf  # far from the target and not binding: no window
+        self.window = new
+        return new

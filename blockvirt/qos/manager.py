@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,18 +53,16 @@ class PoolQos:
     def apply(self, s: PoolSettings) -> None:
         self.configured = s.iops_capacity
         self.a, self.b = CostModel(s.cost_s0).coefficients()
+        self.sched.set_capacity(s.iops_capacity)
         if s.latency_target_ms > 0:
             target = s.latency_target_ms / 1000
             if self.latency is None:
-                self.latency = LatencyControl(target, ceiling=s.iops_capacity, capacity=s.iops_capacity)
+                self.latency = LatencyControl(target)
             else:
                 self.latency.target = target
-                self.latency.ceiling = s.iops_capacity
-                self.latency.capacity = min(self.latency.capacity or s.iops_capacity, s.iops_capacity or 1e18)
-            self.sched.set_capacity(self.latency.capacity)
         else:
             self.latency = None
-            self.sched.set_capacity(s.iops_capacity)
+            self.sched.window = math.inf
         self.background.apply(Params(shares=float(s.background_shares)))
 
     @property
@@ -98,29 +97,40 @@ class PoolQos:
         self.kick()
 
     def _grant(self, req: Request) -> None:
-        if self.latency is not None:
-            self.latency.served(req.cost)
         fut = req.token
-        if isinstance(fut, asyncio.Future) and not fut.done():
+        if not fut.done():
             fut.set_result(None)
 
-    async def wait(self, leaf: Leaf, cost: float, nbytes: int) -> None:
-        """Until the request may go. Cancelling the caller takes it out of the queue."""
+    async def wait(self, leaf: Leaf, cost: float, nbytes: int, *, count: bool = False) -> bool:
+        """Until the request may go. With `count` (and latency control on), the request is
+        counted in the backend's window: the caller must call finished(). Returns whether it
+        was counted. Cancelling the caller takes the request out of the queue."""
         if self.released:
-            return
+            return False
+        counted = count and self.latency is not None
         now = time.monotonic()
         if self.sched.try_now(leaf, cost, nbytes, now):
-            if self.latency is not None:
-                self.latency.served(cost)
-            return
+            if counted:
+                self.sched.started()
+            return counted
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        req = self.sched.enqueue(leaf, cost, nbytes, now, fut)
+        req = self.sched.enqueue(leaf, cost, nbytes, now, fut, counted=counted)
         self.kick()
         try:
             await fut
         except asyncio.CancelledError:
-            self.sched.cancel(req)
+            if not self.sched.cancel(req) and fut.done() and counted:
+                self.finished()  # granted just before the cancel: give its place back
             raise
+        return counted
+
+    def finished(self, seconds: float | None = None) -> None:
+        """A counted request left the backend (`seconds`: its service time)."""
+        self.sched.finished()
+        if seconds is not None and self.latency is not None:
+            self.latency.observe(seconds)
+        if self.sched.root.queued:
+            self.kick()
 
     def release_all(self) -> None:
         self.released = True
@@ -136,11 +146,10 @@ class PoolQos:
         lc = self.latency
         if lc is None:
             return
-        before = self.sched.capacity
-        cap = lc.update(PERIOD)
-        if cap != before:
-            self.sched.set_capacity(cap)
-            self.kick()
+        sched = self.sched
+        sched.window = lc.update(sched.peak_inflight)
+        sched.peak_inflight = sched.inflight
+        self.kick()
 
 
 class VolumeQos:
@@ -157,33 +166,34 @@ class VolumeQos:
         self.active = False
         self.wait_seconds = 0.0
 
-    def try_admit(self, nbytes: int) -> bool:
-        """Admit now if possible (no waiting in line, no rate in the way)."""
+    def try_admit(self, nbytes: int) -> int:
+        """Admit now if possible (no waiting in line, no rate in the way): 0 if not, 1 if
+        admitted, 2 if admitted and counted in the pool's latency window (then the caller
+        must call finished())."""
         pool = self.pool
         if pool.released:
-            return True
+            return 1
         cost = pool.a + pool.b * (nbytes or UNIT_BYTES)
-        if pool.sched.try_now(self.leaf, cost, nbytes, _monotonic()):
-            if pool.latency is not None:
-                pool.latency.served(cost)
-            return True
-        return False
+        if not pool.sched.try_now(self.leaf, cost, nbytes, _monotonic()):
+            return 0
+        if pool.latency is None:
+            return 1
+        pool.sched.started()
+        return 2
 
-    async def admit(self, nbytes: int) -> None:
-        if not self.active:
-            return
+    async def admit(self, nbytes: int) -> bool:
+        """Wait for admission; returns whether the request is counted (see try_admit)."""
         pool = self.pool
-        t0 = time.monotonic()
+        t0 = _monotonic()
         try:
-            await pool.wait(self.leaf, pool.a + pool.b * (nbytes or UNIT_BYTES), nbytes)
+            return await pool.wait(self.leaf, pool.a + pool.b * (nbytes or UNIT_BYTES), nbytes, count=True)
         finally:
-            self.wait_seconds += time.monotonic() - t0
+            self.wait_seconds += _monotonic() - t0
 
-    def observe(self, seconds: float) -> None:
-        """A request's service time, for latency-aware capacity."""
-        lc = self.pool.latency
-        if lc is not None:
-            lc.observe(seconds)
+    def finished(self, seconds: float | None) -> None:
+        """A counted request is done (`seconds`: its service time; None when it was served
+        inline, never touching the device)."""
+        self.pool.finished(seconds)
 
 
 @dataclass
@@ -384,7 +394,7 @@ class QosManager:
         pool = self.pools.get(pool_name)
         if pool is None or not pool.capped:
             return
-        await pool.wait(pool.background, pool.cost(nbytes), nbytes)
+        await pool.wait(pool.background, pool.cost(nbytes), nbytes)  # not counted: no finish
 
     # ------------------------------------------------------------ settings (API)
     def _volume_defs(
@@ -514,6 +524,7 @@ class QosManager:
             settings = PoolSettings.from_dict(p.settings)
             reserved = qc.top_reservations(self.groups, vols, p.name)
             effective = pq.sched.capacity if pq is not None else settings.iops_capacity
+            window = pq.sched.window if pq is not None else math.inf
             warnings = []
             if effective and reserved > effective:
                 warnings.append(
@@ -530,6 +541,8 @@ class QosManager:
                     "effective_capacity": effective,
                     "latency_target_ms": settings.latency_target_ms,
                     "latency_ms": round(pq.latency.last_latency * 1000, 3) if pq and pq.latency else None,
+                    "window": None if math.isinf(window) else round(window, 1),
+                    "inflight": pq.sched.inflight if pq is not None else 0,
                     "cost_s0": settings.cost_s0,
                     "reserved": reserved,
                     "queued": pq.sched.root.queued if pq is not None else 0,

@@ -16,6 +16,9 @@ Dispatch, each time the pool may serve one more request:
 A node is eligible when something is queued below it and neither it nor anything between
 it and that request is over a limit; so unused share flows to siblings (work conserving).
 
+With latency control (latency.py) the pool also has a window: at most that many requests in
+its backend at once; a request that finishes makes room for the next.
+
 Fairness details (mClock, dmClock, SFQ):
   - start tags advance by cost/shares on every dispatch; reservation tags only on
     constraint-phase dispatches, so a reserved node gets max(reservation, its share);
@@ -86,14 +89,17 @@ class Params:
 
 
 class Request:
-    __slots__ = ("arrival", "cost", "leaf", "nbytes", "phase", "token")
+    __slots__ = ("arrival", "cost", "counted", "leaf", "nbytes", "phase", "token")
 
-    def __init__(self, leaf: Leaf, cost: float, nbytes: int, arrival: float, token: Any) -> None:
+    def __init__(
+        self, leaf: Leaf, cost: float, nbytes: int, arrival: float, token: Any, counted: bool = False
+    ) -> None:
         self.leaf = leaf
         self.cost = cost
         self.nbytes = nbytes
         self.arrival = arrival
         self.token = token
+        self.counted = counted  # takes a place in the latency window once dispatched
         self.phase = ""
 
 
@@ -179,6 +185,10 @@ class Scheduler:
         self.groups: dict[str, Node] = {}
         self.leaves: dict[str, Leaf] = {}
         self._reserved: list[Node] = []
+        #: Latency control (latency.py): at most `window` counted requests in the backend.
+        self.window = math.inf
+        self.inflight = 0
+        self.peak_inflight = 0
 
     # ------------------------------------------------------------ configuration
     def set_capacity(self, capacity: float) -> None:
@@ -299,7 +309,7 @@ class Scheduler:
         few comparisons: only pacers are charged. Shares tags are left alone (the idle rule
         brings every node level with its siblings when contention starts), so uncontended
         service earns no credit and costs no debt."""
-        if self.root.queued:
+        if self.root.queued or self.inflight >= self.window:
             return False
         # Pacer arithmetic written out (Pacer.ready/take): this runs for every request.
         pacer = self.pacer
@@ -326,9 +336,22 @@ class Scheduler:
         leaf.cost_served += cost
         return True
 
-    def enqueue(self, leaf: Leaf, cost: float, nbytes: int, now: float, token: Any = None) -> Request:
-        """Queue a request; dispatch() hands it out when its turn comes."""
-        req = Request(leaf, cost, nbytes, now, token)
+    def started(self) -> None:
+        """A request admitted under a window went into the backend (the caller counts only
+        requests that will report finished())."""
+        self.inflight += 1
+        if self.inflight > self.peak_inflight:
+            self.peak_inflight = self.inflight
+
+    def finished(self) -> None:
+        self.inflight -= 1
+
+    def enqueue(
+        self, leaf: Leaf, cost: float, nbytes: int, now: float, token: Any = None, *, counted: bool = False
+    ) -> Request:
+        """Queue a request; dispatch() hands it out when its turn comes. A `counted` one takes
+        a place in the latency window when dispatched (its owner calls finished())."""
+        req = Request(leaf, cost, nbytes, now, token, counted)
         leaf.queue.append(req)
         for n in self._up(leaf):
             n.queued += 1
@@ -417,6 +440,8 @@ class Scheduler:
         while root.queued and len(out) < limit:
             if self.pacer is not None and not self.pacer.ready(now):
                 break
+            if self.inflight >= self.window:
+                break  # the backend is full: finished() makes room
             memo: dict[int, bool] = {}
             phase = WEIGHT
             start: Node | None = None
@@ -440,13 +465,15 @@ class Scheduler:
             self._charge(leaf, req.cost, req.nbytes, now, phase)
             leaf.wait_seconds += now - req.arrival
             req.phase = phase
+            if req.counted:
+                self.started()
             out.append(req)
         return out
 
     def next_time(self, now: float) -> float | None:
         """When dispatch() may hand out something again (None: nothing is queued)."""
-        if not self.root.queued:
-            return None
+        if not self.root.queued or self.inflight >= self.window:
+            return None  # nothing to do, or wait for finished()
         t = self.pacer.when() if self.pacer is not None else now
         memo: dict[int, bool] = {}
         if self._eligible(self.root, now, memo):

@@ -87,7 +87,7 @@ class Dispatcher:
         #: Storage I/O control of the volume (None: no QoS at all).
         self.qos = qos
         #: Cookies admitted by QoS in try_now that then went the slow way (not charged twice).
-        self._prepaid: set[int] = set()
+        self._prepaid: dict[int, bool] = {}
         #: Tasks waiting for QoS admission: a client that goes away cancels them.
         self.waiting: set[asyncio.Task[Any]] = set()
         self.stats = stats if stats is not None else VolumeStats()
@@ -179,14 +179,18 @@ class Dispatcher:
         if t is ReadCmd:
             if cmd.length == 0:
                 return self._not_now()
-            admitted = qos is not None and qos.active
-            if admitted and not qos.try_admit(cmd.length):  # type: ignore[union-attr]
-                return self._not_now()
+            admitted = 0
+            if qos is not None and qos.active:
+                admitted = qos.try_admit(cmd.length)
+                if not admitted:
+                    return self._not_now()
             if self.tx.structured and not cmd.flags & _DF:
                 # The node decides whether looking for holes pays (large reads only).
                 segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
                 if segs is None:
-                    return self._prepay(cmd) if admitted else self._not_now()
+                    return self._prepay(cmd, admitted) if admitted else self._not_now()
+                if admitted == 2:
+                    qos.finished(None)  # type: ignore[union-attr]
                 if self.metered:
                     now = perf_counter()
                     self._read_lat.observe(now - self._t0)
@@ -195,7 +199,9 @@ class Dispatcher:
                 return self.tx.read_segments(cmd.cookie, segs)
             data = self.node.read_nowait(cmd.offset, cmd.length)
             if data is None:
-                return self._prepay(cmd) if admitted else self._not_now()
+                return self._prepay(cmd, admitted) if admitted else self._not_now()
+            if admitted == 2:
+                qos.finished(None)  # type: ignore[union-attr]
             if self.metered:
                 now = perf_counter()
                 self._read_lat.observe(now - self._t0)
@@ -203,11 +209,15 @@ class Dispatcher:
                 self.stats.read_bytes += cmd.length
             return self.tx.read_data(cmd.cookie, cmd.offset, data)
         if t is WriteCmd and not cmd.flags & _FUA:
-            admitted = qos is not None and qos.active
-            if admitted and not qos.try_admit(cmd.length):  # type: ignore[union-attr]
-                return self._not_now()
+            admitted = 0
+            if qos is not None and qos.active:
+                admitted = qos.try_admit(cmd.length)
+                if not admitted:
+                    return self._not_now()
             if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
-                return self._prepay(cmd) if admitted else self._not_now()
+                return self._prepay(cmd, admitted) if admitted else self._not_now()
+            if admitted == 2:
+                qos.finished(None)  # type: ignore[union-attr]
             if self.metered:
                 now = perf_counter()
                 self._write_lat.observe(now - self._t0)
@@ -218,10 +228,10 @@ class Dispatcher:
             return [self.tx.ok(cmd.cookie)]
         return self._not_now()
 
-    def _prepay(self, cmd: Command) -> Out | None:
+    def _prepay(self, cmd: Command, admitted: int) -> Out | None:
         """QoS admitted this request inline but it must go the slow way after all: it is not
-        charged again there."""
-        self._prepaid.add(cmd.cookie)
+        charged again there (and, if counted in a latency window, finishes there)."""
+        self._prepaid[cmd.cookie] = admitted == 2
         return self._not_now()
 
     def _not_now(self) -> Out | None:
@@ -232,22 +242,25 @@ class Dispatcher:
         return None
 
     # ------------------------------------------------------------ full path
-    async def _admit(self, qos: VolumeQos, cmd: Command) -> None:
-        """Wait for QoS admission (data commands only; FLUSH and BLOCK_STATUS are free)."""
+    async def _admit(self, qos: VolumeQos, cmd: Command) -> bool:
+        """Wait for QoS admission (data commands only; FLUSH and BLOCK_STATUS are free).
+        Returns whether the request is counted in the pool's latency window."""
         t = type(cmd)
         if t is FlushCmd or t is BlockStatusCmd:
-            return
-        if self._prepaid and cmd.cookie in self._prepaid:
-            self._prepaid.discard(cmd.cookie)
-            return
+            return False
+        if self._prepaid:
+            counted = self._prepaid.pop(cmd.cookie, None)
+            if counted is not None:
+                return counted
         nbytes = cmd.length if t is ReadCmd or t is WriteCmd else 0
-        if qos.try_admit(nbytes):
-            return
+        admitted = qos.try_admit(nbytes)
+        if admitted:
+            return admitted == 2
         task = asyncio.current_task()
         assert task is not None
         self.waiting.add(task)
         try:
-            await qos.admit(nbytes)
+            return await qos.admit(nbytes)
         finally:
             self.waiting.discard(task)
 
@@ -258,18 +271,15 @@ class Dispatcher:
 
     async def run(self, cmd: Command) -> Out:
         qos = self.qos
-        if qos is not None and qos.active:
-            await self._admit(qos, cmd)
-            latency_control = qos.pool.latency is not None
-        else:
-            latency_control = False
+        counted = qos is not None and qos.active and await self._admit(qos, cmd)
         metered = self.metered
-        t0 = perf_counter() if metered or latency_control else 0.0
+        t0 = perf_counter() if metered or counted else 0.0
         try:
             out = await self._run(cmd)
-            if latency_control:
+            if counted:
                 assert qos is not None
-                qos.observe(perf_counter() - t0)
+                qos.finished(perf_counter() - t0)
+                counted = False
             if metered:
                 self._completed(cmd, perf_counter() - t0)
             return out
@@ -280,6 +290,10 @@ class Dispatcher:
             self._failed(cmd)
             log.warning("%s failed: %s", type(cmd).__name__, e)
             return [self.tx.error(cmd.cookie, nbd_errno(e.errno), str(e))]
+        finally:
+            if counted:  # failed or cancelled: it left the backend all the same
+                assert qos is not None
+                qos.finished(None)
 
     def _completed(self, cmd: Command, seconds: float) -> None:
         t = type(cmd)
@@ -297,8 +311,8 @@ class Dispatcher:
             self.stats.errors += 1
 
     def error_reply(self, cmd: Command, err: CommandError | StorageError) -> Out:
-        if self._prepaid:
-            self._prepaid.discard(cmd.cookie)
+        if self._prepaid and self._prepaid.pop(cmd.cookie, False) and self.qos is not None:
+            self.qos.finished(None)
         if isinstance(err, StorageError):  # from try_now: the request was valid
             self._failed(cmd)
             return [self.tx.error(cmd.cookie, nbd_errno(err.errno), str(err))]

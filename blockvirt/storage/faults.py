@@ -41,6 +41,7 @@ class FaultRule:
     device_iops: float = 0.0
     injected: int = 0
     _device: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _free_at: float = 0.0  # when the emulated device is done with what it has been given
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     @property
@@ -122,8 +123,13 @@ class FaultyFileIO(FileIO):
         if rule is None:
             return
         if rule.device_iops:
-            with rule._device:  # one operation at a time, each taking its service time
-                time.sleep(1.0 / rule.device_iops)
+            # A single-queue device, first come first served: each operation starts when the
+            # one before it is done and takes 1/iops; the caller waits until it is through.
+            with rule._device:
+                now = time.monotonic()
+                done = max(now, rule._free_at) + 1.0 / rule.device_iops
+                rule._free_at = done
+            time.sleep(max(0.0, done - time.monotonic()))
         if rule.delay:
             time.sleep(rule.delay)
         armed = rule.error and (rule.count is None or rule.injected < rule.count)

@@ -11,8 +11,8 @@ from typing import Any
 
 #: Histogram bucket upper bounds in seconds: 50 us to 5 s.
 LATENCY_BOUNDS: tuple[float, ...] = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125,
+    0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 _FIRST_BOUND = LATENCY_BOUNDS[0]
 

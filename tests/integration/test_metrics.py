@@ -434,12 +434,13 @@ async def test_dashboard_queries_only_metrics_blockvirt_exports(server: Blockvir
     server.api.post("/api/v1/volumes", {"name": "db1c", "source": "db1@s"})
     await wait_job(server, server.api.post("/api/v1/volumes/db1c/flatten", {})["id"])
     # QoS in force (a latency target, a limit) and a migration.
-    server.api.request("PATCH", "/api/v1/pools/default", {"iops_capacity": 50000, "latency_target_ms": 50})
+    # The target is below any real latency, so latency control keeps a window.
+    server.api.request("PATCH", "/api/v1/pools/default", {"iops_capacity": 50000, "latency_target_ms": 0.01})
     server.api.request("PATCH", "/api/v1/volumes/db1/qos", {"limit": 20000, "reservation": 100})
     async with await NbdClient.connect(server.uri("db1")) as c:
-        for _ in range(50):
-            await c.read(0, 1 << 20)  # 1 MiB reads: not served inline, so latency is measured
-    await asyncio.sleep(0.6)  # a latency-control period
+        for _ in range(3):
+            await asyncio.gather(*(c.write(i * 65536, b"q" * 65536, fua=True) for i in range(16)))
+            await asyncio.sleep(0.3)  # FUA writes are served in threads: their latency is seen
     server.api.post("/api/v1/pools", {"name": "db2", "path": str(server.data_dir.parent / "db2pool")})
     await wait_job(server, server.api.post("/api/v1/volumes/db1c/migrate", {"pool": "db2"})["id"])
     live = sample_names(await scrape(server))
@@ -472,7 +473,7 @@ async def test_dashboard_queries_only_metrics_blockvirt_exports(server: Blockvir
         "blockvirt_event_loop_lag_seconds_bucket",
         "blockvirt_qos_wait_seconds_total",
         "blockvirt_qos_requests_total",
-        "blockvirt_pool_qos_effective_capacity_iops",
+        "blockvirt_pool_qos_inflight_requests",
         "blockvirt_pool_watermark_state",
     ):
         assert name in used, f"the dashboard shows no {name}"

@@ -45,3 +45,14 @@ def test_qos_scenario(bench: qb.Bench, scenario: str) -> None:
         ](bench)
     failed = [what for what, ok in res.checks if not ok]
     assert not failed, f"{scenario}: {failed} (windows: {res.data.get('windows')})"
+
+
+def test_latency_target_keeps_the_queue_in_the_scheduler(tmp_path: Path) -> None:
+    """SIOC/PARDA: a single-queue device at 2000 IOPS (fault injection), shares 1:2:4 at QD32:
+    with a 10 ms target, backend p95 <= 12 ms, throughput >= 95% of uncontrolled, and the
+    shares hold (an uncontrolled device queue serves first come first served)."""
+    need("fio")
+    with BlockvirtServer(tmp_path / "data", extra_args=("--fault-injection",)) as server:
+        res = qb.latency(qb.Bench(server, tmp_path, runtime=10.0, warmup=3))
+    failed = [what for what, ok in res.checks if not ok]
+    assert not failed, failed

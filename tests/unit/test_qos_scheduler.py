@@ -396,3 +396,41 @@ def test_moving_a_leaf_between_pools_keeps_its_queue() -> None:
     assert a.root.queued == 0
     b.adopt(moved)
     assert b.root.queued == 1 and b.dispatch(0.0) == [req]
+
+
+# ---------------------------------------------------------------------------- latency control
+
+
+def test_latency_window_converges_to_the_target_and_lifts_when_idle() -> None:
+    from blockvirt.qos.latency import LatencyControl
+
+    service = 0.0005  # a first-come-first-served device: latency = what is in it x service
+    lc = LatencyControl(target=0.010)
+    inflight = 96  # uncontrolled: everything the clients send is in the device
+    for _ in range(40):
+        for _ in range(100):
+            lc.observe(inflight * service)
+        window = lc.update(peak_inflight=inflight)
+        inflight = int(min(96, window))
+    assert 0.010 <= inflight * service <= 0.012, (lc.window, inflight)
+    # Load drops: latency far below the target and the window not binding: it is lifted.
+    for _ in range(10):
+        for _ in range(50):
+            lc.observe(2 * service)
+        lc.update(peak_inflight=2)
+    assert math.isinf(lc.window)
+
+
+def test_latency_window_holds_requests_in_the_scheduler() -> None:
+    s = Scheduler(0)
+    s.window = 2
+    leaf = s.leaf("v", Params())
+    assert s.try_now(leaf, 1, 0, 0.0)
+    s.started()
+    assert s.try_now(leaf, 1, 0, 0.0)
+    s.started()
+    assert not s.try_now(leaf, 1, 0, 0.0)  # the backend is full
+    req = s.enqueue(leaf, 1, 0, 0.0, counted=True)
+    assert s.next_time(0.0) is None and s.dispatch(0.0) == []
+    s.finished()
+    assert s.dispatch(0.0) == [req] and s.inflight == 2
