@@ -31,6 +31,8 @@ log = logging.getLogger("blockvirt.service")
 DEFAULT_DATA_DIR = "./blockvirt-data"
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_API = "127.0.0.1:9810"
+#: Seconds between looks at the pools' space (watermark crossings are logged).
+POOL_WATCH_INTERVAL = 30.0
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -89,6 +91,7 @@ class Service:
         self.loop_lag: LoopLagMonitor | None = None
         self.api_url = ""
         self.qos: QosManager | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -114,6 +117,7 @@ class Service:
         self.volumes.qos = self.qos
         await self.volumes.start()
         self.qos.start()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_pools())
         await self.nbd.start()
         metrics = None
         if cfg.metrics:
@@ -138,6 +142,8 @@ class Service:
         """Ordered: stop NBD (sessions drain and flush), stop the API, close storage."""
         if self.volumes is None:
             return  # start() failed on its configuration checks: nothing to stop
+        if self._watch is not None:
+            self._watch.cancel()
         if self.qos is not None:
             await self.qos.close()  # waiting requests go now: in-flight work must finish
         if self.nbd is not None:
@@ -149,6 +155,17 @@ class Service:
         if self.loop_lag is not None:
             self.loop_lag.stop()
         log.info("stopped")
+
+    async def _watch_pools(self) -> None:
+        """Look at every pool's space now and then, so crossing a watermark is logged even
+        when nobody asks (pool info and /metrics look too)."""
+        assert self.volumes is not None
+        while True:
+            try:
+                self.volumes.pool_list()
+            except Exception as e:  # a pool directory gone: reported by pool info, not fatal
+                log.debug("pool watch: %s", e)
+            await asyncio.sleep(POOL_WATCH_INTERVAL)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until `stop` is set, or SIGTERM/SIGINT (a second signal forces exit)."""
