@@ -180,3 +180,29 @@ async def test_client_vanishing_mid_write_payload(server: BlockvirtServer) -> No
     async with await NbdClient.connect(uri) as c:
         assert await c.read(0, MiB) == b"o" * MiB  # nothing of the torn request landed
     assert server.api.get("/api/v1/volumes/van")["connections"] == 0
+
+
+async def test_second_signal_forces_exit(server: BlockvirtServer) -> None:
+    """SIGTERM waits for in-flight requests (here stuck on a device taking 3 s per operation);
+    a second signal ends the process at once."""
+    import signal
+
+    uri = server.create_volume("stuck", 4 * MiB, pool="bad")
+    fault(server, delay_ms=3000, ops=["write", "sync"])
+    c = await NbdClient.connect(uri)
+    writes = [asyncio.ensure_future(c.write(i * 4096, b"z" * 4096, fua=True)) for i in range(4)]
+    await asyncio.sleep(0.5)
+    assert server.proc is not None
+    proc = server.proc
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert proc.poll() is None  # still draining
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = await asyncio.to_thread(proc.wait, 10)
+    assert time.monotonic() - t0 < 2.0 and rc == 1
+    for w in writes:
+        w.cancel()
+    await asyncio.gather(*writes, return_exceptions=True)
+    await c.close()
+    server.stop()
