@@ -196,7 +196,11 @@ class Scheduler:
         self.pacer = _retune(self.pacer, capacity, POOL_BURST, POOL_CATCH_UP)
 
     def _attach(self, node: Node, parent: Node) -> None:
+        # Start tags are relative to a parent's virtual time: a node joining a parent (new,
+        # moved to another group, or from another pool) starts level with its new siblings.
         node.parent = parent
+        node.S = parent.v
+        node.last_served = -math.inf
         parent.children.append(node)
         if node.queued:
             for n in self._up(parent):
@@ -285,8 +289,6 @@ class Scheduler:
         """Take in a leaf from another pool's scheduler, with its queue. Its tags meant
         nothing here: it starts at this pool's virtual time."""
         self.leaves[leaf.name] = leaf
-        leaf.S = 0.0
-        leaf.last_served = -math.inf
         self._attach(leaf, self.groups[group] if group else self.root)
 
     # ------------------------------------------------------------ admission

@@ -434,3 +434,22 @@ def test_latency_window_holds_requests_in_the_scheduler() -> None:
     assert s.next_time(0.0) is None and s.dispatch(0.0) == []
     s.finished()
     assert s.dispatch(0.0) == [req] and s.inflight == 2
+
+
+def test_a_leaf_moved_into_a_group_starts_level_with_its_siblings() -> None:
+    """Tags are relative to the parent: one earned under the root means nothing in a group."""
+    s = Scheduler(4000)
+    sim = Sim(s)
+    s.leaf("x", Params())
+    s.leaf("y", Params())
+    sim.add(Client("x", stop=3.0))  # x runs alone...
+    sim.add(Client("y", start=3.0, stop=6.0))  # ...then y alone: y's tags end far ahead of x's
+    sim.run(6.5)
+    s.group("G", Params())
+    s.leaf("x", Params(shares=1000), "G")
+    s.leaf("y", Params(shares=2500), "G")
+    sim.add(Client("x", start=7.0))
+    sim.add(Client("y", start=7.0))
+    sim.run(12)
+    assert near(sim.rate("x", 8, 12), 4000 / 3.5, 0.05), sim.rate("x", 8, 12)
+    assert near(sim.windows("y", 7, 8)[0], 4000 * 2.5 / 3.5, 0.10)  # at once, no catching up
