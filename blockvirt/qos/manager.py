@@ -483,7 +483,7 @@ class QosManager:
     def volume_view(self, volume: str) -> dict[str, Any]:
         s = self.settings.get(volume, qc.QosSettings())
         group = self.membership.get(volume)
-        vq = self.volumes.get(volume)
+        vq = self.volume_qos(volume)  # placed in its pool's scheduler if it was not yet
         out: dict[str, Any] = {
             "volume": volume,
             "group": group,

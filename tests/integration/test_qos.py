@@ -220,3 +220,21 @@ async def test_migration_copies_are_background(server: BlockvirtServer, tmp_path
     server.api.request("PATCH", "/api/v1/pools/default", {"iops_capacity": 0})
     final = server.api.get(f"/api/v1/jobs/{job['id']}?wait=1")
     assert final["state"] == "done", final
+
+
+def test_pool_calibrate(server: BlockvirtServer) -> None:
+    r = server.cli("pool", "calibrate", "default", "--seconds", "1", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    dry = json.loads(r.stdout)
+    assert dry["applied"] is False and dry["iops_4k"] > 0 and dry["iops_1m"] > 0
+    assert dry["iops_capacity"] == round(0.9 * dry["iops_4k"])
+    assert 512 <= dry["cost_s0"] <= 64 * MiB
+    assert server.api.get("/api/v1/pools/default")["settings"]["iops_capacity"] == 0
+    r = server.cli("pool", "calibrate", "default", "--seconds", "1")
+    assert r.returncode == 0 and "applied" in r.stdout, r.stderr
+    settings = server.api.get("/api/v1/pools/default")["settings"]
+    assert settings["iops_capacity"] > 0 and settings["cost_s0"] >= 512
+    assert [p for p in Path(server.api.get("/api/v1/pools/default")["path"]).iterdir()] == []
+    with pytest.raises(ApiError) as ei:
+        server.api.post("/api/v1/pools/default/calibrate", {"seconds": 0})
+    assert ei.value.status == 400
