@@ -235,12 +235,10 @@ class Scheduler:
         for c in node.children:
             yield from self._walk(c)
 
-    def group(self, name: str, params: Params, parent: str | None = None) -> Node:
-        """Create or update a group (and move it under `parent`)."""
+    def _place(self, node: Node, params: Params, parent: str | None) -> None:
+        """Apply new params to an existing node and move it under `parent` if it is not there."""
         pnode = self.groups[parent] if parent else self.root
-        node = self.groups.get(name)
-        if node is None:
-            node = self.groups[name] = Node(name, params, None)
+        if node.parent is None:
             self._attach(node, pnode)
         else:
             node.apply(params)
@@ -248,6 +246,13 @@ class Scheduler:
                 self._detach(node)
                 self._attach(node, pnode)
         self._index_reserved()
+
+    def group(self, name: str, params: Params, parent: str | None = None) -> Node:
+        """Create or update a group (and move it under `parent`)."""
+        node = self.groups.get(name)
+        if node is None:
+            node = self.groups[name] = Node(name, params, None)
+        self._place(node, params, parent)
         return node
 
     def remove_group(self, name: str) -> None:
@@ -257,17 +262,10 @@ class Scheduler:
 
     def leaf(self, name: str, params: Params, group: str | None = None) -> Leaf:
         """Create or update a leaf (and move it under `group`, keeping its queue)."""
-        pnode = self.groups[group] if group else self.root
         node = self.leaves.get(name)
         if node is None:
             node = self.leaves[name] = Leaf(name, params, None)
-            self._attach(node, pnode)
-        else:
-            node.apply(params)
-            if node.parent is not pnode:
-                self._detach(node)
-                self._attach(node, pnode)
-        self._index_reserved()
+        self._place(node, params, group)
         return node
 
     def remove_leaf(self, name: str) -> list[Request]:
