@@ -42,9 +42,6 @@ def histogram_buckets(lat: Latency) -> list[tuple[str, float]]:
     return list(zip(_LE, (float(c) for c in lat.cumulative()), strict=True))
 
 
-def layer_allocated(volumes: VolumeManager, layer_id: str) -> int:
-    """Bytes a layer's data file holds in its pool (never opens the layer)."""
-    return volumes.layer_allocated(layer_id)
 
 
 class VolumeCollector(Collector):
@@ -136,8 +133,8 @@ class VolumeCollector(Collector):
             else:
                 size.add_metric([rec.name], rec.size)
                 depth.add_metric([rec.name], len(vm.catalog.chain(rec.head)))
-                head = layer_allocated(vm, rec.head)
-            alloc.add_metric([rec.name], head + sum(layer_allocated(vm, lid) for lid in layers))
+                head = vm.layer_allocated(rec.head)
+            alloc.add_metric([rec.name], head + sum(vm.layer_allocated(lid) for lid in layers))
             snaps.add_metric([rec.name], len(layers))
         for name, vol in sorted(exports.items()):
             if vol.snapshot is not None:
@@ -180,7 +177,7 @@ class PoolCollector(Collector):
             provisioned[rec.pool] = provisioned.get(rec.pool, 0) + rec.size
         allocated: dict[str, int] = {}
         for lrec in cat.layers():
-            allocated[lrec.pool] = allocated.get(lrec.pool, 0) + layer_allocated(self.volumes, lrec.id)
+            allocated[lrec.pool] = allocated.get(lrec.pool, 0) + self.volumes.layer_allocated(lrec.id)
         for pool in cat.pools():
             p = provisioned.get(pool.name, 0)
             prov.add_metric([pool.name], p)

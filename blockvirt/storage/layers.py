@@ -7,7 +7,7 @@ import logging
 
 from blockvirt.storage.catalog import Catalog, LayerRecord
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.formats.cow import Layer, layer_paths
+from blockvirt.storage.formats.cow import Layer, remove_layer_files
 
 log = logging.getLogger("blockvirt.layers")
 
@@ -69,8 +69,7 @@ class LayerRegistry:
     def delete_files(self, rec: LayerRecord) -> None:
         """Remove a layer's files (it must no longer be in the catalog nor open)."""
         assert rec.id not in self._open, "delete an open layer"
-        for path in layer_paths(self.catalog.layer_dir(rec), rec.id):
-            self.io.unlink(path)
+        remove_layer_files(self.io, self.catalog.layer_dir(rec), rec.id)
 
     def open_layers(self) -> list[Layer]:
         return list(self._open.values())

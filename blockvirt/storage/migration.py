@@ -31,7 +31,7 @@ from blockvirt.jobs import mirror as mv
 from blockvirt.jobs.manager import CANCELLED, RUNNING, Job
 from blockvirt.storage import executor
 from blockvirt.storage.catalog import CatalogError, LayerRecord, PoolRecord
-from blockvirt.storage.formats.cow import Layer, layer_paths
+from blockvirt.storage.formats.cow import Layer, remove_layer_files
 from blockvirt.storage.formats.layer_map import BLOCK
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.pools import fs_space
@@ -136,9 +136,7 @@ def _dst_thick(src: Layer, rec: LayerRecord, provisioning: str | None) -> bool:
 
 def _remove_copies(io: Any, pool_dir: str, ids: list[str]) -> None:
     for lid in ids:
-        for path in layer_paths(pool_dir, lid):
-            io.unlink(path)
-            io.unlink(path + ".tmp")
+        remove_layer_files(io, pool_dir, lid)
 
 
 async def run(vm: VolumeManager, job: Job) -> None:

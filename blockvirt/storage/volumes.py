@@ -35,7 +35,7 @@ from blockvirt.storage.catalog import (
     validate_size,
 )
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.formats.cow import ChainNode, Layer, layer_paths
+from blockvirt.storage.formats.cow import ChainNode, Layer, layer_paths, remove_layer_files
 from blockvirt.storage.formats.layer_map import BLOCK, FULL_PAGE
 from blockvirt.storage.layers import LayerRegistry
 from blockvirt.storage.node import StorageError
@@ -172,7 +172,7 @@ class VolumeManager:
     def _info(self, vol: Volume) -> dict[str, Any]:
         rec = vol.record
         snaps = self.catalog.snapshots(rec.name)
-        allocated = vol.node.head.allocated_bytes() + sum(self._layer_allocated(s.layer) for s in snaps)
+        allocated = vol.node.head.allocated_bytes() + sum(self.layer_allocated(s.layer) for s in snaps)
         snap_users = sum(v.users for (vname, _), v in self._snaps.items() if vname == rec.name)
         job = self.jobs.busy(rec.name)
         return {
@@ -210,19 +210,6 @@ class VolumeManager:
 
     def pool_list(self) -> list[dict[str, Any]]:
         return [self.pools.info(p, self.layer_allocated) for p in self.catalog.pools()]
-
-    def _layer_allocated(self, layer_id: str) -> int:
-        lay = self.layers.get(layer_id)
-        if lay is not None:
-            return lay.allocated_bytes()
-        rec = self.catalog.layer(layer_id)
-        if rec is None:
-            return 0
-        lay = self.layers.acquire(rec)
-        try:
-            return lay.allocated_bytes()
-        finally:
-            self.layers.release(lay)
 
     def snapshot_list(self, name: str) -> list[dict[str, Any]]:
         """The volume's snapshots as a tree: each with its tree parent and space use."""
@@ -288,7 +275,7 @@ class VolumeManager:
                 # files (which `check --repair` and start-up collection remove).
                 await executor.run(Layer.create, self.io, prec.path, layer_id, size, thick=thick)
             except OSError as e:
-                await executor.run(self._remove_files, prec.path, layer_id)
+                await executor.run(remove_layer_files, self.io, prec.path, layer_id)
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CatalogError("no-space", f"pool {pool!r} has no room for {size} bytes") from e
                 if e.errno == errno.EFBIG:
@@ -304,12 +291,6 @@ class VolumeManager:
                     (name, size, int(thick), pool, layer_id, now),
                 )
         return self.info(name)
-
-    def _remove_files(self, pool_dir: str, layer_id: str) -> None:
-        from blockvirt.storage.formats.cow import layer_paths
-
-        for path in layer_paths(pool_dir, layer_id):
-            self.io.unlink(path)
 
     async def delete(self, name: str) -> None:
         async with self._lock:
@@ -685,12 +666,7 @@ class VolumeManager:
             rec = self.catalog.layer(lid)
             if rec is not None and rec.pool == pool:
                 continue  # never the live copy
-            fut = asyncio.get_running_loop().run_in_executor(
-                executor.pool(), self._remove_files, prec.path, lid
-            )
-            self._unlinks.add(fut)
-            fut.add_done_callback(self._unlinks.discard)
-            await asyncio.shield(fut)
+            await self._unlink(remove_layer_files, self.io, prec.path, lid)
 
     def _collect_orphan_files(self) -> None:
         """At start: remove layer files the catalog does not place in their pool (left by a
@@ -786,7 +762,12 @@ class VolumeManager:
     async def _delete_files(self, rec: LayerRecord) -> None:
         """Remove the files of a layer whose catalog row is gone. Runs to the end even if the
         caller is cancelled (a stop): nothing would remove them later."""
-        fut = asyncio.get_running_loop().run_in_executor(executor.pool(), self.layers.delete_files, rec)
+        await self._unlink(self.layers.delete_files, rec)
+
+    async def _unlink(self, fn: Any, *args: Any) -> None:
+        """Remove files off the loop, to the end even if the caller is cancelled (close()
+        waits for what is left)."""
+        fut = asyncio.get_running_loop().run_in_executor(executor.pool(), fn, *args)
         self._unlinks.add(fut)
         fut.add_done_callback(self._unlinks.discard)
         await asyncio.shield(fut)

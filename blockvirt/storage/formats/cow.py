@@ -46,6 +46,14 @@ def layer_paths(pool_dir: str, layer_id: str) -> tuple[str, str]:
     return os.path.join(pool_dir, f"{layer_id}.data"), os.path.join(pool_dir, f"{layer_id}.map")
 
 
+def remove_layer_files(io: FileIO, pool_dir: str, layer_id: str) -> None:
+    """Remove a layer's files in one pool directory, and any temp file a write left (blocking;
+    missing files are fine)."""
+    for path in layer_paths(pool_dir, layer_id):
+        io.unlink(path)
+        io.unlink(path + ".tmp")
+
+
 class _Slots:
     """Small integer ids for open layers (the merged index stores these, 2 bytes each)."""
 
