@@ -89,8 +89,8 @@ class Bench:
         self.n = 0
 
     # ------------------------------------------------------------ setup
-    def volume(self, name: str) -> None:
-        self.s.create_volume(name, SIZE)
+    def volume(self, name: str, pool: str = "default") -> None:
+        self.s.create_volume(name, SIZE, pool=pool)
         if not self.fill:
             return
         subprocess.run(
@@ -368,15 +368,11 @@ def latency(b: Bench, target_ms: float = 10.0, device_iops: float = 2000.0) -> R
     1:2:4 split (+-10%), which a first-come-first-served device queue does not give."""
     r = Result("latency")
     s = b.s
+    b.fill = True  # reads must reach the (emulated) device: unwritten blocks never do
     s.api.post("/api/v1/pools", {"name": "dev", "path": str(b.tmp / "dev")})
     vols = ["l1", "l2", "l4"]
     for n, w in zip(vols, (1000, 2000, 4000), strict=True):
-        s.create_volume(n, SIZE, pool="dev")
-        subprocess.run(
-            ["fio", "--name=fill", "--ioengine=nbd", f"--uri={s.uri(n)}", "--rw=write", "--bs=1M",
-             "--iodepth=8", f"--size={SIZE}", "--output=/dev/null"],
-            check=True, cwd=b.tmp, timeout=300,
-        )  # fmt: skip
+        b.volume(n, pool="dev")
         b.qos(n, shares=w)
     s.api.request("PUT", "/api/v1/debug/faults", {"pool": "dev", "device_iops": device_iops, "ops": ["read"]})
     out: dict[str, Any] = {}
