@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ class OldServer:
 
     def __enter__(self) -> OldServer:
         ready = self.data.parent / "old.ready"
-        log = open(self.data.parent / "old.log", "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.data.parent / "old.log", "ab")
         env = {**os.environ, "PYTHONPATH": str(self.code)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockvirt", "serve", "--data-dir", str(self.data),
@@ -103,7 +102,7 @@ def _wait_jobs(api: ApiClient) -> None:
 
 
 @pytest.fixture(scope="module")
-def old_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def old_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.fail("this test needs git and the repository's history (a clone, not an export)")
     dest = tmp_path_factory.mktemp("old-release")
@@ -111,12 +110,10 @@ def old_code(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ["git", "-C", str(REPO), "archive", OLD_RELEASE, "blockvirt"], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    yield dest
+    return dest
 
 
-async def test_previous_release_data_directory_opens_and_checks_clean(
-    old_code: Path, tmp_path: Path
-) -> None:
+async def test_previous_release_data_directory_opens_and_checks_clean(old_code: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     second = tmp_path / "second-pool"
     with OldServer(old_code, data) as old:
