@@ -512,7 +512,7 @@ def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from blockvirt.storage.check import check_data_dir
+    from blockvirt.storage.backends.cowfile.check import check_data_dir
 
     report = check_data_dir(args.data_dir, repair=args.repair)
     _emit(args, report.to_dict(), report.text())

@@ -20,8 +20,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from blockvirt.storage import executor
-from blockvirt.storage.formats.cow import Layer, WriteGuard, timed_pwrite
-from blockvirt.storage.formats.layer_map import (
+from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, timed_pwrite
+from blockvirt.storage.backends.cowfile.layer_map import (
     BLOCK,
     BLOCK_SHIFT,
     PAGE_BLOCKS,

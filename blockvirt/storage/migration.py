@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from blockvirt.jobs import mirror as mv
 from blockvirt.jobs.manager import CANCELLED, RUNNING, Job
 from blockvirt.storage import executor
+from blockvirt.storage.backends.cowfile.layer import Layer, remove_layer_files
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK
 from blockvirt.storage.catalog import CatalogError, LayerRecord, PoolRecord
-from blockvirt.storage.formats.cow import Layer, remove_layer_files
-from blockvirt.storage.formats.layer_map import BLOCK
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.pools import fs_space
 

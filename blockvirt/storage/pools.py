@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockvirt.jobs.manager import RUNNING, JobManager
+from blockvirt.storage.backends.cowfile.registry import LayerRegistry
 from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, PoolRecord, validate_name
-from blockvirt.storage.layers import LayerRegistry
 
 log = logging.getLogger("blockvirt.pools")
 

@@ -19,9 +19,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockvirt.jobs import stream as streaming
 from blockvirt.jobs.manager import CANCELLED, Job, JobManager
 from blockvirt.storage import executor, migration
+from blockvirt.storage.backends.cowfile import stream as streaming
+from blockvirt.storage.backends.cowfile.chain import ChainNode
+from blockvirt.storage.backends.cowfile.layer import Layer, layer_paths, remove_layer_files
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK, FULL_PAGE
+from blockvirt.storage.backends.cowfile.registry import LayerRegistry
 from blockvirt.storage.catalog import (
     DEFAULT_POOL,
     Catalog,
@@ -35,9 +39,6 @@ from blockvirt.storage.catalog import (
     validate_size,
 )
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.formats.cow import ChainNode, Layer, layer_paths, remove_layer_files
-from blockvirt.storage.formats.layer_map import BLOCK, FULL_PAGE
-from blockvirt.storage.layers import LayerRegistry
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.pools import LAYER_FILE_RE, Pools
 from blockvirt.storage.stats import VolumeStats

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from blockvirt.jobs import stream as streaming
-from blockvirt.storage.formats import cow
-from blockvirt.storage.formats import cow_layout as layout
-from blockvirt.storage.formats.cow import ChainNode, Layer, layer_paths
-from blockvirt.storage.formats.layer_map import BLOCK, CLUSTER_BLOCKS, DATA, UNALLOC, ZERO
+from blockvirt.storage.backends.cowfile import layer as layer_module
+from blockvirt.storage.backends.cowfile import layout
+from blockvirt.storage.backends.cowfile import stream as streaming
+from blockvirt.storage.backends.cowfile.chain import ChainNode
+from blockvirt.storage.backends.cowfile.layer import Layer, layer_paths
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK, CLUSTER_BLOCKS, DATA, UNALLOC, ZERO
 from tests.crash.memfs import SECTOR, MemFileIO, PowerCut
 
 POOL = "/pool"
@@ -466,7 +467,7 @@ async def test_crash_points(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     nblocks, thick, compact = _variant(seed)
     if compact:
         # Compaction (write_file_atomic of the journal) every few commits.
-        monkeypatch.setattr(cow, "COMPACT_AT", COMPACT_SMALL)
+        monkeypatch.setattr(layer_module, "COMPACT_AT", COMPACT_SMALL)
     h = Harness(seed, nblocks=nblocks, thick=thick)
     try:
         await h.run(OPS_PER_SEED)
@@ -485,7 +486,7 @@ async def test_torn_journal_tails(seed: int, monkeypatch: pytest.MonkeyPatch) ->
     crash; replay keeps the good batches, the writable open cuts the tail, and commits
     made after recovery replay (every recovered torn image is continued)."""
     if seed % 3 == 2:
-        monkeypatch.setattr(cow, "COMPACT_AT", layout.HEADER_SIZE + 2048)
+        monkeypatch.setattr(layer_module, "COMPACT_AT", layout.HEADER_SIZE + 2048)
     h = Harness(seed, nblocks=(128, 256)[seed % 2], thick=False, journal_heavy=True)
     try:
         await h.run(50)
@@ -502,7 +503,7 @@ async def test_power_cut_at_nth_durable_op(seed: int, monkeypatch: pytest.Monkey
     code, in the middle of a commit, a snapshot or a flatten) and recover."""
     nblocks, thick, compact = _variant(seed)
     if compact:
-        monkeypatch.setattr(cow, "COMPACT_AT", COMPACT_SMALL)
+        monkeypatch.setattr(layer_module, "COMPACT_AT", COMPACT_SMALL)
     nops = 40
     dry = Harness(seed, nblocks=nblocks, thick=thick, captures=False)
     try:

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from blockvirt.jobs.manager import FAILED, RUNNING
+from blockvirt.storage.backends.cowfile.check import check_data_dir
 from blockvirt.storage.catalog import CatalogError
-from blockvirt.storage.check import check_data_dir
 from blockvirt.storage.node import ZERO
 from blockvirt.storage.volumes import VolumeManager
 

@@ -541,7 +541,7 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
 
 
 def test_write_guard_sends_writes_to_the_pool_after_a_stall_and_back_after_quick_ones() -> None:
-    from blockvirt.storage.formats.cow import WriteGuard
+    from blockvirt.storage.backends.cowfile.layer import WriteGuard
 
     g = WriteGuard()
     assert g.inline

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from blockvirt.storage.backends.cowfile.layer import Layer, remove_layer_files
 from blockvirt.storage.catalog import Catalog, LayerRecord
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.formats.cow import Layer, remove_layer_files
 
 log = logging.getLogger("blockvirt.layers")
 

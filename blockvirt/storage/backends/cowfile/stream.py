@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from blockvirt.storage import executor
-from blockvirt.storage.formats.cow import Layer
-from blockvirt.storage.formats.layer_map import BLOCK, BLOCK_SHIFT, FULL_PAGE, PAGE_BLOCKS, iter_bits
+from blockvirt.storage.backends.cowfile.layer import Layer
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, FULL_PAGE, PAGE_BLOCKS, iter_bits
 
 #: Longest run of blocks copied in one read.
 MAX_RUN = 64

@@ -13,7 +13,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from blockvirt.storage.formats.layer_map import FULL_PAGE, PAGE_BLOCKS, LayerMap, iter_bits
+from blockvirt.storage.backends.cowfile.layer_map import FULL_PAGE, PAGE_BLOCKS, LayerMap, iter_bits
 
 ZERO_OWNER = 0
 #: Default budget: 4096 pages x 8 KiB = 32 MiB of owners, covering 64 GiB of guest space.

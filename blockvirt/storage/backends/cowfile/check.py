@@ -16,11 +16,11 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockvirt.storage.backends.cowfile import layout
+from blockvirt.storage.backends.cowfile.layer import layer_paths
+from blockvirt.storage.backends.cowfile.layer_map import CLUSTER_BLOCKS
 from blockvirt.storage.catalog import Catalog
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.formats import cow_layout as layout
-from blockvirt.storage.formats.cow import layer_paths
-from blockvirt.storage.formats.layer_map import CLUSTER_BLOCKS
 from blockvirt.storage.pools import LAYER_FILE_RE
 
 

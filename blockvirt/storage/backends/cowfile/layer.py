@@ -1,0 +1,297 @@
+"""A copy-on-write layer: its two files, its block map and its journal.
+
+A layer is two files in its pool: `<id>.data`, sparse, holding block b at offset b*4096
+(the host file system allocates space as blocks are written), and `<id>.map`, the journal of
+block states (see layout.py).
+
+Durability is that of a disk with a volatile cache: a write's data goes to the data file
+before any metadata that points at it, and metadata reaches the journal only on FLUSH (or
+FUA), after an fdatasync of the data. A crash loses at most unflushed writes, and every block
+then reads its old or its new contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator
+
+from blockvirt.storage import executor
+from blockvirt.storage.backends.cowfile import layout
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK, CLUSTER_BLOCKS, LayerMap
+from blockvirt.storage.fileio import FileIO
+from blockvirt.storage.node import Buffer, StorageError
+
+#: Rewrite the journal as one compact batch once it is this large and mostly superseded.
+COMPACT_AT = 8 * 1024 * 1024
+
+
+def layer_paths(pool_dir: str, layer_id: str) -> tuple[str, str]:
+    return os.path.join(pool_dir, f"{layer_id}.data"), os.path.join(pool_dir, f"{layer_id}.map")
+
+
+def remove_layer_files(io: FileIO, pool_dir: str, layer_id: str) -> None:
+    """Remove a layer's files in one pool directory, and any temp file a write left (blocking;
+    missing files are fine)."""
+    for path in layer_paths(pool_dir, layer_id):
+        io.unlink(path)
+        io.unlink(path + ".tmp")
+
+
+class _Slots:
+    """Small integer ids for open layers (the merged index stores these, 2 bytes each)."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next > 0xFFFF:
+            raise StorageError(errno.EMFILE, "too many open layers")
+        self._next += 1
+        return self._next - 1
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+
+SLOTS = _Slots()
+
+
+def oserror(e: OSError, what: str) -> StorageError:
+    return StorageError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
+
+
+class Layer:
+    """One layer: its data file descriptor, its block map and (if writable) its journal."""
+
+    def __init__(
+        self,
+        layer_id: str,
+        pool_dir: str,
+        size: int,
+        lmap: LayerMap,
+        fd: int,
+        map_fd: int | None,
+        map_end: int,
+        seq: int,
+        io: FileIO,
+    ) -> None:
+        self.id = layer_id
+        self.pool_dir = pool_dir
+        self.size = size
+        self.map = lmap
+        self.fd = fd
+        self.map_fd = map_fd
+        self.map_end = map_end
+        self.seq = seq
+        self.io = io
+        self.slot = SLOTS.take()
+        self.refs = 0  # chains using this layer (the registry closes it at zero)
+        self._flusher = executor.FlushCoalescer(self._commit)
+        self._committing = False  # a commit's entries are taken but not yet journaled
+        #: (first, count) block ranges guest writes are filling: a stream leaves them alone.
+        self.filling: list[tuple[int, int]] = []
+
+    @property
+    def writable(self) -> bool:
+        return self.map_fd is not None
+
+    # ------------------------------------------------------------ files
+    @staticmethod
+    def create(io: FileIO, pool_dir: str, layer_id: str, size: int, *, thick: bool = False) -> None:
+        """Create an empty layer (blocking). Thick layers preallocate and hold every block."""
+        data_path, map_path = layer_paths(pool_dir, layer_id)
+        fd = io.open(data_path, write=True, create=True)
+        try:
+            io.truncate(fd, size)
+            if thick and size:
+                io.preallocate(fd, size)
+            io.fsync(fd)
+        finally:
+            io.close(fd)
+        flags = layout.FLAG_ALL_DATA if thick else 0
+        header = layout.Header(flags, BLOCK, bytes.fromhex(layer_id)[:16].ljust(16, b"\0"))
+        io.write_file_atomic(map_path, layout.encode_header(header))
+
+    @classmethod
+    def open(cls, io: FileIO, pool_dir: str, layer_id: str, size: int, *, writable: bool) -> Layer:
+        """Open and replay the journal (blocking). A torn tail is cut off when writable."""
+        data_path, map_path = layer_paths(pool_dir, layer_id)
+        raw = io.read_file(map_path)
+        header = layout.decode_header(raw)
+        nblocks = -(-size // BLOCK)
+        lmap = LayerMap(nblocks, all_data=header.all_data)
+        replay = layout.decode_journal(raw)
+        for cluster, data, zero in replay.entries:
+            lmap.apply_cluster(cluster, data, zero)
+        lmap.clip()
+        lmap.dirty.clear()
+        # The data file is always opened read-write: a merge may stream into an immutable
+        # layer; whether the layer takes guest writes is the chain's business.
+        fd = io.open(data_path, write=True)
+        map_fd = None
+        if writable:
+            map_fd = io.open(map_path, write=True)
+            if replay.torn:
+                io.truncate(map_fd, replay.valid_end)
+                io.fsync(map_fd)
+        return cls(layer_id, pool_dir, size, lmap, fd, map_fd, replay.valid_end, replay.next_seq, io)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.io.close(self.fd)
+            self.fd = -1
+        if self.map_fd is not None:
+            self.io.close(self.map_fd)
+            self.map_fd = None
+        SLOTS.give(self.slot)
+
+    def close_journal(self) -> None:
+        """Stop appending (a copy that is complete and committed stays read-only)."""
+        if self.map_fd is not None:
+            self.io.close(self.map_fd)
+            self.map_fd = None
+
+    def open_journal(self) -> None:
+        """Start appending to the journal (a merge writing into an immutable layer)."""
+        if self.map_fd is None:
+            _, map_path = layer_paths(self.pool_dir, self.id)
+            self.map_fd = self.io.open(map_path, write=True)
+
+    def allocated_bytes(self) -> int:
+        return self.io.allocated(self.fd) if self.fd >= 0 else 0
+
+    def resize_file(self, size: int) -> None:
+        """Set the data file's size (blocking): growing keeps it sparse, or preallocates the
+        new range for a thick layer; shrinking frees everything past the end."""
+        old = self.io.size(self.fd)
+        if size > old and self.map.all_data:
+            self.io.preallocate(self.fd, size)
+        self.io.truncate(self.fd, size)
+        self.size = size
+
+    @contextlib.contextmanager
+    def fill(self, first: int, count: int) -> Iterator[None]:
+        """Around a guest write's pwrite and state change, when it may await in between:
+        a stream copying into this layer must not write these blocks meanwhile (its older
+        data could land after the guest's)."""
+        span = (first, count)
+        self.filling.append(span)
+        try:
+            yield
+        finally:
+            self.filling.remove(span)
+
+    def states_durable(self, first: int, count: int) -> bool:
+        """Whether the journal already holds the states of these blocks (none changed since
+        the last commit, and no commit is still writing them)."""
+        if self._committing:
+            return False
+        dirty = self.map.dirty
+        return not dirty or not any(
+            c in dirty for c in range(first // CLUSTER_BLOCKS, (first + count - 1) // CLUSTER_BLOCKS + 1)
+        )
+
+    # ------------------------------------------------------------ commit
+    async def commit(self) -> None:
+        """Make every completed write durable: data first, then the journal (group commit).
+
+        A cancelled caller (a stopped job, a shutdown) does not cancel the commit: it has
+        taken the changed block states, which would be lost, and its file I/O goes on in a
+        thread anyway. It runs to the end; the next commit waits for it."""
+        await asyncio.shield(self._flusher.flush())
+
+    async def _commit(self) -> None:
+        if self.map_fd is None:
+            return
+        # Taken before the data sync, on the loop: every state change included here belongs
+        # to a write whose data the sync below covers.
+        entries = self.map.take_dirty()
+        compact = None
+        if entries and self.map_end > COMPACT_AT:
+            live = list(self.map.clusters())
+            if len(live) * layout.ENTRY_SIZE * 4 < self.map_end:
+                compact = live
+        self._committing = True
+        try:
+            await self._run(self.io.fdatasync, self.fd)
+            if compact is not None:
+                await self._run(self._compact, compact)
+            elif entries:
+                await self._run(self._append, entries)
+        except OSError as e:
+            # Not journaled: keep the entries dirty so the next commit retries them.
+            self.map.dirty.update(c for c, _, _ in entries)
+            raise oserror(e, "commit") from e
+        finally:
+            self._committing = False
+
+    async def _run(self, fn: object, *args: object) -> None:
+        if self.io.blocking:
+            await executor.run_in(self.pool_dir, fn, *args)  # type: ignore[arg-type]
+        else:
+            fn(*args)  # type: ignore[operator]
+
+    def _append(self, entries: list[tuple[int, int, int]]) -> None:
+        assert self.map_fd is not None
+        raw, seq = layout.encode_batches(self.seq, entries)
+        self.io.pwrite(self.map_fd, raw, self.map_end)
+        self.io.fdatasync(self.map_fd)
+        self.map_end += len(raw)
+        self.seq = seq
+
+    def _compact(self, live: list[tuple[int, int, int]]) -> None:
+        """Replace the journal by one batch of the current state (atomic rename)."""
+        assert self.map_fd is not None
+        _, map_path = layer_paths(self.pool_dir, self.id)
+        header = layout.decode_header(self.io.read_file(map_path)[: layout.HEADER_SIZE])
+        raw, seq = layout.encode_batches(self.seq, live)
+        self.io.write_file_atomic(map_path, layout.encode_header(header) + raw)
+        self.io.close(self.map_fd)
+        self.map_fd = self.io.open(map_path, write=True)
+        self.map_end = layout.HEADER_SIZE + len(raw)
+        self.seq = seq
+
+
+class WriteGuard:
+    """Decides whether buffered writes may run inline on the event loop.
+
+    A page-cache write normally takes microseconds, but the kernel can stall a writer (dirty
+    page throttling, a slow disk). One inline write slower than STALL sends every write of
+    this node to the thread pool, where only that volume waits; inline writes resume once
+    the pool has seen FAST_STREAK quick writes in a row.
+    """
+
+    STALL = 0.005
+    QUICK = 0.001
+    FAST_STREAK = 256
+
+    __slots__ = ("inline", "stalls", "streak")
+
+    def __init__(self) -> None:
+        self.inline = True
+        self.streak = 0
+        self.stalls = 0
+
+    def note(self, seconds: float) -> None:
+        if seconds > self.STALL:
+            if self.inline:
+                self.stalls += 1
+            self.inline = False
+            self.streak = 0
+        elif not self.inline and seconds < self.QUICK:
+            self.streak += 1
+            if self.streak >= self.FAST_STREAK:
+                self.inline = True
+
+
+def timed_pwrite(io: FileIO, fd: int, data: Buffer, offset: int, dsync: bool) -> float:
+    t0 = time.perf_counter()
+    io.pwrite(fd, data, offset, dsync=dsync)
+    return time.perf_counter() - t0
