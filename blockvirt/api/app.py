@@ -16,19 +16,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from blockvirt.api import debug as debug_api
 from blockvirt.api import qos as qos_api
+from blockvirt.api import views
 from blockvirt.api.auth import auth_middleware
+from blockvirt.api.keys import JOBS, QOS, VOLUMES
 from blockvirt.api.request import body as _body
 from blockvirt.api.request import field as _field
-from blockvirt.metrics.registry import build_registry
+from blockvirt.jobs import migrate
+from blockvirt.jobs.manager import JobManager
+from blockvirt.qos.manager import QosManager
 from blockvirt.server.acl import KINDS, AclError, normalize
 from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size, validate_name
+from blockvirt.storage.fileio import FileIO
 from blockvirt.storage.stats import VolumeStats
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.api")
 
 _STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507}
-VOLUMES = web.AppKey("volumes", VolumeManager)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,7 +72,7 @@ def _rule_id(request: web.Request) -> int:
 
 
 def _acl_answer(request: web.Request, name: str) -> dict[str, Any]:
-    rules = [r.to_dict() for r in request.app[VOLUMES].catalog.acl_rules(name)]
+    rules = [r.to_dict() for r in request.app[VOLUMES].acl_rules(name)]
     for r in rules:
         del r["volume"]
     # "open": no rules, anyone may connect; "restricted": only clients a rule matches.
@@ -93,7 +97,7 @@ async def add_acl_rule(request: web.Request) -> web.Response:
     except AclError as e:
         raise CatalogError("invalid", str(e)) from None
     read_only = _field(body, "read_only", bool, False)
-    rec = request.app[VOLUMES].catalog.add_acl_rule(name, kind, value, read_only)
+    rec = request.app[VOLUMES].settings_of(name).add_acl_rule(name, kind, value, read_only)
     log.info(
         "access rule %d added to %s: %s %s%s",
         rec.id,
@@ -111,7 +115,7 @@ async def add_acl_rule(request: web.Request) -> web.Response:
 async def remove_acl_rule(request: web.Request) -> web.Response:
     name = _volume_name(request)
     rule_id = _rule_id(request)
-    if not request.app[VOLUMES].catalog.remove_acl_rule(name, rule_id):
+    if not request.app[VOLUMES].settings_of(name).remove_acl_rule(name, rule_id):
         raise CatalogError("not-found", f"volume {name!r} has no access rule {rule_id}")
     log.info("access rule %d removed from %s", rule_id, name, extra={"volume": name})
     return web.json_response({"volume": name, "removed": [rule_id]})
@@ -119,14 +123,18 @@ async def remove_acl_rule(request: web.Request) -> web.Response:
 
 async def clear_acl(request: web.Request) -> web.Response:
     name = _volume_name(request)
-    before = [r.id for r in request.app[VOLUMES].catalog.acl_rules(name)]
-    request.app[VOLUMES].catalog.clear_acl(name)
+    before = [r.id for r in request.app[VOLUMES].acl_rules(name)]
+    request.app[VOLUMES].settings_of(name).clear_acl(name)
     log.info("access rules of %s cleared (%d)", name, len(before), extra={"volume": name})
     return web.json_response({"volume": name, "removed": before})
 
 
 async def list_volumes(request: web.Request) -> web.Response:
-    return web.json_response({"volumes": request.app[VOLUMES].list_info()})
+    return web.json_response({"volumes": views.volume_list(request.app[VOLUMES], request.app[JOBS])})
+
+
+def _info(request: web.Request, name: str) -> dict[str, Any]:
+    return views.volume_info(request.app[VOLUMES], request.app[JOBS], name)
 
 
 async def create_volume(request: web.Request) -> web.Response:
@@ -134,8 +142,8 @@ async def create_volume(request: web.Request) -> web.Response:
     name = _field(body, "name", str)
     source = _field(body, "source", str, None)
     if source is not None:  # a linked clone of VOLUME@SNAPSHOT
-        info = await request.app[VOLUMES].clone(source, name)
-        return web.json_response(info, status=201)
+        rec = await request.app[VOLUMES].clone(source, name)
+        return web.json_response(_info(request, rec.name), status=201)
     raw_size = body.get("size")
     if raw_size is None:
         raise CatalogError("invalid", "missing field 'size'")
@@ -144,12 +152,12 @@ async def create_volume(request: web.Request) -> web.Response:
     size = parse_size(raw_size)
     thick = _field(body, "thick", bool, False)
     pool = _field(body, "pool", str, DEFAULT_POOL)
-    info = await request.app[VOLUMES].create(name, size, thick=thick, pool=pool)
-    return web.json_response(info, status=201)
+    rec = await request.app[VOLUMES].create(name, size, thick=thick, pool=pool)
+    return web.json_response(_info(request, rec.name), status=201)
 
 
 async def get_volume(request: web.Request) -> web.Response:
-    return web.json_response(request.app[VOLUMES].info(request.match_info["name"]))
+    return web.json_response(_info(request, request.match_info["name"]))
 
 
 async def volume_stats(request: web.Request) -> web.Response:
@@ -158,8 +166,7 @@ async def volume_stats(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not vm.metrics:
         raise CatalogError("conflict", "per-volume accounting is off (the server runs with --no-metrics)")
-    vol_name, at, snap = name.partition("@")
-    if vm.record(vol_name) is None or (at and vm.catalog.snapshot(vol_name, snap) is None):
+    if not vm.exists(name):
         raise CatalogError("not-found", f"no volume or snapshot named {name!r}")
     # Never opens the export: one that was not opened yet has served nothing.
     vol = next((v for v in vm.open_nodes() if v.export_name == name), None)
@@ -174,11 +181,13 @@ async def delete_volume(request: web.Request) -> web.Response:
 
 async def flatten_volume(request: web.Request) -> web.Response:
     job = await request.app[VOLUMES].flatten(request.match_info["name"])
-    return web.json_response(job.to_dict(), status=202)
+    return web.json_response(request.app[JOBS].jobs[job.id].to_dict(), status=202)
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
-    return web.json_response({"snapshots": request.app[VOLUMES].snapshot_list(request.match_info["name"])})
+    return web.json_response(
+        {"snapshots": views.snapshot_list(request.app[VOLUMES], request.match_info["name"])}
+    )
 
 
 async def create_snapshot(request: web.Request) -> web.Response:
@@ -197,20 +206,26 @@ async def revert_snapshot(request: web.Request) -> web.Response:
 
 
 async def delete_snapshot(request: web.Request) -> web.Response:
-    out = await request.app[VOLUMES].snapshot_delete(request.match_info["name"], request.match_info["snap"])
+    name, snap = request.match_info["name"], request.match_info["snap"]
+    result = await request.app[VOLUMES].snapshot_delete(name, snap)
+    out: dict[str, Any] = {"volume": name, "deleted": snap}
+    if result.job is not None:
+        out["job"] = result.job.id
+    elif result.note is not None:
+        out["note"] = result.note
     return web.json_response(out)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    return web.json_response({"jobs": [j.to_dict() for j in request.app[VOLUMES].jobs.list()]})
+    return web.json_response({"jobs": [j.to_dict() for j in request.app[JOBS].list()]})
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = request.app[VOLUMES].jobs.get(request.match_info["id"])
+    job = request.app[JOBS].get(request.match_info["id"])
     if job is None:
         raise CatalogError("not-found", f"no job {request.match_info['id']!r}")
     if request.query.get("wait") in ("1", "true"):
-        await request.app[VOLUMES].jobs.wait(job)
+        await request.app[JOBS].wait(job)
     return web.json_response(job.to_dict())
 
 
@@ -223,8 +238,6 @@ async def create_pool(request: web.Request) -> web.Response:
     settings = _field(body, "settings", dict, {})
     vm = request.app[VOLUMES]
     rec = vm.pools.create(_field(body, "name", str), _field(body, "path", str), settings)
-    if vm.qos is not None:
-        vm.qos.pool_changed(rec.name)
     return web.json_response(vm.pool_info(rec.name), status=201)
 
 
@@ -236,21 +249,12 @@ async def update_pool(request: web.Request) -> web.Response:
     """Change settings: the body holds the settings to change (see PoolSettings)."""
     body = await _body(request)
     vm = request.app[VOLUMES]
-    name = request.match_info["name"]
-    if vm.qos is not None and "iops_capacity" in body:
-        new = vm.pools.settings(name).updated({"iops_capacity": body["iops_capacity"]})
-        vm.qos.check_capacity(name, new.iops_capacity)  # refuses one below the reservations
-    rec = vm.pools.update(name, body)
-    if vm.qos is not None:
-        vm.qos.pool_changed(rec.name)
+    rec = vm.pools.update(request.match_info["name"], body)  # QoS may refuse (reservations)
     return web.json_response(vm.pool_info(rec.name))
 
 
 async def delete_pool(request: web.Request) -> web.Response:
-    vm = request.app[VOLUMES]
-    vm.pools.delete(request.match_info["name"])
-    if vm.qos is not None:
-        vm.qos.pool_changed(request.match_info["name"])
+    request.app[VOLUMES].pools.delete(request.match_info["name"])
     return web.Response(status=204)
 
 
@@ -262,19 +266,26 @@ async def migrate_volume(request: web.Request) -> web.Response:
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
         raise CatalogError("invalid", "field 'bps_limit' must be bytes per second or a string like '50M'")
     bps = parse_size(raw) if isinstance(raw, str) else raw
-    job = await request.app[VOLUMES].migrate(
-        request.match_info["name"], pool, provisioning=provisioning, bps_limit=bps
+    job = await migrate.start(
+        request.app[VOLUMES],
+        request.app[JOBS],
+        request.match_info["name"],
+        pool,
+        provisioning=provisioning,
+        bps_limit=bps,
     )
     return web.json_response(job.to_dict(), status=202)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    job = request.app[VOLUMES].jobs.cancel(request.match_info["id"])
+    job = request.app[JOBS].cancel(request.match_info["id"])
     return web.json_response(job.to_dict())
 
 
 async def reset_volume(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[VOLUMES].reset(request.match_info["name"]))
+    name = request.match_info["name"]
+    await request.app[VOLUMES].reset(name)
+    return web.json_response(_info(request, name))
 
 
 async def resize_volume(request: web.Request) -> web.Response:
@@ -285,8 +296,9 @@ async def resize_volume(request: web.Request) -> web.Response:
     if isinstance(raw_size, bool) or not isinstance(raw_size, int | str):
         raise CatalogError("invalid", "field 'size' must be bytes or a string like '10G'")
     force = _field(body, "force", bool, False)
-    out = await request.app[VOLUMES].resize(request.match_info["name"], parse_size(raw_size), force=force)
-    return web.json_response(out)
+    name = request.match_info["name"]
+    old, _ = await request.app[VOLUMES].resize(name, parse_size(raw_size), force=force)
+    return web.json_response({**_info(request, name), "resized_from": old})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -294,18 +306,26 @@ async def health(request: web.Request) -> web.Response:
 
 
 def build_app(
-    volumes: VolumeManager, registry: CollectorRegistry | None = None, *, token: str | None = None
+    volumes: VolumeManager,
+    jobs: JobManager,
+    qos: QosManager | None,
+    registry: CollectorRegistry | None = None,
+    *,
+    token: str | None = None,
+    fault_io: FileIO | None = None,
 ) -> web.Application:
-    """The API; `/metrics` serves `registry` (by default one over `volumes`), or answers 404
-    when the volumes do no accounting (`serve --no-metrics`). With `token`, every request
-    but the health check needs `Authorization: Bearer TOKEN` (see blockvirt.api.auth)."""
+    """The API; `/metrics` serves `registry`, or answers 404 without one (`serve
+    --no-metrics`). With `token`, every request but the health check needs
+    `Authorization: Bearer TOKEN` (see blockvirt.api.auth). `fault_io` is the pools' I/O
+    when fault injection is on (the debug routes drive it)."""
     middlewares: list[Middleware] = [errors_middleware]
     if token is not None:
         middlewares.insert(0, auth_middleware(token))  # first: nothing runs before the check
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[VOLUMES] = volumes
-    if registry is None and volumes.metrics:
-        registry = build_registry(volumes)
+    app[JOBS] = jobs
+    if qos is not None:
+        app[QOS] = qos
 
     async def metrics(request: web.Request) -> web.Response:
         if registry is None:
@@ -342,6 +362,6 @@ def build_app(
     app.router.add_patch("/api/v1/pools/{name}", update_pool)
     app.router.add_delete("/api/v1/pools/{name}", delete_pool)
     app.router.add_get("/metrics", metrics)
-    qos_api.add_routes(app, volumes)
-    debug_api.add_routes(app, volumes)
+    qos_api.add_routes(app)
+    debug_api.add_routes(app, fault_io)
     return app

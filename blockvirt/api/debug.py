@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from blockvirt.api.keys import VOLUMES
 from blockvirt.api.request import body as read_body
 from blockvirt.storage.catalog import CatalogError
 from blockvirt.storage.faults import FaultyFileIO, parse_rule
-from blockvirt.storage.volumes import VolumeManager
+from blockvirt.storage.fileio import FileIO
 
-VOLUMES = web.AppKey("debug_volumes", VolumeManager)
+FAULT_IO = web.AppKey("fault_io", FileIO)
 
 
 def _io(request: web.Request) -> FaultyFileIO:
-    io = request.app[VOLUMES].io
+    io = request.app.get(FAULT_IO)
     if not isinstance(io, FaultyFileIO):
         raise CatalogError("not-found", "fault injection is off (serve --fault-injection turns it on)")
     return io
@@ -23,7 +24,7 @@ async def list_faults(request: web.Request) -> web.Response:
     io = _io(request)
     vm = request.app[VOLUMES]
     out = []
-    for p in vm.catalog.pools():
+    for p in vm.catalog.pools():  # faults are set on file pools' directories
         rule = io.rules.get(p.path)
         if rule is not None:
             out.append({"pool": p.name, **rule.to_dict()})
@@ -49,8 +50,9 @@ async def clear_fault(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def add_routes(app: web.Application, volumes: VolumeManager) -> None:
-    app[VOLUMES] = volumes
+def add_routes(app: web.Application, io: FileIO | None) -> None:
+    if io is not None:
+        app[FAULT_IO] = io
     app.router.add_get("/api/v1/debug/faults", list_faults)
     app.router.add_put("/api/v1/debug/faults", set_fault)
     app.router.add_delete("/api/v1/debug/faults/{pool}", clear_fault)

@@ -6,21 +6,18 @@ import asyncio
 
 from aiohttp import web
 
+from blockvirt.api.keys import QOS, VOLUMES
 from blockvirt.api.request import body as _body
 from blockvirt.qos.calibrate import calibrate
 from blockvirt.qos.manager import QosManager
 from blockvirt.storage import executor
-from blockvirt.storage.catalog import CatalogError
-from blockvirt.storage.volumes import VolumeManager
-
-VOLUMES = web.AppKey("qos_volumes", VolumeManager)
+from blockvirt.storage.catalog import FILE_BACKEND, CatalogError
 
 
 def _qos(request: web.Request) -> QosManager:
-    qos = request.app[VOLUMES].qos
+    qos = request.app.get(QOS)
     if qos is None:
         raise CatalogError("conflict", "storage I/O control is not running in this server")
-    assert isinstance(qos, QosManager)
     return qos
 
 
@@ -74,6 +71,10 @@ async def calibrate_pool(request: web.Request) -> web.Response:
     vm = request.app[VOLUMES]
     name = request.match_info["name"]
     rec = vm.pools.require(name)
+    if rec.backend != FILE_BACKEND:
+        raise CatalogError(
+            "conflict", f"pool {name!r} is a {rec.backend} pool: calibration measures a file pool's device"
+        )
     body = await _body(request) if request.can_read_body else {}
     seconds = body.get("seconds", 4.0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0.5 <= seconds <= 120:
@@ -95,18 +96,12 @@ async def calibrate_pool(request: web.Request) -> web.Response:
     result["applied"] = False
     if apply:
         changes = {"iops_capacity": float(result["iops_capacity"]), "cost_s0": int(result["cost_s0"])}
-        qos = vm.qos
-        if qos is not None:
-            qos.check_capacity(name, changes["iops_capacity"])
-        vm.pools.update(name, changes)
-        if qos is not None:
-            qos.pool_changed(name)
+        vm.pools.update(name, changes)  # QoS may refuse (reservations), and is told
         result["applied"] = True
     return web.json_response({"pool": name, **result})
 
 
-def add_routes(app: web.Application, volumes: VolumeManager) -> None:
-    app[VOLUMES] = volumes
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/qos", show)
     app.router.add_get("/api/v1/volumes/{name}/qos", get_volume_qos)
     app.router.add_patch("/api/v1/volumes/{name}/qos", set_volume_qos)

@@ -248,8 +248,8 @@ def _serve(args: argparse.Namespace) -> int:
     from blockvirt import logs
     from blockvirt.api.auth import TokenError
     from blockvirt.server.limits import Limits
-    from blockvirt.server.service import ConfigError, Service, ServiceConfig, parse_hostport
     from blockvirt.server.tls import TLSConfigError
+    from blockvirt.service import ConfigError, Service, ServiceConfig, parse_hostport
     from blockvirt.storage.catalog import CatalogError, parse_size
 
     try:
@@ -512,7 +512,7 @@ def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from blockvirt.storage.backends.cowfile.check import check_data_dir
+    from blockvirt.service import check_data_dir
 
     report = check_data_dir(args.data_dir, repair=args.repair)
     _emit(args, report.to_dict(), report.text())

@@ -1,7 +1,9 @@
 """Job registry: long operations as tasks with persisted state and progress.
 
-A job's row is saved when it starts, as it checkpoints and when it ends; jobs still
-'running' in the catalog at start-up are resumed by whoever owns their kind.
+A job's row is saved when it starts, as it checkpoints and when it ends; jobs still 'running'
+in the catalog at start-up are resumed by the runner registered for their kind. Every job
+reports progress in bytes (done, total), from which its rate and ETA follow. The manager is
+what storage knows as its `JobHost` (blockvirt.storage.work).
 """
 
 from __future__ import annotations
@@ -17,39 +19,57 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockvirt.storage.catalog import Catalog, JobRecord
+from blockvirt.storage.catalog import Catalog, CatalogError, JobRecord
+from blockvirt.storage.work import CANCELLABLE, JobKind, JobState
 
 log = logging.getLogger("blockvirt.jobs")
 
-RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
-#: Job kinds an operator may cancel.
-CANCELLABLE = frozenset({"migrate", "flatten"})
+RUNNING, DONE, FAILED, CANCELLED = JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Job:
+    """A job; to storage code doing its work it is a `WorkContext`."""
+
     id: str
-    kind: str
+    kind: JobKind
     volume: str
     params: dict[str, Any]
-    state: str = RUNNING
+    state: JobState = JobState.RUNNING
     done: int = 0
     total: int = 0
     error: str = ""
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     task: asyncio.Task[None] | None = None
-    #: What `done` and `total` count ("bytes" for data movers; merges count pages).
-    unit: str = "pages"
     #: Recent (monotonic time, done) samples, for the rate and ETA (not persisted).
     _samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32), repr=False)
+    _save: Callable[[Job], None] | None = field(default=None, repr=False)
 
-    def note_progress(self, done: int, now: float | None = None) -> None:
+    # ------------------------------------------------------------ WorkContext
+    @property
+    def cancelled(self) -> bool:
+        return self.state == JobState.CANCELLED
+
+    def progress(self, done: int, total: int | None = None, now: float | None = None) -> None:
+        if total is not None:
+            self.total = total
         self.done = done
         self._samples.append((time.monotonic() if now is None else now, done))
 
+    def checkpoint(self) -> None:
+        if self._save is not None:
+            self._save(self)
+
+    def note(self, text: str) -> None:
+        self.error = text
+
+    def mark_done(self) -> None:
+        self.state = JobState.DONE
+
+    # ------------------------------------------------------------ views
     def rate(self) -> float | None:
-        """Units per second over the last few seconds of samples, or None if unknown."""
+        """Bytes per second over the last few seconds of samples, or None if unknown."""
         s = self._samples
         if len(s) < 2:
             return None
@@ -64,15 +84,15 @@ class Job:
         return {"job": self.id, "volume": self.volume}
 
     @property
-    def progress(self) -> float:
-        return 1.0 if self.state == DONE else (self.done / self.total if self.total else 0.0)
+    def fraction(self) -> float:
+        return 1.0 if self.state == JobState.DONE else (self.done / self.total if self.total else 0.0)
 
     def record(self) -> JobRecord:
         return JobRecord(
             self.id,
-            self.kind,
+            str(self.kind),
             self.volume,
-            self.state,
+            str(self.state),
             json.dumps(self.params),
             self.done,
             self.total,
@@ -84,18 +104,18 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
-            "kind": self.kind,
+            "kind": str(self.kind),
             "volume": self.volume,
-            "state": self.state,
+            "state": str(self.state),
             "done": self.done,
             "total": self.total,
-            "unit": self.unit,
-            "progress": round(self.progress, 4),
+            "unit": "bytes",
+            "progress": round(self.fraction, 4),
             "error": self.error,
             "created": self.created,
             "updated": self.updated,
         }
-        if self.state == RUNNING:
+        if self.state == JobState.RUNNING:
             rate = self.rate()
             out["rate"] = round(rate, 1) if rate is not None else None
             left = self.total - self.done
@@ -119,43 +139,56 @@ def public_error(e: BaseException) -> str:
 
 
 class JobManager:
+    """Implements blockvirt.storage.work.JobHost."""
+
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.jobs: dict[str, Job] = {}
+        self._runners: dict[JobKind, Runner] = {}
         for rec in catalog.jobs():
             self.jobs[rec.id] = Job(
                 rec.id,
-                rec.kind,
+                JobKind(rec.kind),
                 rec.volume,
                 json.loads(rec.params),
-                rec.state,
+                JobState(rec.state),
                 rec.done,
                 rec.total,
                 rec.error,
                 rec.created,
                 rec.updated,
-                unit="bytes" if rec.kind == "migrate" else "pages",
+                _save=self.save,
             )
+
+    def register(self, kind: JobKind, runner: Runner) -> None:
+        """The code that carries out jobs of `kind` (wired by the service)."""
+        self._runners[kind] = runner
 
     def pending(self) -> list[Job]:
         """Jobs interrupted by a stop or crash (to be resumed)."""
         return [j for j in self.jobs.values() if j.state == RUNNING and j.task is None]
 
+    def resume(self) -> None:
+        """Run again every job a stop or crash interrupted."""
+        for job in self.pending():
+            log.info("resuming job %s (%s on %s)", job.id, job.kind, job.volume, extra=job.log_extra())
+            self._run(job)
+
     def save(self, job: Job) -> None:
         job.updated = time.time()
         self.catalog.save_job(job.record())
 
-    def start(
-        self, kind: str, volume: str, params: dict[str, Any], runner: Runner, *, unit: str = "pages"
-    ) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind, volume, params, unit=unit)
+    def start(self, kind: JobKind, volume: str, params: dict[str, Any]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind, volume, params, _save=self.save)
         self.jobs[job.id] = job
         self.save(job)
         log.info("job %s (%s on %s) started", job.id, kind, volume, extra=job.log_extra())
-        self.run(job, runner)
+        self._run(job)
         return job
 
-    def run(self, job: Job, runner: Runner) -> None:
+    def _run(self, job: Job) -> None:
+        runner = self._runners[job.kind]
+
         async def main() -> None:
             try:
                 await runner(job)
@@ -168,7 +201,7 @@ class JobManager:
                 job.state, job.error = FAILED, public_error(e)
                 self.save(job)
                 return
-            if job.state == RUNNING:
+            if job.state in (RUNNING, DONE):
                 job.state = DONE
                 job.done = job.total
             self.save(job)
@@ -179,8 +212,6 @@ class JobManager:
     def cancel(self, job_id: str) -> Job:
         """Stop a running job. Only kinds that say so are cancellable (merges are internal:
         they run again at the next collection, so stopping one achieves nothing)."""
-        from blockvirt.storage.catalog import CatalogError
-
         job = self.jobs.get(job_id)
         if job is None:
             raise CatalogError("not-found", f"no job {job_id!r}")
@@ -204,6 +235,9 @@ class JobManager:
             if job.volume == volume and job.state == RUNNING:
                 return job
         return None
+
+    def running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state == RUNNING]
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)

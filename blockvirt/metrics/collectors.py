@@ -9,7 +9,6 @@ stat files and read memory: they never open a volume or read a layer map.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Container, Iterable, Iterator
 
@@ -22,12 +21,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from blockvirt.jobs.manager import RUNNING, Job
+from blockvirt.jobs.manager import RUNNING, Job, JobManager
 from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.qos.manager import QosManager
 from blockvirt.server.limits import SecurityCounters
+from blockvirt.storage.export import Export
 from blockvirt.storage.pools import STATE_LEVEL
 from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
-from blockvirt.storage.volumes import Volume, VolumeManager
+from blockvirt.storage.volumes import VolumeManager
 
 #: Finished jobs stay visible this long (seconds), so a dashboard shows them reach 100 %...
 JOB_RETENTION = 3600.0
@@ -40,8 +41,6 @@ _LE = [*(floatToGoString(b) for b in LATENCY_BOUNDS), "+Inf"]  # type: ignore[no
 def histogram_buckets(lat: Latency) -> list[tuple[str, float]]:
     """Prometheus buckets (cumulative, ending in +Inf) from non-cumulative counts."""
     return list(zip(_LE, (float(c) for c in lat.cumulative()), strict=True))
-
-
 
 
 class VolumeCollector(Collector):
@@ -97,16 +96,17 @@ class VolumeCollector(Collector):
         )
 
         records = vm.records()
-        snapshots: dict[str, list[str]] = {}
         snap_names: set[str] = set()
-        for s in vm.catalog.all_snapshots():
-            snapshots.setdefault(s.volume, []).append(s.layer)
-            snap_names.add(f"{s.volume}@{s.name}")
+        counts: dict[str, int] = {}
+        for rec in records:
+            snaps_of = vm.snapshots(rec.name)
+            counts[rec.name] = len(snaps_of)
+            snap_names.update(f"{rec.name}@{s.name}" for s in snaps_of)
         names = {r.name for r in records}
-        exports: dict[str, Volume] = {}
+        exports: dict[str, Export] = {}
         for v in vm.open_nodes():
             name = v.export_name
-            if v.record.name in names and (v.snapshot is None or name in snap_names):
+            if v.volume in names and (v.snapshot is None or name in snap_names):
                 exports[name] = v
 
         def traffic(name: str, st: VolumeStats) -> None:
@@ -124,18 +124,12 @@ class VolumeCollector(Collector):
             vol = exports.get(rec.name)
             traffic(rec.name, vol.stats if vol is not None else empty)
             conns.add_metric([rec.name], vol.users if vol is not None else 0)
-            layers = snapshots.get(rec.name, [])
-            failed.add_metric([rec.name], 1 if vol is not None and vol.node.failed else 0)
-            if vol is not None:
-                size.add_metric([rec.name], vol.node.size)
-                depth.add_metric([rec.name], len(vol.node.layers))
-                head = vol.node.head.allocated_bytes()
-            else:
-                size.add_metric([rec.name], rec.size)
-                depth.add_metric([rec.name], len(vm.catalog.chain(rec.head)))
-                head = vm.layer_allocated(rec.head)
-            alloc.add_metric([rec.name], head + sum(vm.layer_allocated(lid) for lid in layers))
-            snaps.add_metric([rec.name], len(layers))
+            failed.add_metric([rec.name], 1 if vol is not None and vm.failed(vol) else 0)
+            figures = vm.figures(rec.name)
+            size.add_metric([rec.name], vol.size if vol is not None else rec.size)
+            depth.add_metric([rec.name], figures.chain_depth)
+            alloc.add_metric([rec.name], figures.allocated)
+            snaps.add_metric([rec.name], counts[rec.name])
         for name, vol in sorted(exports.items()):
             if vol.snapshot is not None:
                 traffic(name, vol.stats)
@@ -151,18 +145,19 @@ class PoolCollector(Collector):
         self.volumes = volumes
 
     def collect(self) -> Iterator[Metric]:
-        cat = self.volumes.catalog
+        vm = self.volumes
         cap = GaugeMetricFamily(
-            "blockvirt_pool_capacity_bytes", "Size of the pool's filesystem", labels=["pool"]
-        )
+            "blockvirt_pool_capacity_bytes", "Size of the pool's storage (a file pool: its filesystem)",
+            labels=["pool"],
+        )  # fmt: skip
         used = GaugeMetricFamily(
-            "blockvirt_pool_used_bytes", "Bytes used on the pool's filesystem (by anything)", labels=["pool"]
+            "blockvirt_pool_used_bytes", "Bytes used on the pool's storage (by anything)", labels=["pool"]
         )
         free = GaugeMetricFamily(
-            "blockvirt_pool_free_bytes", "Bytes still available on the pool's filesystem", labels=["pool"]
+            "blockvirt_pool_free_bytes", "Bytes still available on the pool's storage", labels=["pool"]
         )
         alloc = GaugeMetricFamily(
-            "blockvirt_pool_allocated_bytes", "Bytes blockvirt's layers occupy in the pool", labels=["pool"]
+            "blockvirt_pool_allocated_bytes", "Bytes blockvirt's volumes occupy in the pool", labels=["pool"]
         )
         prov = GaugeMetricFamily(
             "blockvirt_pool_provisioned_bytes",
@@ -172,34 +167,23 @@ class PoolCollector(Collector):
         over = GaugeMetricFamily(
             "blockvirt_pool_overcommit_ratio", "Provisioned bytes / capacity", labels=["pool"]
         )
-        provisioned: dict[str, int] = {}
-        for rec in cat.volumes():
-            provisioned[rec.pool] = provisioned.get(rec.pool, 0) + rec.size
-        allocated: dict[str, int] = {}
-        for lrec in cat.layers():
-            allocated[lrec.pool] = allocated.get(lrec.pool, 0) + self.volumes.layer_allocated(lrec.id)
-        for pool in cat.pools():
-            p = provisioned.get(pool.name, 0)
-            prov.add_metric([pool.name], p)
-            alloc.add_metric([pool.name], allocated.get(pool.name, 0))
-            try:
-                st = os.statvfs(pool.path)
-            except OSError:
-                continue  # an unreachable pool: no space figures rather than wrong ones
-            capacity = st.f_blocks * st.f_frsize
-            cap.add_metric([pool.name], capacity)
-            used.add_metric([pool.name], (st.f_blocks - st.f_bfree) * st.f_frsize)
-            free.add_metric([pool.name], st.f_bavail * st.f_frsize)
-            if capacity:
-                over.add_metric([pool.name], p / capacity)
         state = GaugeMetricFamily(
             "blockvirt_pool_watermark_state",
             "Used space against the pool's watermarks: 0 ok, 1 warning, 2 critical",
             labels=["pool"],
         )
-        for pool in cat.pools():
-            info = self.volumes.pools.info(pool, self.volumes.layer_allocated)
+        for pool in vm.catalog.pools():
+            info = vm.pools.info(pool)
+            prov.add_metric([pool.name], info["provisioned"])
+            alloc.add_metric([pool.name], info["allocated"])
             state.add_metric([pool.name], STATE_LEVEL[info["state"]])
+            if info["capacity"] is None:
+                continue  # an unreachable pool: no space figures rather than wrong ones
+            cap.add_metric([pool.name], info["capacity"])
+            used.add_metric([pool.name], info["used"])
+            free.add_metric([pool.name], info["free"])
+            if info["capacity"]:
+                over.add_metric([pool.name], info["provisioned"] / info["capacity"])
         yield from (cap, used, free, alloc, prov, over, state)
 
 
@@ -207,11 +191,12 @@ class QosCollector(Collector):
     """Storage I/O control: per volume what it waited and how it was served, its settings
     and tags; per pool its capacity (configured and effective), latency and queue."""
 
-    def __init__(self, volumes: VolumeManager) -> None:
+    def __init__(self, volumes: VolumeManager, qos: QosManager | None) -> None:
         self.volumes = volumes
+        self.qos = qos
 
     def collect(self) -> Iterator[Metric]:
-        qos = self.volumes.qos
+        qos = self.qos
         wait = CounterMetricFamily(
             "blockvirt_qos_wait_seconds", "Time requests spent waiting for QoS admission", labels=["volume"]
         )
@@ -305,8 +290,9 @@ def exported_jobs(jobs: Iterable[Job], volumes: Container[str], now: float | Non
 
 
 class JobCollector(Collector):
-    def __init__(self, volumes: VolumeManager) -> None:
+    def __init__(self, volumes: VolumeManager, jobs: JobManager) -> None:
         self.volumes = volumes
+        self.jobs = jobs
 
     def collect(self) -> Iterator[Metric]:
         prog = GaugeMetricFamily(
@@ -318,11 +304,11 @@ class JobCollector(Collector):
             "blockvirt_jobs_running", "Jobs running now, by kind (every kind seen so far)", labels=["kind"]
         )
         counts: dict[str, int] = {}
-        jobs = self.volumes.jobs.list()
+        jobs = self.jobs.list()
         for j in jobs:
             counts[j.kind] = counts.get(j.kind, 0) + (j.state == RUNNING)
         for j in exported_jobs(jobs, {r.name for r in self.volumes.records()}):
-            prog.add_metric([j.id, j.volume, j.kind], j.progress)
+            prog.add_metric([j.id, j.volume, j.kind], j.fraction)
         for kind, n in sorted(counts.items()):
             running.add_metric([kind], n)
         yield from (prog, running)

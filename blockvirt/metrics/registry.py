@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from blockvirt.jobs.manager import JobManager
 from blockvirt.metrics.collectors import (
     InfoCollector,
     JobCollector,
@@ -14,6 +15,7 @@ from blockvirt.metrics.collectors import (
     VolumeCollector,
 )
 from blockvirt.metrics.loop import LoopLagMonitor
+from blockvirt.qos.manager import QosManager
 from blockvirt.server.limits import SecurityCounters
 from blockvirt.storage.volumes import VolumeManager
 
@@ -22,6 +24,8 @@ __all__ = ["VolumeCollector", "build_registry"]
 
 def build_registry(
     volumes: VolumeManager,
+    jobs: JobManager,
+    qos: QosManager | None = None,
     loop_lag: LoopLagMonitor | None = None,
     security: SecurityCounters | None = None,
 ) -> CollectorRegistry:
@@ -30,8 +34,8 @@ def build_registry(
     if security is not None:
         registry.register(SecurityCollector(security, volumes))
     registry.register(PoolCollector(volumes))
-    registry.register(QosCollector(volumes))
-    registry.register(JobCollector(volumes))
+    registry.register(QosCollector(volumes, qos))
+    registry.register(JobCollector(volumes, jobs))
     registry.register(InfoCollector())
     if loop_lag is not None:
         registry.register(LoopCollector(loop_lag))

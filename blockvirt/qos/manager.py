@@ -23,8 +23,9 @@ from blockvirt.qos import config as qc
 from blockvirt.qos.cost import CostModel
 from blockvirt.qos.latency import PERIOD, LatencyControl
 from blockvirt.qos.scheduler import IMMEDIATE, RESERVATION, WEIGHT, Leaf, Params, Request, Scheduler
-from blockvirt.storage.catalog import Catalog, CatalogError, validate_name
+from blockvirt.storage.catalog import CatalogError, validate_name
 from blockvirt.storage.pools import PoolSettings
+from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.qos")
 _monotonic = time.monotonic
@@ -207,8 +208,11 @@ class _Rates:
 class QosManager:
     """Every pool's QoS, the catalog's QoS settings, and the API's view of them."""
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
+    def __init__(self, storage: VolumeManager) -> None:
+        #: Volumes and their settings come from storage (each backend keeps its own); pools
+        #: and groups from the node's catalog.
+        self.storage = storage
+        self.catalog = storage.catalog
         self.pools: dict[str, PoolQos] = {}
         self.volumes: dict[str, VolumeQos] = {}
         self.groups: dict[str, qc.GroupDef] = {}
@@ -223,8 +227,8 @@ class QosManager:
             self.pools[p.name] = PoolQos(p.name, PoolSettings.from_dict(p.settings))
         for name, parent, raw in self.catalog.qos_groups():
             self.groups[name] = qc.GroupDef(name, parent, qc.QosSettings.from_dict(json.loads(raw)))
-        rows = {v: (g, json.loads(raw)) for v, g, raw in self.catalog.volume_qos()}
-        for rec in self.catalog.volumes():
+        rows = {v: (g, json.loads(raw)) for v, g, raw in self.storage.all_volume_qos()}
+        for rec in self.storage.records():
             group, raw = rows.get(rec.name, (None, {}))
             self.settings[rec.name] = qc.QosSettings.from_dict(raw)
             self.membership[rec.name] = group
@@ -280,7 +284,7 @@ class QosManager:
             pool.sched.group(g, d.settings.params(), d.parent)
 
     def _build(self, pool: PoolQos) -> None:
-        for rec in self.catalog.volumes():
+        for rec in self.storage.records():
             if rec.pool == pool.name:
                 self._place(rec.name, pool)
 
@@ -329,7 +333,7 @@ class QosManager:
         vq = self.volumes.get(volume)
         if vq is not None:
             return vq
-        rec = self.catalog.volume(volume)
+        rec = self.storage.record(volume)
         if rec is None:
             return None
         pool = self._pool(rec.pool)
@@ -389,6 +393,12 @@ class QosManager:
         caps = {pool: capacity}
         qc.validate(self.groups, self._volume_defs(), caps)
 
+    def check_pool_settings(self, pool: str, settings: PoolSettings) -> None:
+        self.check_capacity(pool, settings.iops_capacity)
+
+    async def disconnect(self, volume: str) -> None:
+        """Nothing: QoS holds no connections (a StorageEvents listener)."""
+
     async def background(self, pool_name: str, nbytes: int) -> None:
         """Admission for background copies (migration) in a pool: the background class."""
         pool = self.pools.get(pool_name)
@@ -401,7 +411,7 @@ class QosManager:
         self, override: dict[str, tuple[str | None, qc.QosSettings]] | None = None
     ) -> dict[str, qc.VolumeDef]:
         out = {}
-        for rec in self.catalog.volumes():
+        for rec in self.storage.records():
             group, settings = self.membership.get(rec.name), self.settings.get(rec.name, qc.QosSettings())
             if override and rec.name in override:
                 group, settings = override[rec.name]
@@ -412,7 +422,7 @@ class QosManager:
         return {p.name: PoolSettings.from_dict(p.settings).iops_capacity for p in self.catalog.pools()}
 
     def set_volume(self, volume: str, changes: dict[str, Any]) -> dict[str, Any]:
-        rec = self.catalog.volume(volume)
+        rec = self.storage.record(volume)
         if rec is None:
             raise CatalogError("not-found", f"no volume named {volume!r}")
         unknown = set(changes) - {"shares", "reservation", "limit", "bps_limit", "group"}
@@ -428,7 +438,7 @@ class QosManager:
             if group is not None and group not in self.groups:
                 raise CatalogError("not-found", f"no group named {group!r}")
         qc.validate(self.groups, self._volume_defs({volume: (group, settings)}), self._capacities())
-        self.catalog.save_volume_qos(volume, group, json.dumps(settings.to_dict()))
+        self.storage.settings_of(volume).save_volume_qos(volume, group, json.dumps(settings.to_dict()))
         self.settings[volume], self.membership[volume] = settings, group
         vq = self.volume_qos(volume)
         assert vq is not None
@@ -555,5 +565,5 @@ class QosManager:
         return {
             "pools": pools,
             "groups": [self.group_view(g) for g in sorted(self.groups)],
-            "volumes": [self.volume_view(v.name) for v in self.catalog.volumes()],
+            "volumes": [self.volume_view(v.name) for v in self.storage.records()],
         }

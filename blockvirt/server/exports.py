@@ -14,41 +14,39 @@ from typing import TYPE_CHECKING
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from blockvirt.nbd.events import ExportDenied, ExportInfo
 from blockvirt.server.acl import Access, ClientIdentity, Rule, decide
-from blockvirt.storage.volumes import Volume, VolumeManager
+from blockvirt.storage.export import Export
+from blockvirt.storage.volumes import VolumeManager
 
 if TYPE_CHECKING:
-    from blockvirt.qos.manager import VolumeQos
+    from blockvirt.qos.manager import QosManager, VolumeQos
 
 
 class ExportRegistry:
-    def __init__(self, volumes: VolumeManager) -> None:
+    def __init__(self, volumes: VolumeManager, qos: QosManager | None = None) -> None:
         self.volumes = volumes
+        #: Storage I/O control (None: no QoS at all).
+        self.qos = qos
 
     def catalog(self, client: ClientIdentity | None = None) -> ExportView:
         """The view one client gets: the volumes' access rules applied to `client`."""
         return ExportView(self, client if client is not None else ClientIdentity(""))
 
     def rules(self, volume: str) -> list[Rule]:
-        return [Rule(r.kind, r.value, r.read_only) for r in self.volumes.catalog.acl_rules(volume)]
+        return [Rule(r.kind, r.value, r.read_only) for r in self.volumes.acl_rules(volume)]
 
     def exists(self, name: str) -> bool:
         """Whether export `name` (`VOL` or `VOL@SNAP`) exists, without opening it."""
-        vol, at, snap = name.partition("@")
-        cat = self.volumes.catalog
-        if cat.volume(vol) is None:
-            return False
-        return not at or cat.snapshot(vol, snap) is not None
+        return self.volumes.exists(name)
 
-    def resolve(self, name: str) -> Volume | None:
+    def resolve(self, name: str) -> Export | None:
         return self.volumes.volume(name)
 
-    def qos_for(self, vol: Volume) -> VolumeQos | None:
+    def qos_for(self, vol: Export) -> VolumeQos | None:
         """The volume's QoS handle (a snapshot export is charged to its volume)."""
-        qos = self.volumes.qos
-        return None if qos is None else qos.volume_qos(vol.record.name)
+        return None if self.qos is None else self.qos.volume_qos(vol.volume)
 
-    def describe(self, vol: Volume) -> ExportInfo:
-        caps = vol.node.capabilities()
+    def describe(self, vol: Export) -> ExportInfo:
+        caps = vol.capabilities()
         rec = vol.record
         if vol.snapshot is not None:
             description = f"blockvirt snapshot {vol.snapshot} of volume {rec.name} (read-only)"
@@ -57,7 +55,7 @@ class ExportRegistry:
             description = f"blockvirt {kind} volume in pool {rec.pool}"
         return ExportInfo(
             name=vol.export_name,
-            size=vol.node.size,
+            size=vol.size,
             description=description,
             read_only=not caps.writable,
             can_flush=caps.can_flush,
@@ -112,7 +110,7 @@ class ExportView:
             vol = self.registry.resolve(rec.name)
             if vol is not None:
                 yield self._granted(self.registry.describe(vol), access)
-            for snap in volumes.catalog.snapshots(rec.name):
+            for snap in volumes.snapshots(rec.name):
                 svol = self.registry.resolve(f"{rec.name}@{snap.name}")
                 if svol is not None:
                     yield self.registry.describe(svol)

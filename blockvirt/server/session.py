@@ -44,8 +44,8 @@ from blockvirt.server.limits import (
     TIMEOUT_REQUEST,
 )
 from blockvirt.storage import buffers
+from blockvirt.storage.export import Export
 from blockvirt.storage.node import StorageError
-from blockvirt.storage.volumes import Volume
 
 if TYPE_CHECKING:
     from blockvirt.server.listener import NbdServer
@@ -85,7 +85,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self.conn: ServerConnection | None = None
         self.tx: ServerTransmission | None = None
         self.disp: Dispatcher | None = None
-        self.volume: Volume | None = None
+        self.volume: Export | None = None
         self.peer = ""
         self.address = ""  # the peer's IP address, without port
         self.view: ExportView | None = None
@@ -330,7 +330,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self.volume = vol
         self.tx = self.conn.transmission
         self.disp = Dispatcher(
-            vol.node,
+            vol,
             ev.export.size,
             ev.transmission_flags,
             self.tx,

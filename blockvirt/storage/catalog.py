@@ -1,6 +1,9 @@
-"""Volume and pool metadata in SQLite (WAL, synchronous=FULL): the durable source of truth.
+"""The node's metadata in SQLite (WAL, synchronous=FULL): the durable source of truth for its
+pools and jobs, and for the volumes, layers, snapshots, access rules and QoS settings of its
+file pools (the file backend's catalog).
 
-Pure bookkeeping with blocking calls; the async `VolumeManager` runs it off the loop.
+Every SQL statement of the project is here, behind a named method. Changes that must be
+atomic together go through `transaction()`, which yields a `Txn` with the named writes.
 """
 
 from __future__ import annotations
@@ -107,6 +110,10 @@ _MIGRATIONS: list[tuple[int, str]] = [
             settings TEXT NOT NULL
         )""",
     ),
+    # The kind of storage behind each pool (the backend seam) and its connection settings;
+    # every pool made before this step is a directory of copy-on-write files.
+    (5, "ALTER TABLE pools ADD COLUMN backend TEXT NOT NULL DEFAULT 'file'"),
+    (6, "ALTER TABLE pools ADD COLUMN config TEXT NOT NULL DEFAULT '{}'"),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -140,29 +147,36 @@ def validate_size(size: int) -> int:
     return size
 
 
+#: The backend of a pool made with `--path`: a directory of copy-on-write layer files.
+FILE_BACKEND = "file"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolRecord:
     name: str
+    #: The directory of a file pool ("" for pools whose storage is elsewhere).
     path: str
     created: float
     #: Operator settings (QoS capacity, cost model, watermarks); see blockvirt.storage.pools.
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The kind of storage (a backend's `kind`), and how to reach it (backend-specific).
+    backend: str = FILE_BACKEND
+    config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
-class VolumeRecord:
+class VolumeRow:
+    """A file pool's volume as its catalog holds it."""
+
     name: str
     size: int
     thick: bool
     pool: str
     head: str  # layer id of the writable head
     created: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +190,9 @@ class LayerRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotRecord:
+class SnapshotRow:
+    """A file pool's snapshot: a name for an immutable layer of its volume's tree."""
+
     volume: str
     name: str
     layer: str
@@ -248,12 +264,13 @@ class Catalog:
         for target, sql in _MIGRATIONS:
             if target <= version:
                 continue
-            with self.transaction() as db:
-                db.execute(sql)
-                db.execute(f"PRAGMA user_version = {int(target)}")
+            with self.transaction() as t:
+                t.db.execute(sql)
+                t.db.execute(f"PRAGMA user_version = {int(target)}")
 
     # ------------------------------------------------------------ pools
     def add_pool(self, name: str, path: str) -> PoolRecord:
+        """A file pool in directory `path` (made if missing)."""
         validate_name(name, "pool")
         if not isinstance(path, str) or not path or "\0" in path:
             raise CatalogError("invalid", "a pool path must be a non-empty string")
@@ -262,43 +279,48 @@ class Catalog:
             os.makedirs(path, exist_ok=True)
         except OSError as e:  # strerror only, and the path as given: nothing of the server's layout
             raise CatalogError("invalid", f"cannot create pool directory {given!r}: {e.strerror}") from None
-        rec = PoolRecord(name, path, time.time())
+        return self.insert_pool(PoolRecord(name, path, time.time()))
+
+    def insert_pool(self, rec: PoolRecord) -> PoolRecord:
+        """Record a pool (its storage exists already)."""
+        validate_name(rec.name, "pool")
         with self._lock:
             try:
                 self.db.execute(
-                    "INSERT INTO pools (name, path, created) VALUES (?, ?, ?)",
-                    (rec.name, rec.path, rec.created),
-                )
+                    "INSERT INTO pools (name, path, created, settings, backend, config) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (rec.name, rec.path, rec.created, json.dumps(rec.settings), rec.backend,
+                     json.dumps(rec.config)),
+                )  # fmt: skip
             except sqlite3.IntegrityError:
-                raise CatalogError("conflict", f"pool {name!r} or path {path!r} already exists") from None
+                where = f" or path {rec.path!r}" if rec.path else ""
+                raise CatalogError("conflict", f"pool {rec.name!r}{where} already exists") from None
         return rec
 
     def pool(self, name: str) -> PoolRecord | None:
-        row = self.db.execute(
-            "SELECT name, path, created, settings FROM pools WHERE name = ?", (name,)
-        ).fetchone()
+        row = self.db.execute(f"SELECT {_POOL_COLS} FROM pools WHERE name = ?", (name,)).fetchone()
         return _pool(row) if row else None
 
     def pools(self) -> list[PoolRecord]:
-        rows = self.db.execute("SELECT name, path, created, settings FROM pools ORDER BY name")
+        rows = self.db.execute(f"SELECT {_POOL_COLS} FROM pools ORDER BY name")
         return [_pool(r) for r in rows]
 
     def set_pool_settings(self, name: str, settings: dict[str, Any]) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE pools SET settings = ? WHERE name = ?", (json.dumps(settings), name))
+        with self.transaction() as t:
+            t.db.execute("UPDATE pools SET settings = ? WHERE name = ?", (json.dumps(settings), name))
 
     def delete_pool(self, name: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM pools WHERE name = ?", (name,))
+        with self.transaction() as t:
+            t.db.execute("DELETE FROM pools WHERE name = ?", (name,))
 
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic, durable change (BEGIN IMMEDIATE ... COMMIT)."""
+    def transaction(self) -> Iterator[Txn]:
+        """One atomic, durable change (BEGIN IMMEDIATE ... COMMIT) of named writes."""
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield self.db
+                yield Txn(self.db)
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
@@ -353,13 +375,13 @@ class Catalog:
         return live
 
     # ------------------------------------------------------------ volumes
-    def volume(self, name: str) -> VolumeRecord | None:
+    def volume(self, name: str) -> VolumeRow | None:
         row = self.db.execute(
             "SELECT name, size, thick, pool, head, created FROM volumes WHERE name = ?", (name,)
         ).fetchone()
         return _volume(row) if row else None
 
-    def volumes(self) -> list[VolumeRecord]:
+    def volumes(self) -> list[VolumeRow]:
         rows = self.db.execute("SELECT name, size, thick, pool, head, created FROM volumes ORDER BY name")
         return [_volume(r) for r in rows]
 
@@ -372,28 +394,28 @@ class Catalog:
             raise CatalogError("conflict", f"volume {name!r} already exists")
 
     # ------------------------------------------------------------ snapshots
-    def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
+    def snapshot(self, volume: str, name: str) -> SnapshotRow | None:
         row = self.db.execute(
             "SELECT volume, name, layer, created FROM snapshots WHERE volume = ? AND name = ?", (volume, name)
         ).fetchone()
-        return SnapshotRecord(*row) if row else None
+        return SnapshotRow(*row) if row else None
 
-    def snapshots(self, volume: str) -> list[SnapshotRecord]:
+    def snapshots(self, volume: str) -> list[SnapshotRow]:
         rows = self.db.execute(
             "SELECT volume, name, layer, created FROM snapshots WHERE volume = ? ORDER BY created, name",
             (volume,),
         )
-        return [SnapshotRecord(*r) for r in rows]
+        return [SnapshotRow(*r) for r in rows]
 
-    def all_snapshots(self) -> list[SnapshotRecord]:
+    def all_snapshots(self) -> list[SnapshotRow]:
         rows = self.db.execute("SELECT volume, name, layer, created FROM snapshots")
-        return [SnapshotRecord(*r) for r in rows]
+        return [SnapshotRow(*r) for r in rows]
 
-    def snapshots_of_layer(self, layer_id: str) -> list[SnapshotRecord]:
+    def snapshots_of_layer(self, layer_id: str) -> list[SnapshotRow]:
         rows = self.db.execute(
             "SELECT volume, name, layer, created FROM snapshots WHERE layer = ?", (layer_id,)
         )
-        return [SnapshotRecord(*r) for r in rows]
+        return [SnapshotRow(*r) for r in rows]
 
     # ------------------------------------------------------------ access rules
     def acl_rules(self, volume: str) -> list[AclRecord]:
@@ -411,9 +433,8 @@ class Catalog:
 
     def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
         """Store a rule (already validated and normalized by the caller)."""
-        with self.transaction() as db:
-            if self.volume(volume) is None:
-                raise CatalogError("not-found", f"no volume named {volume!r}")
+        with self.transaction() as t:
+            db = t.db
             try:
                 cur = db.execute(
                     "INSERT INTO acl_rules (volume, kind, value, read_only, created) VALUES (?, ?, ?, ?, ?)",
@@ -430,13 +451,13 @@ class Catalog:
         return _acl(row)
 
     def remove_acl_rule(self, volume: str, rule_id: int) -> bool:
-        with self.transaction() as db:
-            cur = db.execute("DELETE FROM acl_rules WHERE volume = ? AND id = ?", (volume, rule_id))
+        with self.transaction() as t:
+            cur = t.db.execute("DELETE FROM acl_rules WHERE volume = ? AND id = ?", (volume, rule_id))
         return cur.rowcount > 0
 
     def clear_acl(self, volume: str) -> int:
-        with self.transaction() as db:
-            cur = db.execute("DELETE FROM acl_rules WHERE volume = ?", (volume,))
+        with self.transaction() as t:
+            cur = t.db.execute("DELETE FROM acl_rules WHERE volume = ?", (volume,))
         return cur.rowcount
 
     # ------------------------------------------------------------ qos
@@ -444,23 +465,23 @@ class Catalog:
         return list(self.db.execute("SELECT name, parent, settings FROM qos_groups ORDER BY name"))
 
     def save_qos_group(self, name: str, parent: str | None, settings: str) -> None:
-        with self.transaction() as db:
-            db.execute(
+        with self.transaction() as t:
+            t.db.execute(
                 "INSERT INTO qos_groups VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET parent = excluded.parent, settings = excluded.settings",
                 (name, parent, settings, time.time()),
             )
 
     def delete_qos_group(self, name: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM qos_groups WHERE name = ?", (name,))
+        with self.transaction() as t:
+            t.db.execute("DELETE FROM qos_groups WHERE name = ?", (name,))
 
     def volume_qos(self) -> list[tuple[str, str | None, str]]:
         return list(self.db.execute("SELECT volume, grp, settings FROM volume_qos"))
 
     def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO volume_qos VALUES (?, ?, ?)", (volume, group, settings))
+        with self.transaction() as t:
+            t.db.execute("INSERT OR REPLACE INTO volume_qos VALUES (?, ?, ?)", (volume, group, settings))
 
     # ------------------------------------------------------------ jobs
     def jobs(self) -> list[JobRecord]:
@@ -497,9 +518,88 @@ class Catalog:
             )
 
 
+class Txn:
+    """The writes of one transaction (`Catalog.transaction()`), each a named statement."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        #: For the few writes that are one-offs of one method (kept in this module).
+        self.db = db
+
+    # layers
+    def add_layer(self, rec: LayerRecord) -> None:
+        self.db.execute(
+            "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.pool, rec.parent, rec.size, int(rec.thick), rec.created),
+        )
+
+    def delete_layer(self, layer_id: str) -> None:
+        self.db.execute("DELETE FROM layers WHERE id = ?", (layer_id,))
+
+    def set_layer_parent(self, layer_id: str, parent: str | None) -> None:
+        self.db.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent, layer_id))
+
+    def reparent_children(self, old_parent: str, new_parent: str) -> None:
+        self.db.execute("UPDATE layers SET parent = ? WHERE parent = ?", (new_parent, old_parent))
+
+    def set_layer_size(self, layer_id: str, size: int) -> None:
+        self.db.execute("UPDATE layers SET size = ? WHERE id = ?", (size, layer_id))
+
+    def move_layer(self, layer_id: str, pool: str, thick: bool) -> None:
+        self.db.execute("UPDATE layers SET pool = ?, thick = ? WHERE id = ?", (pool, int(thick), layer_id))
+
+    # volumes
+    def add_volume(self, rec: VolumeRow) -> None:
+        self.db.execute(
+            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?)",
+            (rec.name, rec.size, int(rec.thick), rec.pool, rec.head, rec.created),
+        )
+
+    def set_head(self, volume: str, head: str, size: int | None = None) -> None:
+        if size is None:
+            self.db.execute("UPDATE volumes SET head = ? WHERE name = ?", (head, volume))
+        else:
+            self.db.execute("UPDATE volumes SET head = ?, size = ? WHERE name = ?", (head, size, volume))
+
+    def set_volume_size(self, volume: str, size: int) -> None:
+        self.db.execute("UPDATE volumes SET size = ? WHERE name = ?", (size, volume))
+
+    def move_volume(self, volume: str, pool: str, thick: bool) -> None:
+        self.db.execute("UPDATE volumes SET pool = ?, thick = ? WHERE name = ?", (pool, int(thick), volume))
+
+    def delete_volume(self, volume: str) -> None:
+        """The volume's row and everything that hangs off it (snapshots, rules, QoS)."""
+        self.db.execute("DELETE FROM snapshots WHERE volume = ?", (volume,))
+        self.db.execute("DELETE FROM acl_rules WHERE volume = ?", (volume,))
+        self.db.execute("DELETE FROM volume_qos WHERE volume = ?", (volume,))
+        self.db.execute("DELETE FROM volumes WHERE name = ?", (volume,))
+
+    # snapshots
+    def add_snapshot(self, rec: SnapshotRow) -> None:
+        self.db.execute(
+            "INSERT INTO snapshots VALUES (?, ?, ?, ?)", (rec.volume, rec.name, rec.layer, rec.created)
+        )
+
+    def delete_snapshot(self, volume: str, name: str) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
+
+    def rename_snapshot_layer(self, old: str, new: str) -> None:
+        """Snapshots naming layer `old` name `new` now (a commit put the parent in its place)."""
+        self.db.execute("UPDATE snapshots SET layer = ? WHERE layer = ?", (new, old))
+
+    # jobs
+    def finish_job(self, job_id: str) -> None:
+        """The job's work is done: in the same transaction as the change that completed it."""
+        self.db.execute(
+            "UPDATE jobs SET state = 'done', done = total, updated = ? WHERE id = ?", (time.time(), job_id)
+        )
+
+
+_POOL_COLS = "name, path, created, settings, backend, config"
+
+
 def _pool(row: tuple[Any, ...]) -> PoolRecord:
-    name, path, created, settings = row
-    return PoolRecord(name, path, created, json.loads(settings))
+    name, path, created, settings, backend, config = row
+    return PoolRecord(name, path, created, json.loads(settings), backend, json.loads(config))
 
 
 def _acl(row: tuple[Any, ...]) -> AclRecord:
@@ -512,9 +612,9 @@ def _layer(row: tuple[Any, ...]) -> LayerRecord:
     return LayerRecord(lid, pool, parent, size, bool(thick), created)
 
 
-def _volume(row: tuple[Any, ...]) -> VolumeRecord:
+def _volume(row: tuple[Any, ...]) -> VolumeRow:
     name, size, thick, pool, head, created = row
-    return VolumeRecord(name, size, bool(thick), pool, head, created)
+    return VolumeRow(name, size, bool(thick), pool, head, created)
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}

@@ -1,7 +1,8 @@
-"""Storage pools: a directory that holds layer files, its operator settings, and its space.
+"""Storage pools: where a backend keeps volumes (a directory of layer files, or a pool of a
+distributed store), their operator settings, and their space.
 
 Settings live in the catalog as one JSON object per pool (validated here, pure); space figures
-are read from the pool's filesystem (statvfs) and from the layers blockvirt keeps there.
+come from the pool's backend (a file pool: statvfs and the layers blockvirt keeps there).
 Watermarks turn "used" into a state operators and dashboards can alarm on: ok, warning,
 critical. A thin pool can promise more than it holds (overcommit); that is allowed, and shown.
 """
@@ -12,21 +13,21 @@ import dataclasses
 import logging
 import math
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockvirt.jobs.manager import RUNNING, JobManager
-from blockvirt.storage.backends.cowfile.registry import LayerRegistry
 from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, PoolRecord, validate_name
+from blockvirt.storage.events import StorageEvents
+from blockvirt.storage.work import JobHost
+
+if TYPE_CHECKING:
+    from blockvirt.storage.backend import Space, VolumeBackend
 
 log = logging.getLogger("blockvirt.pools")
 
 OK, WARNING, CRITICAL = "ok", "warning", "critical"
 STATE_LEVEL = {OK: 0, WARNING: 1, CRITICAL: 2}
-
-#: Layer files (and their temp files) in a pool directory: the only files blockvirt removes.
-LAYER_FILE_RE = re.compile(r"[0-9a-f]{32}\.(?:data|map)(?:\.tmp)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,27 +112,6 @@ def watermark_state(used_percent: float, settings: PoolSettings) -> str:
     return OK
 
 
-@dataclass(frozen=True, slots=True)
-class Space:
-    """A pool's space now (bytes); capacity figures are None if the directory is unreachable."""
-
-    capacity: int | None
-    used: int | None
-    free: int | None
-    allocated: int  # what blockvirt's layer files occupy
-    provisioned: int  # sum of the virtual sizes of the pool's volumes
-
-    @property
-    def used_percent(self) -> float | None:
-        if not self.capacity or self.used is None:
-            return None
-        return 100.0 * self.used / self.capacity
-
-    @property
-    def overcommit(self) -> float | None:
-        return self.provisioned / self.capacity if self.capacity else None
-
-
 def fs_space(path: str) -> tuple[int, int, int] | None:
     """(capacity, used, free-for-us) of the filesystem holding `path`, or None."""
     try:
@@ -142,12 +122,20 @@ def fs_space(path: str) -> tuple[int, int, int] | None:
 
 
 class Pools:
-    """Pool operations over the catalog. Deleting needs the pool empty and unused by jobs."""
+    """Pool operations over the catalog. Deleting needs the pool empty and unused by jobs.
+    Every change is announced (`StorageEvents.pool_changed`)."""
 
-    def __init__(self, catalog: Catalog, layers: LayerRegistry, jobs: JobManager) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        backend_of: Callable[[PoolRecord], VolumeBackend],
+        jobs: JobHost,
+        events: StorageEvents,
+    ) -> None:
         self.catalog = catalog
-        self.layers = layers
+        self.backend_of = backend_of
         self.jobs = jobs
+        self.events = events
         self._states: dict[str, str] = {}  # last watermark state seen, to log transitions
 
     def require(self, name: str) -> PoolRecord:
@@ -160,6 +148,7 @@ class Pools:
         return PoolSettings.from_dict(self.require(name).settings)
 
     def create(self, name: str, path: str, settings: dict[str, Any] | None = None) -> PoolRecord:
+        """A file pool in a new or empty directory."""
         validate_name(name, "pool")
         if not isinstance(path, str) or not path or "\0" in path:
             raise CatalogError("invalid", "pool path must be a non-empty directory path")
@@ -169,7 +158,7 @@ class Pools:
         if _nested(full, data_dir) and not full.startswith(data_dir + os.sep):
             raise CatalogError("conflict", f"path {path!r} is or holds the data directory")
         for other in self.catalog.pools():
-            if _nested(full, other.path):
+            if other.path and _nested(full, other.path):
                 raise CatalogError(
                     "conflict", f"path {path!r} overlaps pool {other.name!r}: pools may not nest"
                 )
@@ -180,65 +169,66 @@ class Pools:
                 raise CatalogError(
                     "conflict", f"pool path {path!r} is not empty: use a new or empty directory"
                 )
+        self.events.check_pool_settings(name, checked)
         try:
             rec = self.catalog.add_pool(name, full)
         except OSError as e:
             raise CatalogError("invalid", f"cannot create pool directory {path!r}: {e.strerror}") from None
         if checked != PoolSettings():
             self.catalog.set_pool_settings(name, checked.to_dict())
+        self.events.pool_changed(name)
         return self.require(rec.name)
 
     def update(self, name: str, changes: dict[str, Any]) -> PoolRecord:
         rec = self.require(name)
         new = PoolSettings.from_dict(rec.settings).updated(changes)
+        self.events.check_pool_settings(name, new)
         self.catalog.set_pool_settings(name, new.to_dict())
+        self.events.pool_changed(name)
         return self.require(name)
 
     def delete(self, name: str) -> None:
         rec = self.require(name)
         if name == DEFAULT_POOL:
             raise CatalogError("conflict", "the default pool cannot be deleted")
-        used = [lr for lr in self.catalog.layers() if lr.pool == name]
-        if used:
-            vols = sorted({v.name for v in self.catalog.volumes() if v.pool == name})
-            what = f"volumes {', '.join(vols)}" if vols else f"{len(used)} snapshot layer(s)"
-            raise CatalogError("conflict", f"pool {name!r} still holds {what}: move or delete them first")
-        for job in self.jobs.list():
-            if job.state == RUNNING and job.params.get("pool") == name:
+        used = self.backend_of(rec).pool_in_use(name)
+        if used is not None:
+            raise CatalogError("conflict", f"pool {name!r} still holds {used}: move or delete them first")
+        for job in self.jobs.running():
+            if job.params.get("pool") == name:
                 raise CatalogError("conflict", f"job {job.id} ({job.kind}) is moving data into pool {name!r}")
         self.catalog.delete_pool(name)
+        self.events.pool_changed(name)
         # The directory is the operator's: remove it only if we left it empty.
-        try:
-            os.rmdir(rec.path)
-        except OSError:
-            pass
+        if rec.path:
+            try:
+                os.rmdir(rec.path)
+            except OSError:
+                pass
 
-    def space(self, rec: PoolRecord, allocated_of: Any) -> Space:
-        """Space figures; `allocated_of(layer_id)` gives a layer's allocated bytes."""
-        provisioned = sum(v.size for v in self.catalog.volumes() if v.pool == rec.name)
-        allocated = sum(allocated_of(lr.id) for lr in self.catalog.layers() if lr.pool == rec.name)
-        fs = fs_space(rec.path)
-        if fs is None:
-            return Space(None, None, None, allocated, provisioned)
-        return Space(fs[0], fs[1], fs[2], allocated, provisioned)
+    def space(self, rec: PoolRecord) -> Space:
+        return self.backend_of(rec).space(rec)
 
-    def info(self, rec: PoolRecord, allocated_of: Any) -> dict[str, Any]:
+    def info(self, rec: PoolRecord) -> dict[str, Any]:
         settings = PoolSettings.from_dict(rec.settings)
-        sp = self.space(rec, allocated_of)
+        sp = self.space(rec)
         used_pct = sp.used_percent
         state = watermark_state(used_pct, settings) if used_pct is not None else CRITICAL
         warnings = []
         if used_pct is None:
-            warnings.append("pool directory is unreachable")
+            warnings.append(
+                "pool storage is unreachable" if not rec.path else "pool directory is unreachable"
+            )
         elif state != OK:
             limit = settings.critical_percent if state == CRITICAL else settings.warn_percent
             warnings.append(f"{used_pct:.1f}% used, above the {state} watermark ({limit:g}%)")
         if sp.overcommit is not None and sp.overcommit > 1.0:
             warnings.append(f"thin volumes promise {sp.overcommit:.2f}x the pool's capacity")
         self._note_state(rec.name, state, warnings)
-        volumes = sum(1 for v in self.catalog.volumes() if v.pool == rec.name)
+        volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
         return {
             "name": rec.name,
+            "backend": rec.backend,
             "path": rec.path,
             "created": rec.created,
             "capacity": sp.capacity,

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from blockvirt.jobs.manager import FAILED, RUNNING
-from blockvirt.storage.backends.cowfile.check import check_data_dir
+from blockvirt.jobs.runners import register_all
+from blockvirt.service import build_storage, check_data_dir
 from blockvirt.storage.catalog import CatalogError
 from blockvirt.storage.node import ZERO
 from blockvirt.storage.volumes import VolumeManager
@@ -111,10 +112,20 @@ def _data(seed: int, length: int) -> bytes:
 # ---------------------------------------------------------------- checks
 
 
+async def _open(data_dir: str) -> VolumeManager:
+    """Storage alone, as the service wires it (no QoS, no NBD), started."""
+    vm, jobs = build_storage(data_dir)
+    register_all(jobs, vm, None)
+    await vm.start()
+    jobs.resume()
+    return vm
+
+
+
 async def _check_export(vm: VolumeManager, export: str, want: bytes | bytearray, *, deep: bool) -> None:
     vol = vm.volume(export)
     assert vol is not None, f"{export} is gone"
-    node = vol.node
+    node = vol
     assert node.size == len(want), f"{export}: size {node.size}, model {len(want)}"
     got = bytes(await node.read(0, node.size))
     if got != want:
@@ -140,7 +151,7 @@ async def _check_all(vm: VolumeManager, model: Model, *, deep: bool = False) -> 
     assert sorted(r.name for r in vm.records()) == sorted(model.volumes)
     for name, want in model.volumes.items():
         await _check_export(vm, name, want, deep=deep)
-        snaps = {s.name for s in vm.catalog.snapshots(name)}
+        snaps = {s.name for s in vm.snapshots(name)}
         assert snaps == {s for v, s in model.snapshots if v == name}, f"{name}: snapshots {snaps}"
     for (vname, sname), content in model.snapshots.items():
         await _check_export(vm, f"{vname}@{sname}", content, deep=deep)
@@ -165,8 +176,7 @@ async def _settle_jobs(vm: VolumeManager) -> None:
 
 
 async def _run(data_dir: str, ops: list[tuple[Any, ...]]) -> None:
-    vm = VolumeManager(data_dir)
-    await vm.start()
+    vm = await _open(data_dir)
     model = Model()
     first = model.name("v")
     await vm.create(first, SIZES[0])
@@ -181,8 +191,7 @@ async def _run(data_dir: str, ops: list[tuple[Any, ...]]) -> None:
             if kind == "reopen" or mode == "restart":
                 # A restart, maybe while a merge or flatten is running.
                 await vm.close()
-                vm = VolumeManager(data_dir)
-                await vm.start()
+                vm = await _open(data_dir)
             if mode == "wait" and kind not in DATA_OPS:
                 await _settle_jobs(vm)
             if structural or kind == "reopen" or i % FULL_CHECK_EVERY == FULL_CHECK_EVERY - 1:
@@ -194,8 +203,7 @@ async def _run(data_dir: str, ops: list[tuple[Any, ...]]) -> None:
     finally:
         await vm.close()
     # The state survives a restart, and the offline check is clean.
-    vm = VolumeManager(data_dir)
-    await vm.start()
+    vm = await _open(data_dir)
     try:
         await _settle_jobs(vm)
         await _check_all(vm, model)
@@ -217,7 +225,7 @@ async def _apply(vm: VolumeManager, model: Model, op: tuple[Any, ...]) -> tuple[
             return None, False
         vol = vm.volume(name)
         assert vol is not None
-        node, mem = vol.node, model.volumes[name]
+        node, mem = vol, model.volumes[name]
         size = len(mem)
         if kind == "write":
             offset, length = _range(size, op[2], op[3])
@@ -284,7 +292,7 @@ async def _apply(vm: VolumeManager, model: Model, op: tuple[Any, ...]) -> tuple[
             return None, False
         vol = vm.volume(name)
         assert vol is not None
-        if len(vol.node.layers) == 1:
+        if len(vol.base.layers) == 1:
             with pytest.raises(CatalogError, match="nothing to flatten"):
                 await vm.flatten(name)
             event("flatten: nothing to do")
@@ -414,18 +422,17 @@ async def test_guest_writes_win_over_a_running_flatten(tmp_path: Path, seed: int
     a flatten streams the parent's data into it. With the pwrite handed to a thread (as the
     stall guard or a large write does), the stream must not copy older data over blocks a
     guest write is filling."""
-    vm = VolumeManager(str(tmp_path))
-    await vm.start()
+    vm = await _open(str(tmp_path))
     size = 4 * 1024 * KiB
     try:
         await vm.create("v", size)
         vol = vm.volume("v")
         assert vol is not None
-        await vol.node.write(0, b"\x11" * size)
-        await vol.node.flush()
+        await vol.write(0, b"\x11" * size)
+        await vol.flush()
         await vm.snapshot_create("v", "s")
-        node = vol.node
-        node.guard.inline = False  # every pwrite leaves the loop: the window is wide open
+        node = vol
+        vol.base.guard.inline = False  # every pwrite leaves the loop: the window is wide open
         model = bytearray(b"\x11" * size)
         rng = random.Random(seed)
         job = await vm.flatten("v")
@@ -446,6 +453,6 @@ async def test_guest_writes_win_over_a_running_flatten(tmp_path: Path, seed: int
         got = bytes(await node.read(0, size))
         bad = [b // BLOCK for b in range(0, size, BLOCK) if got[b : b + BLOCK] != model[b : b + BLOCK]]
         assert not bad, f"{len(bad)} block(s) lost guest data, first {bad[:5]}"
-        assert len(node.layers) == 1
+        assert len(vol.base.layers) == 1
     finally:
         await vm.close()

@@ -13,6 +13,8 @@ from blockvirt.storage.catalog import (
     MAX_VOLUME_SIZE,
     Catalog,
     CatalogError,
+    LayerRecord,
+    VolumeRow,
     parse_size,
     validate_name,
     validate_size,
@@ -495,9 +497,9 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
     try:
         assert [p.name for p in cat.pools()] == ["default"]
         cat.check_new_volume("v1", MiB, "default")
-        with cat.transaction() as db:
-            db.execute("INSERT INTO layers VALUES ('l1', 'default', NULL, ?, 0, 0)", (MiB,))
-            db.execute("INSERT INTO volumes VALUES ('v1', ?, 0, 'default', 'l1', 0)", (MiB,))
+        with cat.transaction() as t:
+            t.add_layer(LayerRecord("l1", "default", None, MiB, False, 0))
+            t.add_volume(VolumeRow("v1", MiB, False, "default", "l1", 0))
         rec = cat.volume("v1")
         assert rec is not None and rec.head == "l1" and rec.size == MiB
         assert [r.id for r in cat.chain("l1")] == ["l1"]
@@ -519,15 +521,15 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
 
         # A failed transaction changes nothing.
         def aborted_delete() -> None:
-            with cat.transaction() as db:
-                db.execute("DELETE FROM volumes WHERE name = 'v1'")
+            with cat.transaction() as t:
+                t.delete_volume("v1")
                 raise RuntimeError("abort")
 
         with pytest.raises(RuntimeError):
             aborted_delete()
         assert cat.volume("v1") is not None
-        with cat.transaction() as db:
-            db.execute("DELETE FROM volumes WHERE name = 'v1'")
+        with cat.transaction() as t:
+            t.delete_volume("v1")
         assert cat.volume("v1") is None
         assert cat.live_layers() == set()
     finally:

@@ -6,19 +6,15 @@ through a merged index (merged.py), so a read costs the same at any depth.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, oserror, timed_pwrite
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, DATA
 from blockvirt.storage.backends.cowfile.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
 from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
-
-if TYPE_CHECKING:
-    from blockvirt.jobs.mirror import Mirror
 
 #: Writes up to this size are done inline on the loop (a copy into the page cache): handing
 #: them to a thread costs more than the copy. See `WriteGuard` for when that stops.
@@ -48,19 +44,9 @@ class ChainNode(BlockNode):
         self.merged = MergedIndex([(lay.slot, lay.map) for lay in self.layers], budget_pages)
         self._fds = {lay.slot: lay.fd for lay in self.layers}
         self._depth = {lay.slot: i + 1 for i, lay in enumerate(self.layers)}
-        self._paused = False
-        self._resume = asyncio.Event()
-        self._resume.set()
-        self._inflight = 0
-        self._idle: asyncio.Event | None = None
-        self._edit = asyncio.Lock()
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
         self.guard = WriteGuard()
         self._frozen: list[Layer] = []  # former heads whose final commit is owed
-        #: A live migration's mirror (jobs/mirror.py): every change to the head is copied
-        #: to the head's new home before the request completes. Set and cleared only while
-        #: drained.
-        self.mirror: Mirror | None = None
         #: Why the volume is failed (writes refused), or None. See _commit_head.
         self.failed: str | None = None
 
@@ -77,6 +63,10 @@ class ChainNode(BlockNode):
     @property
     def size(self) -> int:
         return self._size
+
+    def set_size(self, size: int) -> None:
+        """The head changed under the node (a revert to a snapshot of another size; drained)."""
+        self._size = size
 
     def capabilities(self) -> Capabilities:
         return Capabilities(writable=self.writable)
@@ -104,33 +94,6 @@ class ChainNode(BlockNode):
     def allocated_bytes(self) -> int:
         return self.head.allocated_bytes()
 
-    @contextlib.asynccontextmanager
-    async def drained(self) -> AsyncIterator[None]:
-        """Hold new requests and wait for in-flight ones: graph edits happen inside."""
-        async with self._edit:
-            self._paused = True
-            self._resume.clear()
-            try:
-                while self._inflight:
-                    self._idle = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
-                    await self._idle  # type: ignore[misc]
-                yield
-            finally:
-                self._paused = False
-                self._resume.set()
-
-    async def _enter(self) -> None:
-        while self._paused:
-            await self._resume.wait()
-        self._inflight += 1
-
-    def _leave(self) -> None:
-        self._inflight -= 1
-        if not self._inflight and self._idle is not None:
-            idle, self._idle = self._idle, None
-            if not idle.done():  # type: ignore[attr-defined]
-                idle.set_result(None)  # type: ignore[attr-defined]
-
     # ------------------------------------------------------------ reads
     def _plan(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """(fd or -1 for zeros, offset, length) pieces of a read, from the merged index."""
@@ -148,8 +111,6 @@ class ChainNode(BlockNode):
         return out
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        if self._paused:
-            return None
         buf = buffers.get(length)
         view = memoryview(buf)
         for fd, off, n in self._plan(offset, length):
@@ -164,8 +125,6 @@ class ChainNode(BlockNode):
         if length < SPARSE_READ_MIN:
             data = self.read_nowait(offset, length)
             return None if data is None else [(offset, length, data)]
-        if self._paused:
-            return None
         out: list[Segment] = []
         for fd, off, n in self._plan(offset, length):
             if fd < 0:
@@ -189,7 +148,6 @@ class ChainNode(BlockNode):
         return buf
 
     async def read(self, offset: int, length: int) -> Buffer:
-        await self._enter()
         try:
             plan = self._plan(offset, length)
             if self.io.blocking:
@@ -198,13 +156,10 @@ class ChainNode(BlockNode):
             return self._read_blocking(plan, offset, length)
         except OSError as e:
             raise oserror(e, "read") from e
-        finally:
-            self._leave()
 
     async def read_sparse(self, offset: int, length: int) -> Sequence[Segment]:
         if length < SPARSE_READ_MIN:
             return [(offset, length, await self.read(offset, length))]
-        await self._enter()
         try:
             plan = self._plan(offset, length)
             out: list[Segment] = []
@@ -218,19 +173,15 @@ class ChainNode(BlockNode):
             return out
         except OSError as e:
             raise oserror(e, "read") from e
-        finally:
-            self._leave()
 
     # ------------------------------------------------------------ writes
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         n = len(data)
         if (
-            self._paused
-            or self._locks
+            self._locks
             or n > INLINE_WRITE_MAX
             or not n
             or not self.guard.inline
-            or self.mirror is not None
             or self.failed is not None
             or (self.io.faulty and self.io.slow_writes(self.layers[0].fd))
         ):
@@ -279,7 +230,7 @@ class ChainNode(BlockNode):
         return bytes(self._read_blocking(plan, block << BLOCK_SHIFT, BLOCK))
 
     async def _write(self, offset: int, data: Buffer, fua: bool) -> None:
-        """The general write path (inside _enter)."""
+        """The general write path."""
         n = len(data)
         head = self.head
         first = offset >> BLOCK_SHIFT
@@ -336,36 +287,23 @@ class ChainNode(BlockNode):
         if not self.writable:
             raise StorageError(errno.EROFS, "read-only snapshot")
         self._check_failed()
-        await self._enter()
         try:
             if not fua and self.write_nowait(offset, data):
                 return
             await self._write(offset, data, fua)
-            if self.mirror is not None:
-                first = offset >> BLOCK_SHIFT
-                await self.mirror.after_write(
-                    first, ((offset + len(data) - 1) >> BLOCK_SHIFT) - first + 1, fua
-                )
         except OSError as e:
             raise oserror(e, "write") from e
-        finally:
-            self._leave()
 
     async def zero(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
         if not self.writable:
             raise StorageError(errno.EROFS, "read-only snapshot")
         self._check_failed()
-        await self._enter()
         try:
             await self._zero(offset, length, may_trim)
             if fua:
                 await self._commit_head()
-            if self.mirror is not None:
-                await self.mirror.after_write(*_block_span(offset, length), fua)
         except OSError as e:
             raise oserror(e, "write zeroes") from e
-        finally:
-            self._leave()
 
     async def _zero(self, offset: int, length: int, may_trim: bool) -> None:
         end = offset + length
@@ -423,8 +361,6 @@ class ChainNode(BlockNode):
         await self._commit_head()
         if self._frozen:  # writes completed before a snapshot live in the frozen head
             await self.commit_frozen()
-        if self.mirror is not None:
-            await self.mirror.flush()
 
     async def cache(self, offset: int, length: int) -> None:
         return None
@@ -502,12 +438,6 @@ class ChainNode(BlockNode):
 
     async def close(self) -> None:
         """Nothing: layers belong to the registry, which closes them when unused."""
-
-
-def _block_span(offset: int, length: int) -> tuple[int, int]:
-    """(first block, block count) a byte range touches."""
-    first = offset >> BLOCK_SHIFT
-    return first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1
 
 
 async def _call(fn: Callable[..., None], *args: object) -> None:

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockvirt.storage.backends.cowfile import layout
-from blockvirt.storage.backends.cowfile.layer import layer_paths
+from blockvirt.storage.backends.cowfile.layer import LAYER_FILE_RE, layer_paths
 from blockvirt.storage.backends.cowfile.layer_map import CLUSTER_BLOCKS
-from blockvirt.storage.catalog import Catalog
+from blockvirt.storage.catalog import FILE_BACKEND, Catalog
 from blockvirt.storage.fileio import REAL, FileIO
-from blockvirt.storage.pools import LAYER_FILE_RE
 
 
 @dataclass
@@ -107,9 +106,11 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
         # Children first: a garbage layer may be the parent of another.
         while ids:
             leaves = [i for i in ids if not any(layers[j].parent == i for j in ids)]
-            with cat.transaction() as db:
+            if not leaves:  # garbage layers in a cycle: none is live, all of them go
+                leaves = sorted(ids)
+            with cat.transaction() as t:
                 for i in leaves:
-                    db.execute("DELETE FROM layers WHERE id = ?", (i,))
+                    t.delete_layer(i)
             for i in leaves:
                 for path in layer_paths(cat.layer_dir(layers[i]), i):
                     io.unlink(path)
@@ -118,6 +119,8 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
     # Files in pools that no layer owns.
     known = {os.path.basename(p) for r in layers.values() for p in layer_paths(cat.layer_dir(r), r.id)}
     for pool in cat.pools():
+        if pool.backend != FILE_BACKEND:
+            continue
         if not os.path.isdir(pool.path):
             report.damage.append(f"pool {pool.name}: directory {pool.path} missing")
             continue

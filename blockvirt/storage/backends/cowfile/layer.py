@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -27,6 +28,8 @@ from blockvirt.storage.node import Buffer, StorageError
 
 #: Rewrite the journal as one compact batch once it is this large and mostly superseded.
 COMPACT_AT = 8 * 1024 * 1024
+#: Layer files (and their temp files) in a pool directory: the only files blockvirt removes.
+LAYER_FILE_RE = re.compile(r"[0-9a-f]{32}\.(?:data|map)(?:\.tmp)?")
 
 
 def layer_paths(pool_dir: str, layer_id: str) -> tuple[str, str]:

@@ -117,13 +117,16 @@ async def stream(
     checkpoint_every: int = 64,
     notify: Notify | None = None,
 ) -> None:
-    """Copy every page from `start_page` on; `checkpoint(next_page)` after durable commits."""
+    """Copy every page from `start_page` on; `checkpoint(next_page)` after durable commits.
+    `on_progress(done, total)` counts bytes of blocks brought into the target."""
     npages = -(-target.map.nblocks // PAGE_BLOCKS)
     pages = [p for p in pages_to_copy(sources, npages) if p >= start_page]
+    total = blocks_to_bring(target, sources, pages) * BLOCK
+    done = 0
     for k, page in enumerate(pages):
-        await stream_page(target, sources, page, keep_zeros, notify)
+        done += await stream_page(target, sources, page, keep_zeros, notify) * BLOCK
         if on_progress is not None:
-            on_progress(k + 1, len(pages))
+            on_progress(min(done, total), total)
         if checkpoint is not None and (k + 1) % checkpoint_every == 0:
             await target.commit()
             await _maybe_await(checkpoint(page + 1))
@@ -170,15 +173,35 @@ async def overlay(
     checkpoint: Callable[[int], object] | None = None,
     checkpoint_every: int = 64,
 ) -> None:
+    """`on_progress(done, total)` counts bytes of blocks laid over the target."""
     pages = [p for p in sorted(source.map.pages) if p >= start_page]
+    total = sum(sum(map(int.bit_count, source.map.page_bits(p))) for p in pages) * BLOCK
+    done = 0
     for k, page in enumerate(pages):
-        await overlay_page(target, source, page)
+        done += await overlay_page(target, source, page) * BLOCK
         if on_progress is not None:
-            on_progress(k + 1, len(pages))
+            on_progress(min(done, total), total)
         if checkpoint is not None and (k + 1) % checkpoint_every == 0:
             await target.commit()
             await _maybe_await(checkpoint(page + 1))
     await target.commit()
+
+
+def blocks_to_bring(target: Layer, sources: Sequence[Layer], pages: Sequence[int]) -> int:
+    """Blocks of `pages` that some source holds and the target does not: what a stream moves
+    at most (its progress total)."""
+    total = 0
+    for page in pages:
+        if any(s.map.all_data for s in sources):
+            held = FULL_PAGE
+        else:
+            held = 0
+            for s in sources:
+                d, z = s.map.page_bits(page)
+                held |= d | z
+        td, tz = target.map.page_bits(page)
+        total += (held & ~(td | tz)).bit_count()
+    return total
 
 
 def blocks_held(layer: Layer) -> int:

@@ -1,5 +1,5 @@
-"""The data mover of a live migration: copy layers into another pool, and mirror the writes an
-active head takes meanwhile.
+"""The data mover of a migration between file pools: copy layers into another pool, and mirror
+the writes an active head takes meanwhile (as the `Replica` of a mirror filter).
 
 A layer's copy has the same id, size and block states, in another pool directory; only the
 catalog says which copy is live, so there is never more than one. Immutable layers are copied
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from blockvirt.storage import executor
@@ -192,33 +191,13 @@ def data_bytes(layer: Layer) -> int:
     return layer.map.data_blocks() * BLOCK
 
 
-class RateLimiter:
-    """Paces a copy to `bps` bytes per second (0: unlimited). Time is read, not slept, here:
-    `delay(nbytes, now)` says how long to wait before moving nbytes."""
-
-    def __init__(self, bps: float) -> None:
-        self.bps = bps
-        self._next = 0.0  # when the next byte may move
-
-    def delay(self, nbytes: int, now: float) -> float:
-        if self.bps <= 0:
-            return 0.0
-        start = max(self._next, now - 0.05)  # a late start does not bank more than 50 ms
-        self._next = start + nbytes / self.bps
-        return max(0.0, start - now)
-
-    async def __call__(self, nbytes: int) -> None:
-        wait = self.delay(nbytes, time.monotonic())
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-
 class MirrorFailed(Exception):
     """The target keeps failing: the migration must stop (the source is untouched)."""
 
 
-class Mirror:
-    """Copies a head layer into its target while the head takes writes."""
+class LayerMirror:
+    """Copies a head layer into its target while the head takes writes: the replica of the
+    mirror filter a migration puts over the volume's chain."""
 
     def __init__(self, source: Layer, target: Layer, *, zero_detect: bool = False) -> None:
         self.source = source
@@ -281,6 +260,10 @@ class Mirror:
         self.dirty.discard(chunk)
         self.failures = 0
         return copied
+
+    async def changed(self, offset: int, length: int, fua: bool) -> None:
+        first = offset >> BLOCK_SHIFT
+        await self.after_write(first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1, fua)
 
     async def after_write(self, first: int, count: int, fua: bool) -> None:
         """A guest request changed blocks [first, first + count) of the source head."""

@@ -1,4 +1,8 @@
-"""The service: one owner of start and stop order (storage, NBD listener, API)."""
+"""The service: the one place that builds the process (storage and its backends, jobs, QoS,
+the NBD listener, the API, metrics), wires them together, and owns start and stop order.
+
+Everything else receives what it needs; nothing below imports this module.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from aiohttp import web
 
 from blockvirt.api.app import build_app
 from blockvirt.api.auth import is_loopback, read_token_file, readable_by_others
+from blockvirt.jobs.manager import JobManager
+from blockvirt.jobs.runners import register_all
 from blockvirt.metrics.loop import LoopLagMonitor
 from blockvirt.metrics.registry import build_registry
 from blockvirt.nbd.handshake import TLSMode
@@ -22,8 +28,13 @@ from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
+from blockvirt.storage.backends.cowfile.backend import FileBackend
+from blockvirt.storage.backends.cowfile.check import Report
+from blockvirt.storage.backends.cowfile.check import check_data_dir as check_file_pools
+from blockvirt.storage.catalog import Catalog
+from blockvirt.storage.events import NoEvents
 from blockvirt.storage.faults import FaultyFileIO
-from blockvirt.storage.fileio import REAL
+from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.service")
@@ -82,10 +93,39 @@ def api_token(cfg: ServiceConfig) -> str | None:
     return token
 
 
+def build_storage(
+    data_dir: str, *, io: FileIO = REAL, warn_depth: int = 16, metrics: bool = True
+) -> tuple[VolumeManager, JobManager]:
+    """Storage with its backends and the job manager, wired (no QoS, no NBD: the service adds
+    those; tests and tools that want storage alone use this)."""
+    catalog = Catalog(data_dir)
+    jobs = JobManager(catalog)
+    vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics)
+    vm.add_backend(FileBackend(catalog, vm, io=io))
+    return vm, jobs
+
+
+def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:
+    """The offline check (`blockvirt check`) of every pool the data directory knows, each by
+    its own backend's checker."""
+    return check_file_pools(data_dir, repair=repair, io=io)
+
+
+class _Disconnect(NoEvents):
+    """Storage's requests to end sessions go to the NBD server."""
+
+    def __init__(self, nbd: NbdServer) -> None:
+        self.nbd = nbd
+
+    async def disconnect(self, volume: str) -> None:
+        await self.nbd.disconnect_volume(volume)
+
+
 class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.volumes: VolumeManager | None = None
+        self.jobs: JobManager | None = None
         self.nbd: NbdServer | None = None
         self._runner: web.AppRunner | None = None
         self.loop_lag: LoopLagMonitor | None = None
@@ -100,8 +140,12 @@ class Service:
         io = FaultyFileIO() if cfg.fault_injection else REAL
         if cfg.fault_injection:
             log.warning("fault injection is on: /api/v1/debug/faults can break pools on purpose")
-        self.volumes = VolumeManager(cfg.data_dir, warn_depth=cfg.warn_depth, metrics=cfg.metrics, io=io)
-        registry = ExportRegistry(self.volumes)
+        self.volumes, self.jobs = build_storage(
+            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics
+        )
+        self.qos = QosManager(self.volumes)
+        self.qos.load()
+        registry = ExportRegistry(self.volumes, self.qos)
         self.nbd = NbdServer(
             registry,
             cfg.nbd_host,
@@ -111,11 +155,11 @@ class Service:
             limits=cfg.limits,
             counters=SecurityCounters(),
         )
-        self.volumes.disconnect = self.nbd.disconnect_volume
-        self.qos = QosManager(self.volumes.catalog)
-        self.qos.load()
-        self.volumes.qos = self.qos
+        self.volumes.listen(self.qos)
+        self.volumes.listen(_Disconnect(self.nbd))
+        register_all(self.jobs, self.volumes, self.qos.background)
         await self.volumes.start()
+        self.jobs.resume()
         self.qos.start()
         self._watch = asyncio.get_running_loop().create_task(self._watch_pools())
         await self.nbd.start()
@@ -123,8 +167,8 @@ class Service:
         if cfg.metrics:
             self.loop_lag = LoopLagMonitor()
             self.loop_lag.start()
-            metrics = build_registry(self.volumes, self.loop_lag, self.nbd.counters)
-        app = build_app(self.volumes, metrics, token=token)
+            metrics = build_registry(self.volumes, self.jobs, self.qos, self.loop_lag, self.nbd.counters)
+        app = build_app(self.volumes, self.jobs, self.qos, metrics, token=token, fault_io=io)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
@@ -151,7 +195,7 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.volumes is not None:
-            await self.volumes.close()
+            await self.volumes.close()  # jobs stop first
         if self.loop_lag is not None:
             self.loop_lag.stop()
         log.info("stopped")

@@ -1,0 +1,42 @@
+"""What the API answers about volumes and snapshots: JSON views built from storage records and
+figures (never opening a volume to describe it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockvirt.storage.volumes import VolumeManager
+from blockvirt.storage.work import JobHost
+
+
+def volume_info(vm: VolumeManager, jobs: JobHost, name: str) -> dict[str, Any]:
+    backend, rec = vm.locate(name)
+    head = vm.exports_cache.get(name)
+    figures = backend.figures(name, head.base if head is not None else None)
+    failed = backend.failed(head.base) if head is not None else None
+    snaps = backend.snapshots(name)
+    job = jobs.busy(name)
+    return {
+        "name": rec.name,
+        "size": head.size if head is not None else rec.size,
+        "thick": rec.thick,
+        "pool": rec.pool,
+        "allocated": figures.allocated,
+        "head_allocated": figures.head_allocated,
+        "chain_depth": figures.chain_depth,
+        "snapshots": len(snaps),
+        "connections": vm.exports_cache.users(name),
+        "job": job.id if job else None,
+        "created": rec.created,
+        "state": "failed" if failed else "ok",
+        "error": failed,
+    }
+
+
+def volume_list(vm: VolumeManager, jobs: JobHost) -> list[dict[str, Any]]:
+    return [volume_info(vm, jobs, rec.name) for rec in vm.records()]
+
+
+def snapshot_list(vm: VolumeManager, name: str) -> list[dict[str, Any]]:
+    """The volume's snapshots as a tree: each with its tree parent and space use."""
+    return [s.to_dict() for s in vm.snapshot_tree(name)]

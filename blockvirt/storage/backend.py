@@ -1,0 +1,248 @@
+"""The volume-backend seam: what a kind of storage must do to hold blockvirt volumes.
+
+A backend serves one or more pools of its kind. It keeps the records of its volumes and their
+snapshot trees (wherever that kind keeps them: the node's SQLite for file pools), opens a
+volume or a snapshot as a block node for I/O, and carries out tree edits. Everything above it
+(the volume manager, the API, QoS, metrics, jobs, migration) talks to this interface only,
+never to layer files or images.
+
+Division of labour for a tree edit: the volume manager resolves the name, takes the tree
+lock, refuses what is never allowed whatever the backend (a job on the volume, connected
+clients where that matters), then calls the backend. The backend does the edit and decides
+which of its steps run with the export drained (`Export.drained()`), so slow work (creating
+files or images) stays outside the pause initiators see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from blockvirt.storage.node import BlockNode
+from blockvirt.storage.work import JobHost, JobView, WorkContext
+
+if TYPE_CHECKING:
+    from blockvirt.storage.catalog import AclRecord, PoolRecord
+    from blockvirt.storage.export import Export
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    """A volume as every layer above the backends sees it."""
+
+    name: str
+    size: int
+    thick: bool
+    pool: str
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    volume: str
+    name: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One snapshot in a volume's tree, with its space use."""
+
+    name: str
+    #: The snapshot it was taken on top of (its tree parent), or None for a root.
+    parent: str | None
+    created: float
+    size: int
+    #: Bytes held by this snapshot alone, and bytes of its view held by older ones.
+    unique_bytes: int
+    shared_bytes: int
+    #: Whether the volume's head sits right on it (its next snapshot would be a child).
+    current: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeFigures:
+    """Space and shape of a volume, cheap to ask at scrape time (never opens anything)."""
+
+    #: Bytes the whole tree holds (head and snapshots), and the head alone.
+    allocated: int
+    head_allocated: int
+    #: How many layers a read may have to look through (1: no ancestors).
+    chain_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """A pool's space now (bytes); capacity figures are None if the pool cannot be reached."""
+
+    capacity: int | None
+    used: int | None
+    free: int | None
+    allocated: int  # what blockvirt's volumes occupy
+    provisioned: int  # sum of the virtual sizes of the pool's volumes
+
+    @property
+    def used_percent(self) -> float | None:
+        if not self.capacity or self.used is None:
+            return None
+        return 100.0 * self.used / self.capacity
+
+    @property
+    def overcommit(self) -> float | None:
+        return self.provisioned / self.capacity if self.capacity else None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotResult:
+    #: Layers a read may look through after the snapshot (for the depth warning).
+    chain_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    #: The background job that merges the snapshot's data away, if one started.
+    job: JobView | None = None
+    #: Why the data stays for now (shared by branches or clones), if it does.
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class MoveHooks:
+    """What the job moving a volume between pools gives the backend doing it."""
+
+    #: The volume's head export (opened if need be); called under the tree lock.
+    open_head: Callable[[], Export]
+    #: A pause before copying n bytes (the job's rate limit, the pools' QoS background class).
+    throttle: Callable[[int], Awaitable[None]]
+    #: Called inside the switch's drain, right after the commit (QoS moves the volume).
+    switched: Callable[[], None]
+
+
+class VolumeSettings(Protocol):
+    """Settings that travel with a volume: its access rules and its QoS settings. A backend
+    keeps them where another node serving its volumes would find them."""
+
+    def acl_rules(self, volume: str) -> list[AclRecord]: ...
+
+    def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
+        """Store a rule (validated and normalized by the caller)."""
+
+    def remove_acl_rule(self, volume: str, rule_id: int) -> bool: ...
+
+    def clear_acl(self, volume: str) -> int: ...
+
+    def volume_qos(self) -> list[tuple[str, str | None, str]]:
+        """(volume, group, settings as JSON) of every volume that has QoS settings."""
+
+    def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None: ...
+
+
+class BackendHost(Protocol):
+    """What a backend may ask of the volume manager that owns it."""
+
+    @property
+    def jobs(self) -> JobHost: ...
+
+    @property
+    def tree_lock(self) -> asyncio.Lock:
+        """Held by tree edits; a backend takes it for the commit steps of background work."""
+
+    def exports(self) -> Iterable[Export]:
+        """Every open export (of every backend: a backend picks its own by `base`)."""
+
+
+class VolumeBackend(Protocol):
+    """One kind of storage. Methods named like tree edits run under the manager's tree lock."""
+
+    #: The pool kind this backend serves ("file", "rbd").
+    kind: str
+    @property
+    def settings(self) -> VolumeSettings:
+        """Where its volumes' access rules and QoS settings live."""
+
+    # ------------------------------------------------------------ life
+    async def start(self) -> None:
+        """Collect what a crash left behind; nothing else runs yet."""
+
+    async def close(self) -> None:
+        """Make every open node durable and release everything (exports are closed)."""
+
+    # ------------------------------------------------------------ pools
+    def space(self, pool: PoolRecord) -> Space:
+        """The pool's space figures now (cheap: metrics ask at every scrape)."""
+
+    def pool_in_use(self, pool: str) -> str | None:
+        """What still lives in the pool (a sentence), or None if it may be deleted."""
+
+    # ------------------------------------------------------------ records (cheap, no I/O)
+    def volume(self, name: str) -> VolumeRecord | None: ...
+
+    def volumes(self) -> list[VolumeRecord]: ...
+
+    def snapshot(self, volume: str, name: str) -> SnapshotRecord | None: ...
+
+    def snapshots(self, volume: str) -> list[SnapshotRecord]:
+        """In creation order."""
+
+    def snapshot_tree(self, volume: str) -> list[SnapshotInfo]: ...
+
+    def figures(self, volume: str, node: BlockNode | None) -> VolumeFigures:
+        """Space and depth; `node` is the volume's open head, if it is open."""
+
+    def failed(self, node: BlockNode) -> str | None:
+        """Why an open node refuses writes (a failed commit), or None."""
+
+    # ------------------------------------------------------------ I/O
+    def open(self, volume: VolumeRecord, snapshot: str | None) -> BlockNode:
+        """A node for the volume's head (writable) or one snapshot (read-only)."""
+
+    def release(self, node: BlockNode) -> None:
+        """The export of `node` is closed: give back what `open` took."""
+
+    # ------------------------------------------------------------ tree edits
+    async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None: ...
+
+    async def delete(self, volume: VolumeRecord) -> None:
+        """Forget the volume, its snapshots and its settings; its exports are closed."""
+
+    async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult: ...
+
+    async def revert(self, volume: VolumeRecord, snap: str, head: Export) -> VolumeRecord:
+        """Put the head back on `snap` (newer snapshots stay: a branch); returns the record
+        (the size may change)."""
+
+    async def snapshot_delete(self, volume: VolumeRecord, snap: str) -> DeleteResult: ...
+
+    async def clone(self, source: VolumeRecord, snap: str, new: str) -> None:
+        """A new volume whose head sits on `source@snap` (linked, instant)."""
+
+    async def flatten(self, volume: VolumeRecord) -> JobView:
+        """Start copying what the volume reads from ancestors into it (a job)."""
+
+    async def resize(self, volume: VolumeRecord, size: int, head: Export, *, force: bool) -> VolumeRecord: ...
+
+    async def reset(self, volume: VolumeRecord) -> None:
+        """The volume's exports are closed; forget any failure so it reopens from storage."""
+
+    # ------------------------------------------------------------ background work
+    async def run_work(self, ctx: WorkContext) -> None:
+        """Carry out a job this backend started (merge, commit, flatten)."""
+
+    def busy_with(self, jobs: Sequence[JobView], volume: VolumeRecord) -> JobView | None:
+        """A running job that uses any of the volume's data (shared layers included)."""
+
+    # ------------------------------------------------------------ moving between pools
+    def plan_move(self, volume: VolumeRecord, target: PoolRecord, provisioning: str | None) -> dict[str, Any]:
+        """Check a move of the volume and its tree to `target` (a pool of this backend) and
+        return the job's parameters; CatalogError if it cannot be done."""
+
+    async def move(self, ctx: WorkContext, hooks: MoveHooks) -> None:
+        """Carry out a planned move, live; a crash or cancel at any point leaves one copy."""
