@@ -36,6 +36,9 @@ HOST = "127.0.0.1"
 EXPORT = "bench"
 ALL_SERVERS = ("blockvirt", "nbdkit", "nbd-server", "qemu-nbd")
 PEERS = tuple(s for s in ALL_SERVERS if s != "blockvirt")
+#: With --baseline DIR: blockvirt run from another source tree (an older commit), measured in
+#: the same interleaved order; the table adds bv/base (this tree against that one).
+BASELINE = "blockvirt-base"
 FIO_SLACK_S = 60.0  # added to runtime + ramp time for the fio timeout
 STOP_GRACE_S = 5.0
 
@@ -253,6 +256,7 @@ class Options:
     python: str
     start_timeout: float
     blockvirt_args: tuple[str, ...] = ()
+    baseline: Path | None = None
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -339,15 +343,15 @@ def start_nbd_server(server: Server, opts: Options) -> None:
     wait_for(f"nbd-server port {port}", lambda: port_open(port), server.alive, opts.start_timeout)
 
 
-def start_blockvirt(server: Server, opts: Options) -> None:
+def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> None:
     nbd_port, api_port = free_port(), free_port()
     while api_port == nbd_port:
         api_port = free_port()
-    data_dir = opts.workdir / "blockvirt-data"
+    data_dir = opts.workdir / f"{server.name}-data"
     data_dir.mkdir()
     api_url = f"http://{HOST}:{api_port}"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env["BLOCKVIRT_API"] = api_url
     spawn(
         server,
@@ -365,7 +369,7 @@ def start_blockvirt(server: Server, opts: Options) -> None:
             *opts.blockvirt_args,
         ],
         opts,
-        cwd=REPO_ROOT,
+        cwd=root,
         env=env,
     )
     wait_for(
@@ -398,7 +402,7 @@ def start_blockvirt(server: Server, opts: Options) -> None:
         try:
             cp = subprocess.run(
                 create,
-                cwd=REPO_ROOT,
+                cwd=root,
                 env=env,
                 capture_output=True,
                 text=True,
@@ -416,8 +420,14 @@ def start_blockvirt(server: Server, opts: Options) -> None:
     server.uri = f"nbd://{HOST}:{nbd_port}/{EXPORT}"
 
 
+def start_baseline(server: Server, opts: Options) -> None:
+    assert opts.baseline is not None
+    start_blockvirt(server, opts, root=opts.baseline)
+
+
 STARTERS: dict[str, Callable[[Server, Options], None]] = {
     "blockvirt": start_blockvirt,
+    BASELINE: start_baseline,
     "nbdkit": start_nbdkit,
     "nbd-server": start_nbd_server,
     "qemu-nbd": start_qemu_nbd,
@@ -556,6 +566,9 @@ def summarize(
                 "best_peer_median": peers[best],
                 "ratio": ratio,
             }
+            base = per_server.get(BASELINE, {}).get(metric.key, {}).get("median")
+            if base and bv:
+                ratios[metric.key]["vs_base"] = bv / base if metric.higher_is_better else base / bv
         summary[wl.name] = {"servers": per_server, "ratios": ratios}
     return summary
 
@@ -563,7 +576,8 @@ def summarize(
 def render_table(
     summary: dict[str, Any], servers: Sequence[str], workloads: Sequence[Workload], reps: int
 ) -> str:
-    header = ["workload", "metric", *servers, "bv/best", "best peer"]
+    with_base = BASELINE in servers
+    header = ["workload", "metric", *servers, "bv/best", "best peer", *(["bv/base"] if with_base else [])]
     rows: list[list[str]] = []
     for wl in workloads:
         entry = summary[wl.name]
@@ -586,6 +600,9 @@ def render_table(
                 row += ["n/a", "-"]
             else:
                 row += ["n/a" if r["ratio"] is None else f"{r['ratio']:.2f}", r["best_peer"]]
+            if with_base:
+                vs = r.get("vs_base") if r is not None else None
+                row.append("n/a" if vs is None else f"{vs:.2f}")
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
@@ -598,6 +615,8 @@ def render_table(
         "bv/best: blockvirt / best peer for IOPS and MB/s, best peer / blockvirt for "
         "latency; > 1 means blockvirt is better."
     )
+    if with_base:
+        lines.append(f"bv/base: this tree against {BASELINE} (--baseline), the same way round.")
     return "\n".join(lines)
 
 
@@ -627,6 +646,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         metavar="ARG",
         help="extra argument for `blockvirt serve` (repeatable), e.g. --blockvirt-arg=--log-level=debug",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help=f"also run blockvirt from this source tree as {BASELINE!r} (e.g. a `git worktree` of "
+        "an older commit), interleaved with the rest",
     )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
@@ -675,6 +701,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown workloads {bad}; choose from {','.join(WORKLOADS)}")
     if args.reps < 1 or args.runtime <= 0 or args.ramp_time < 0:
         p.error("--reps must be >= 1, --runtime > 0, --ramp-time >= 0")
+    if args.baseline is not None:
+        if not (args.baseline / "blockvirt" / "__main__.py").exists():
+            p.error(f"--baseline {args.baseline}: not a blockvirt source tree")
+        args.baseline = args.baseline.resolve()
+        args.servers.append(BASELINE)
     args.servers = list(dict.fromkeys(args.servers))
     args.workloads = list(dict.fromkeys(args.workloads))
     return args
@@ -809,7 +840,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logdir = args.log_dir or workdir / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
         opts = Options(
-            args.size, workdir, logdir, args.python, args.start_timeout, tuple(args.blockvirt_arg)
+            args.size,
+            workdir,
+            logdir,
+            args.python,
+            args.start_timeout,
+            tuple(args.blockvirt_arg),
+            args.baseline,
         )
         try:
             start_all(servers, opts)
