@@ -200,6 +200,14 @@ class VolumeBackend(Protocol):
     def failed(self, node: BlockNode) -> str | None:
         """Why an open node refuses writes (a failed commit), or None."""
 
+    async def changed_extents(
+        self, volume: VolumeRecord, since: str, until: str | None = None
+    ) -> list[tuple[int, int]]:
+        """(offset, length) byte ranges whose contents may differ between snapshot `since` and
+        snapshot `until` (None: the head now), in order. Every changed byte is covered (more
+        is allowed, never less); ranges a resize grew count as changed. `since` must be an
+        older point of the same branch (CatalogError otherwise)."""
+
     # ------------------------------------------------------------ I/O
     def open(self, volume: VolumeRecord, snapshot: str | None) -> BlockNode:
         """A node for the volume's head (writable) or one snapshot (read-only)."""
