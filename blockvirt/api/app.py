@@ -169,7 +169,8 @@ async def volume_stats(request: web.Request) -> web.Response:
     if not vm.exists(name):
         raise CatalogError("not-found", f"no volume or snapshot named {name!r}")
     # Never opens the export: one that was not opened yet has served nothing.
-    vol = next((v for v in vm.open_nodes() if v.export_name == name), None)
+    vol_name, at, snap = name.partition("@")
+    vol = vm.exports_cache.get(vol_name, snap if at else None)
     stats = vol.stats if vol is not None else VolumeStats()
     return web.json_response({"volume": name, "connections": vol.users if vol else 0, **stats.to_dict()})
 

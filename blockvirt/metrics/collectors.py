@@ -104,7 +104,7 @@ class VolumeCollector(Collector):
             snap_names.update(f"{rec.name}@{s.name}" for s in snaps_of)
         names = {r.name for r in records}
         exports: dict[str, Export] = {}
-        for v in vm.open_nodes():
+        for v in vm.exports():
             name = v.export_name
             if v.volume in names and (v.snapshot is None or name in snap_names):
                 exports[name] = v

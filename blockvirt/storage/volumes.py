@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from blockvirt.storage.backend import (
@@ -83,8 +83,9 @@ class VolumeManager:
             await b.start()
 
     # ------------------------------------------------------------ BackendHost
-    def exports(self) -> Iterator[Export]:
-        return iter(self.exports_cache)
+    def exports(self) -> list[Export]:
+        """Every open export (heads and snapshots)."""
+        return list(self.exports_cache)
 
     # ------------------------------------------------------------ resolving names
     def backend_of_pool(self, pool: PoolRecord) -> VolumeBackend:
@@ -161,9 +162,6 @@ class VolumeManager:
         exp = self.volume(name)
         assert exp is not None
         return exp
-
-    def open_nodes(self) -> list[Export]:
-        return list(self.exports_cache)
 
     def figures(self, name: str) -> VolumeFigures:
         backend = self.backend_of(name)
@@ -401,7 +399,7 @@ class VolumeManager:
     async def close(self) -> None:
         """Stop background work, flush every open export, then let the backends close."""
         await self.jobs.close()
-        for exp in self.open_nodes():
+        for exp in self.exports():
             try:
                 await exp.base.flush()
             except Exception as e:  # keep closing the rest
@@ -411,6 +409,3 @@ class VolumeManager:
         for b in self.backends.values():
             await b.close()
         self.catalog.close()
-
-    def all_exports(self) -> Iterable[Export]:
-        return self.exports_cache
