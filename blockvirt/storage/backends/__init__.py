@@ -1,0 +1,1 @@
+"""Storage backends other than the local files: each in its own subpackage."""

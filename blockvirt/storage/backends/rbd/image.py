@@ -1,0 +1,556 @@
+"""AsyncImage: one open RBD image, for asyncio.
+
+Data path: read, write, discard, write_zeroes and flush go through librbd's aio calls and
+are bridged back to the loop (bridge.py); at most `queue_depth` are in flight, further
+callers wait. librbd queues each op on its own threads (rbd_non_blocking_aio), so submitting
+does not block the loop.
+
+Control plane (open, close, resize, snapshots, locks, metadata, diff_iterate, flatten) is
+synchronous in the bindings and runs on the connection's control threads.
+
+Semantics worth knowing:
+- librbd clips I/O at the end of the image without an error, so ranges are checked here
+  against the size this object knows (refresh_size() after another client resized).
+- discard is advisory, as NBD's TRIM: librbd skips pieces smaller than
+  rbd_discard_granularity_bytes (64 KiB), which keep their data. write_zeroes always reads
+  back as zeros and frees whole objects it covers.
+- FUA: librbd has no FUA flag. With the client cache off (the default of CephConnection) a
+  completed write is already on the OSDs; with it on, a FUA write is followed by a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import rbd
+
+from blockvirt.storage.backends.rbd.bridge import completion
+from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
+from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception
+from blockvirt.storage.node import HOLE, ZERO, Buffer, StorageError
+
+T = TypeVar("T")
+
+#: (length, HOLE|ZERO flags), as BlockNode.block_status returns them.
+Extent = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    id: int
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LockOwner:
+    """A holder of an image's managed lock; `owner` is its client address."""
+
+    exclusive: bool
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiffExtent:
+    """A range changed since a snapshot; `exists` False means it now reads as zeros."""
+
+    offset: int
+    length: int
+    exists: bool
+
+
+class AsyncImage:
+    """An open RBD image. Create with `await AsyncImage.open(conn, name)`; close with close()."""
+
+    def __init__(
+        self,
+        conn: CephConnection,
+        session: Session,
+        image: Any,
+        name: str,
+        *,
+        size: int,
+        cache: bool,
+        read_only: bool,
+        queue_depth: int,
+    ) -> None:
+        self._conn = conn
+        self._session = session
+        self._image = image
+        self.name = name
+        self.read_only = read_only
+        self._size = size
+        self._cache = cache
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(queue_depth)
+        self.queue_depth = queue_depth
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._closed = False
+        session.users.add(self)
+
+    @classmethod
+    async def open(
+        cls,
+        conn: CephConnection,
+        name: str,
+        *,
+        snapshot: str | None = None,
+        read_only: bool = False,
+        queue_depth: int = 64,
+    ) -> AsyncImage:
+        """Open image `name` (at `snapshot`, read-only, if given) in the connection's pool."""
+        session = conn.session
+        read_only = read_only or snapshot is not None
+
+        def do_open() -> tuple[Any, int, bool]:
+            image = rbd.Image(session.ioctx, name, snapshot=snapshot, read_only=read_only)
+            try:
+                size = int(image.size())
+                cache = any(c["name"] == "rbd_cache" and c["value"] == "true" for c in image.config_list())
+            except BaseException:
+                image.close()
+                raise
+            return image, size, cache
+
+        try:
+            image, size, cache = await session.run(do_open)
+        except (StorageError, CephError):
+            raise
+        except Exception as e:
+            err = from_exception(e, f"open {name}")
+            conn.note_error(session, err.errno)
+            raise err from e
+        return cls(
+            conn, session, image, name, size=size, cache=cache, read_only=read_only, queue_depth=queue_depth
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def size(self) -> int:
+        """The size as of open, the last resize() or refresh_size()."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
+    def inflight(self) -> int:
+        """Ops submitted and not yet completed (data path and control calls)."""
+        return self._inflight
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RbdError(errno.ESHUTDOWN, f"{self.name}: image is closed", errno.ESHUTDOWN)
+
+    def _begin(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    def _failed(self, code: int) -> None:
+        if code < 0:
+            self._conn.note_error(self._session, code)
+
+    def _check_range(self, offset: int, length: int, *, write: bool) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            code = errno.ENOSPC if write else errno.EINVAL
+            raise RbdError(
+                code, f"{self.name}: {offset}+{length} is beyond the image size {self._size}", code
+            )
+
+    # ------------------------------------------------------------------ data path
+
+    async def _aio(self, what: str, submit: Callable[[Callable[..., None]], Any]) -> Any:
+        self._check_open()
+        await self._slots.acquire()
+        if self._closing:  # closed while we waited for a slot
+            self._slots.release()
+            self._check_open()
+        self._begin()
+
+        def settled(rv: int) -> None:
+            self._slots.release()
+            self._end()
+            self._failed(rv)
+
+        fut, callback = completion(self._loop, f"{self.name}: {what}", settled)
+        try:
+            submit(callback)
+        except Exception as e:
+            settled(0)
+            err = from_exception(e, f"{self.name}: {what}")
+            self._failed(-err.errno)
+            raise err from e
+        return await fut
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length, write=False)
+        if length == 0:
+            return b""
+        data = await self._aio("read", lambda cb: self._image.aio_read(offset, length, cb))
+        if data is None or len(data) != length:
+            got = 0 if data is None else len(data)
+            raise RbdError(errno.EIO, f"{self.name}: short read ({got} of {length} bytes)", errno.EIO)
+        return bytes(data)
+
+    async def write(self, data: Buffer, offset: int, fua: bool = False) -> None:
+        if self.read_only:
+            raise RbdError(errno.EROFS, f"{self.name}: opened read-only", errno.EROFS)
+        self._check_range(offset, len(data), write=True)
+        if not data:
+            return
+        payload = data if isinstance(data, bytes | bytearray) else bytes(data)
+        await self._aio("write", lambda cb: self._image.aio_write(payload, offset, cb))
+        if fua and self._cache:
+            await self.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Give space back (advisory: small or unaligned pieces may keep their data)."""
+        self._check_range(offset, length, write=True)
+        if length:
+            await self._aio("discard", lambda cb: self._image.aio_discard(offset, length, cb))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros; objects it covers entirely are freed."""
+        self._check_range(offset, length, write=True)
+        if length:
+            await self._aio("write_zeroes", lambda cb: self._image.aio_write_zeroes(offset, length, cb))
+
+    async def flush(self) -> None:
+        await self._aio("flush", lambda cb: self._image.aio_flush(cb))
+
+    # ------------------------------------------------------------------ control plane
+
+    async def _control(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking librbd call on the control threads; counted as in flight until the
+        thread returns (even if the caller is cancelled), so close() never races it."""
+        self._check_open()
+        self._begin()
+        what = f"{self.name}: {what}"
+
+        def call() -> T:
+            try:
+                return fn(*args)
+            except StorageError:
+                raise
+            except Exception as e:
+                raise from_exception(e, what) from e
+
+        try:
+            cf = self._session.executor.submit(call)
+        except RuntimeError as e:
+            self._end()
+            raise RbdError(errno.ESHUTDOWN, f"{what}: connection closed", errno.ESHUTDOWN) from e
+        cf.add_done_callback(lambda _f: self._loop.call_soon_threadsafe(self._end))
+        try:
+            return await asyncio.wrap_future(cf)
+        except RbdError as e:
+            self._failed(-e.ceph_errno)
+            raise
+
+    async def refresh_size(self) -> int:
+        """Read the size again (another client may have resized the image)."""
+        self._size = int(await self._control("size", self._image.size))
+        return self._size
+
+    async def resize(self, size: int, *, allow_shrink: bool = False) -> None:
+        await self._control("resize", self._image.resize, size, allow_shrink)
+        self._size = size
+
+    async def stat(self) -> dict[str, Any]:
+        """size, obj_size, num_objs, order, block_name_prefix, plus id and features."""
+
+        def do() -> dict[str, Any]:
+            info = dict(self._image.stat())
+            info["id"] = self._image.id()
+            info["features"] = self._image.features()
+            return info
+
+        return await self._control("stat", do)
+
+    async def parent(self) -> tuple[str, str, str] | None:
+        """(pool, image, snapshot) this clone reads through to, or None."""
+
+        def do() -> tuple[str, str, str] | None:
+            try:
+                spec = self._image.get_parent_image_spec()
+            except rbd.ImageNotFound:
+                return None
+            return (str(spec["pool_name"]), str(spec["image_name"]), str(spec["snap_name"]))
+
+        return await self._control("parent", do)
+
+    # allocation ------------------------------------------------------
+
+    def _extents(
+        self, offset: int, length: int, from_snap: str | None, whole_object: bool
+    ) -> list[DiffExtent]:
+        found: list[DiffExtent] = []
+
+        def cb(off: int, ln: int, exists: bool) -> int:
+            found.append(DiffExtent(int(off), int(ln), bool(exists)))
+            return 0
+
+        self._image.diff_iterate(
+            offset, length, from_snap, cb, include_parent=True, whole_object=whole_object
+        )
+        return found
+
+    def _allocated(self, offset: int, length: int) -> list[DiffExtent]:
+        """Exact data extents in two passes. Asked for exact extents over a whole range,
+        librbd asks the OSDs about every object in it, present or not (about 13 ms per GiB
+        here); the object map (whole_object) answers from memory which objects hold data,
+        so only those runs get the exact pass."""
+        found: list[DiffExtent] = []
+        for run in _merge(self._extents(offset, length, None, True)):
+            found.extend(self._extents(run.offset, run.length, None, False))
+        return found
+
+    async def allocation(self, offset: int, length: int) -> list[Extent]:
+        """(length, flags) extents covering [offset, offset+length): unallocated ranges are
+        HOLE|ZERO, allocated ones 0. Parent data of a clone counts as allocated.
+
+        An object's data is reported from the object's start to its highest written byte:
+        RADOS knows an object's size, not its sparseness. Never short, sometimes generous.
+        """
+        self._check_range(offset, length, write=False)
+        found = await self._control("allocation", self._allocated, offset, length)
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+
+        def add(ln: int, flags: int) -> None:
+            if ln <= 0:
+                return
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + ln, flags)
+            else:
+                out.append((ln, flags))
+
+        for ext in sorted(found, key=lambda e: e.offset):
+            start, stop = max(ext.offset, pos), min(ext.offset + ext.length, end)
+            if stop <= start:
+                continue
+            add(start - pos, HOLE | ZERO)
+            add(stop - start, 0)
+            pos = stop
+        add(end - pos, HOLE | ZERO)
+        return out
+
+    async def allocated_bytes(self) -> int:
+        """Bytes that hold data in this image (or its parent), as `rbd du` counts with fast-diff
+        off: exact extents, not whole objects."""
+        found = await self._control("du", self._allocated, 0, self._size)
+        return sum(e.length for e in found if e.exists)
+
+    async def diff(
+        self,
+        from_snap: str | None,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        whole_object: bool = False,
+    ) -> list[DiffExtent]:
+        """Ranges changed since snapshot `from_snap` (None: since the image was created).
+
+        whole_object=True uses the fast-diff object map: whole objects, much cheaper."""
+        span = self._size - offset if length is None else length
+        return await self._control("diff", self._extents, offset, span, from_snap, whole_object)
+
+    # snapshots -------------------------------------------------------
+
+    async def snapshot_create(self, name: str) -> None:
+        await self._control(f"snapshot {name}", self._image.create_snap, name)
+
+    async def snapshot_remove(self, name: str) -> None:
+        """Remove a snapshot. With clone v2, one that clones still use moves to the trash."""
+        await self._control(f"remove snapshot {name}", self._image.remove_snap, name)
+
+    async def snapshot_rename(self, old: str, new: str) -> None:
+        await self._control(f"rename snapshot {old}", self._image.rename_snap, old, new)
+
+    async def snapshots(self) -> list[Snapshot]:
+        """User snapshots, oldest first (trashed ones that clones still use are left out)."""
+
+        def do() -> list[Snapshot]:
+            return [
+                Snapshot(int(s["id"]), str(s["name"]), int(s["size"]))
+                for s in self._image.list_snaps()
+                if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) == rbd.RBD_SNAP_NAMESPACE_TYPE_USER
+            ]
+
+        return await self._control("list snapshots", do)
+
+    async def snapshot_protect(self, name: str) -> None:
+        await self._control(f"protect {name}", self._image.protect_snap, name)
+
+    async def snapshot_unprotect(self, name: str) -> None:
+        await self._control(f"unprotect {name}", self._image.unprotect_snap, name)
+
+    async def snapshot_is_protected(self, name: str) -> bool:
+        return bool(await self._control(f"is_protected {name}", self._image.is_protected_snap, name))
+
+    async def snapshot_rollback(self, name: str) -> None:
+        """Make the image's data that of snapshot `name` (the caller stops I/O meanwhile)."""
+        await self._control(f"rollback to {name}", self._image.rollback_to_snap, name)
+
+    async def flatten(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy the parent's data in so the clone stands alone. `progress(done, total)` runs
+        on the loop, in object units, ending with (total, total). Cancelling the caller (or
+        closing the image) stops the copy at the next object; the clone stays a clone."""
+        loop = self._loop
+        stop = False
+        total_seen = 0
+
+        def on_progress(done: int, total: int) -> int:  # on a control thread
+            nonlocal total_seen
+            if stop or self._closing:
+                return -errno.ECANCELED
+            total_seen = int(total)
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, int(done), int(total))
+            return 0
+
+        try:
+            await self._control("flatten", self._image.flatten, on_progress)
+        except asyncio.CancelledError:
+            stop = True
+            raise
+        # librbd's last call reports the last object started (total - 1): finish the count.
+        if progress is not None and total_seen:
+            progress(total_seen, total_seen)
+
+    # metadata --------------------------------------------------------
+
+    async def metadata_get(self, key: str) -> str | None:
+        def do() -> str | None:
+            try:
+                return str(self._image.metadata_get(key))
+            except KeyError:
+                return None
+
+        return await self._control(f"metadata_get {key}", do)
+
+    async def metadata_set(self, key: str, value: str) -> None:
+        await self._control(f"metadata_set {key}", self._image.metadata_set, key, value)
+
+    async def metadata_remove(self, key: str) -> None:
+        def do() -> None:
+            try:
+                self._image.metadata_remove(key)
+            except KeyError:
+                pass
+
+        await self._control(f"metadata_remove {key}", do)
+
+    async def metadata(self) -> dict[str, str]:
+        def do() -> dict[str, str]:
+            return {str(k): str(v) for k, v in self._image.metadata_list()}
+
+        return await self._control("metadata_list", do)
+
+    # locks -----------------------------------------------------------
+
+    async def lock_acquire(self, exclusive: bool = True) -> None:
+        """Take the managed lock. Unlike librbd's default cooperative lock, it is not handed
+        over when another client writes: theirs fail with EROFS until lock_break()."""
+        mode = rbd.RBD_LOCK_MODE_EXCLUSIVE if exclusive else rbd.RBD_LOCK_MODE_SHARED
+        await self._control("lock_acquire", self._image.lock_acquire, mode)
+
+    async def lock_release(self) -> None:
+        await self._control("lock_release", self._image.lock_release)
+
+    async def lock_owners(self) -> list[LockOwner]:
+        def do() -> list[LockOwner]:
+            return [
+                LockOwner(o["mode"] == rbd.RBD_LOCK_MODE_EXCLUSIVE, str(o["owner"]))
+                for o in self._image.lock_get_owners()
+            ]
+
+        return await self._control("lock_get_owners", do)
+
+    async def is_lock_owner(self) -> bool:
+        return bool(await self._control("is_exclusive_lock_owner", self._image.is_exclusive_lock_owner))
+
+    async def lock_break(self, owner: LockOwner | None = None) -> list[LockOwner]:
+        """Fence the lock's holder(s): librbd blocklists the owner's client address
+        (rbd_blocklist_on_break_lock) and drops the lock. Then waits for the newest OSD map,
+        so no OSD still accepts the old owner's ops once we write. Returns who was broken."""
+
+        def do() -> list[LockOwner]:
+            owners = (
+                [owner]
+                if owner is not None
+                else [
+                    LockOwner(o["mode"] == rbd.RBD_LOCK_MODE_EXCLUSIVE, str(o["owner"]))
+                    for o in self._image.lock_get_owners()
+                ]
+            )
+            for o in owners:
+                mode = rbd.RBD_LOCK_MODE_EXCLUSIVE if o.exclusive else rbd.RBD_LOCK_MODE_SHARED
+                self._image.lock_break(mode, o.owner)
+            return owners
+
+        broken = await self._control("lock_break", do)
+        await self._conn.wait_for_latest_osdmap()
+        return broken
+
+    # close -----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Wait for in-flight ops, then close the image (releasing its lock). Idempotent."""
+        if self._closing:
+            await self._idle.wait()
+            return
+        await self._retire()
+
+    async def _retire(self) -> None:
+        self._closing = True
+        self._session.users.discard(self)
+        # Every in-flight op ends: librados fails it within the op timeout at worst.
+        await self._idle.wait()
+        if self._closed:
+            return
+        self._closed = True
+        self._begin()
+        try:
+            loop = self._loop
+            await loop.run_in_executor(self._session.executor, self._close_blocking)
+        except RuntimeError:  # the executor is gone; the handle goes with the client
+            pass
+        finally:
+            self._end()
+
+    def _close_blocking(self) -> None:
+        try:
+            self._image.close()
+        except Exception:  # fenced clients may fail to release the lock; the image is closed
+            pass
+
+    def __repr__(self) -> str:
+        return f"<AsyncImage {self.name} size={self._size}{' closed' if self._closing else ''}>"
+
+
+def _merge(extents: list[DiffExtent]) -> list[DiffExtent]:
+    """Adjacent or overlapping extents joined (diff_iterate reports them in order)."""
+    out: list[DiffExtent] = []
+    for e in sorted(extents, key=lambda e: e.offset):
+        if out and e.offset <= out[-1].offset + out[-1].length:
+            last = out[-1]
+            end = max(last.offset + last.length, e.offset + e.length)
+            out[-1] = DiffExtent(last.offset, end - last.offset, True)
+        else:
+            out.append(DiffExtent(e.offset, e.length, True))
+    return out
