@@ -14,7 +14,7 @@ ceph_packages=(python3-rados python3-rbd)
 if (( want_test )); then
     # Real clients and peers: qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy/nbdsh/nbdfuse,
     # libnbd's Python binding, nbdkit and nbd-server (benchmark peers), fio, ext4 tools, FUSE.
-    packages+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbdfuse nbd-server fio e2fsprogs fuse3 util-linux openssl)
+    packages+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server fio e2fsprogs fuse3 util-linux openssl)
     # A real Prometheus (and promtool) for the metrics tests; the tests start their own.
     packages+=(prometheus)
     # qemu's rbd: block driver, to reach RBD images directly from qemu-img and qemu-io.

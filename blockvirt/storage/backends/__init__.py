@@ -1,1 +1,2 @@
-"""Storage backends other than the local files: each in its own subpackage."""
+"""Storage backends: each kind of storage in its own subpackage, behind the seam in
+blockvirt/storage/backend.py (file pools: cowfile; Ceph RBD pools: rbd)."""
