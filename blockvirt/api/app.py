@@ -97,7 +97,7 @@ async def add_acl_rule(request: web.Request) -> web.Response:
     except AclError as e:
         raise CatalogError("invalid", str(e)) from None
     read_only = _field(body, "read_only", bool, False)
-    rec = request.app[VOLUMES].settings_of(name).add_acl_rule(name, kind, value, read_only)
+    rec = await request.app[VOLUMES].settings_of(name).add_acl_rule(name, kind, value, read_only)
     log.info(
         "access rule %d added to %s: %s %s%s",
         rec.id,
@@ -115,7 +115,7 @@ async def add_acl_rule(request: web.Request) -> web.Response:
 async def remove_acl_rule(request: web.Request) -> web.Response:
     name = _volume_name(request)
     rule_id = _rule_id(request)
-    if not request.app[VOLUMES].settings_of(name).remove_acl_rule(name, rule_id):
+    if not await request.app[VOLUMES].settings_of(name).remove_acl_rule(name, rule_id):
         raise CatalogError("not-found", f"volume {name!r} has no access rule {rule_id}")
     log.info("access rule %d removed from %s", rule_id, name, extra={"volume": name})
     return web.json_response({"volume": name, "removed": [rule_id]})
@@ -124,7 +124,7 @@ async def remove_acl_rule(request: web.Request) -> web.Response:
 async def clear_acl(request: web.Request) -> web.Response:
     name = _volume_name(request)
     before = [r.id for r in request.app[VOLUMES].acl_rules(name)]
-    request.app[VOLUMES].settings_of(name).clear_acl(name)
+    await request.app[VOLUMES].settings_of(name).clear_acl(name)
     log.info("access rules of %s cleared (%d)", name, len(before), extra={"volume": name})
     return web.json_response({"volume": name, "removed": before})
 

@@ -36,7 +36,7 @@ async def get_volume_qos(request: web.Request) -> web.Response:
 
 async def set_volume_qos(request: web.Request) -> web.Response:
     body = await _body(request)
-    return web.json_response(_qos(request).set_volume(request.match_info["name"], body))
+    return web.json_response(await _qos(request).set_volume(request.match_info["name"], body))
 
 
 async def list_groups(request: web.Request) -> web.Response:

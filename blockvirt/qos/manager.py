@@ -220,6 +220,7 @@ class QosManager:
         self.membership: dict[str, str | None] = {}  # volume -> group
         self._ticker: asyncio.Task[None] | None = None
         self._rates = _Rates()
+        self._editing = asyncio.Lock()
 
     # ------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -421,7 +422,12 @@ class QosManager:
     def _capacities(self) -> dict[str, float]:
         return {p.name: PoolSettings.from_dict(p.settings).iops_capacity for p in self.catalog.pools()}
 
-    def set_volume(self, volume: str, changes: dict[str, Any]) -> dict[str, Any]:
+    async def set_volume(self, volume: str, changes: dict[str, Any]) -> dict[str, Any]:
+        # One at a time: the checks below must still hold when the (remote) store has saved.
+        async with self._editing:
+            return await self._set_volume(volume, changes)
+
+    async def _set_volume(self, volume: str, changes: dict[str, Any]) -> dict[str, Any]:
         rec = self.storage.record(volume)
         if rec is None:
             raise CatalogError("not-found", f"no volume named {volume!r}")
@@ -438,7 +444,7 @@ class QosManager:
             if group is not None and group not in self.groups:
                 raise CatalogError("not-found", f"no group named {group!r}")
         qc.validate(self.groups, self._volume_defs({volume: (group, settings)}), self._capacities())
-        self.storage.settings_of(volume).save_volume_qos(volume, group, json.dumps(settings.to_dict()))
+        await self.storage.settings_of(volume).save_volume_qos(volume, group, json.dumps(settings.to_dict()))
         self.settings[volume], self.membership[volume] = settings, group
         vq = self.volume_qos(volume)
         assert vq is not None

@@ -128,21 +128,22 @@ class MoveHooks:
 
 class VolumeSettings(Protocol):
     """Settings that travel with a volume: its access rules and its QoS settings. A backend
-    keeps them where another node serving its volumes would find them."""
+    keeps them where another node serving its volumes would find them. Reads are cheap (no
+    I/O: every handshake asks); writes may go to a remote store."""
 
     def acl_rules(self, volume: str) -> list[AclRecord]: ...
 
-    def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
+    async def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
         """Store a rule (validated and normalized by the caller)."""
 
-    def remove_acl_rule(self, volume: str, rule_id: int) -> bool: ...
+    async def remove_acl_rule(self, volume: str, rule_id: int) -> bool: ...
 
-    def clear_acl(self, volume: str) -> int: ...
+    async def clear_acl(self, volume: str) -> int: ...
 
     def volume_qos(self) -> list[tuple[str, str | None, str]]:
         """(volume, group, settings as JSON) of every volume that has QoS settings."""
 
-    def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None: ...
+    async def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None: ...
 
 
 class BackendHost(Protocol):

@@ -38,6 +38,7 @@ from blockvirt.storage.backends.cowfile.registry import LayerRegistry
 from blockvirt.storage.backends.cowfile.state import FileState
 from blockvirt.storage.catalog import (
     FILE_BACKEND,
+    AclRecord,
     Catalog,
     CatalogError,
     LayerRecord,
@@ -63,6 +64,31 @@ def _record(row: VolumeRow) -> VolumeRecord:
     return VolumeRecord(row.name, row.size, row.thick, row.pool, row.created)
 
 
+class FileSettings:
+    """VolumeSettings over the node's catalog (SQLite: writes are quick and local)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def acl_rules(self, volume: str) -> list[AclRecord]:
+        return self.catalog.acl_rules(volume)
+
+    async def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
+        return self.catalog.add_acl_rule(volume, kind, value, read_only)
+
+    async def remove_acl_rule(self, volume: str, rule_id: int) -> bool:
+        return self.catalog.remove_acl_rule(volume, rule_id)
+
+    async def clear_acl(self, volume: str) -> int:
+        return self.catalog.clear_acl(volume)
+
+    def volume_qos(self) -> list[tuple[str, str | None, str]]:
+        return self.catalog.volume_qos()
+
+    async def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None:
+        self.catalog.save_volume_qos(volume, group, settings)
+
+
 class FileBackend:
     """Every file pool of the node (they share one catalog: chains may span pools)."""
 
@@ -71,7 +97,7 @@ class FileBackend:
     def __init__(self, catalog: Catalog, host: BackendHost, *, io: FileIO = REAL) -> None:
         self.catalog = catalog
         #: Access rules and QoS settings of file volumes: tables of the node's catalog.
-        self.settings = catalog
+        self.settings = FileSettings(catalog)
         self.io = io
         self.st = FileState(catalog, io, LayerRegistry(catalog, io), host, host.tree_lock)
         self._tasks: set[asyncio.Task[None]] = set()
