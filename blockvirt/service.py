@@ -28,6 +28,7 @@ from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
+from blockvirt.storage.backend import VolumeBackend
 from blockvirt.storage.backends.cowfile.backend import FileBackend
 from blockvirt.storage.backends.cowfile.check import Report
 from blockvirt.storage.backends.cowfile.check import check_data_dir as check_file_pools
@@ -102,7 +103,20 @@ def build_storage(
     jobs = JobManager(catalog)
     vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics)
     vm.add_backend(FileBackend(catalog, vm, io=io))
+    rbd = _rbd_backend(vm)
+    if rbd is not None:
+        vm.add_backend(rbd)
     return vm, jobs
+
+
+def _rbd_backend(vm: VolumeManager) -> VolumeBackend | None:
+    """The RBD backend, if Ceph's Python bindings are installed (python3-rbd)."""
+    try:
+        from blockvirt.storage.backends.rbd.backend import RbdBackend
+    except ImportError as e:
+        log.info("RBD pools are not available: %s", e)
+        return None
+    return RbdBackend(vm)
 
 
 def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:

@@ -19,9 +19,9 @@ if (( want_test )); then
     packages+=(prometheus)
     # qemu's rbd: block driver, to reach RBD images directly from qemu-img and qemu-io.
     packages+=(qemu-block-extra)
-    # A throwaway one-node Ceph for the RBD tests (tests/cephcluster.py runs its own mon
-    # and OSD under a temporary directory).
-    ceph_packages+=(ceph-mon ceph-osd ceph-common)
+    # A throwaway one-node Ceph for the RBD tests (tests/cephcluster.py runs its own mon,
+    # OSD and mgr under a temporary directory; the mgr reports pool usage and trips quotas).
+    ceph_packages+=(ceph-mon ceph-osd ceph-mgr ceph-common)
 fi
 
 not_installed() {
@@ -50,7 +50,7 @@ if (( ${#missing[@]} )); then
     fi
 fi
 if (( ${#missing_ceph[@]} )); then
-    # Recommends would pull in ceph-mgr, radosgw tools, ... (hundreds of MB) for nothing.
+    # Recommends would pull in the mgr's dashboard, radosgw tools, ... (hundreds of MB).
     # No Ceph daemon may start from the package scripts: policy-rc.d says "not now" to
     # invoke-rc.d and deb-systemd-invoke (Docker images ship one already; keep theirs).
     own_policy=0
@@ -65,7 +65,7 @@ if (( ${#missing_ceph[@]} )); then
     (( status == 0 )) || exit $status
     # Nor start at boot: ceph-crash and the mon/osd targets are enabled by default.
     if [[ -d /run/systemd/system ]]; then
-        $sudo systemctl disable --now ceph-crash.service ceph.target ceph-mon.target ceph-osd.target \
+        $sudo systemctl disable --now ceph-crash.service ceph.target ceph-mon.target ceph-osd.target ceph-mgr.target \
             >/dev/null 2>&1 || true
     fi
 fi

@@ -6,8 +6,10 @@
 
 Everything lives in one temporary directory: config, mon and OSD data (bluestore on a sparse
 file), run files, admin sockets and logs. The mon listens on 127.0.0.1 ports picked free at
-start; the OSD takes free ports from Ceph's usual range. There is no mgr and no cephx: the
-cluster exists for seconds and only on the loopback. stop() ends only the processes this
+start; the OSD takes free ports from Ceph's usual range. A mgr runs too (mgr=True, the default)
+because usage figures and pool quotas come from the PG statistics only a mgr collects; start()
+does not wait for it (wait_for_stats() does). There is no cephx: the cluster exists for
+seconds and only on the loopback. stop() ends only the processes this
 object started (their command name is checked first) and removes the directory.
 
 Standard library only, so tools/bench can load it by path; it drives the Debian packages'
@@ -37,7 +39,7 @@ from types import TracebackType
 from typing import Any
 
 #: Binaries the cluster needs (Debian: ceph-mon, ceph-osd, ceph-common).
-REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd")
+REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rbd")
 
 GiB = 1 << 30
 
@@ -98,8 +100,10 @@ class CephCluster:
         osd_bytes: int = 2 * GiB,
         start_timeout: float = 60.0,
         extra_conf: dict[str, str] | None = None,
+        mgr: bool = True,
     ) -> None:
         self.parent_dir = parent_dir
+        self.mgr = mgr
         self.osd_bytes = osd_bytes
         self.start_timeout = start_timeout
         #: Appended to [global]; for a test that needs one setting changed.
@@ -158,7 +162,7 @@ class CephCluster:
     def _bootstrap(self, deadline: float) -> None:
         d = self._need_dir()
         t0 = time.monotonic()
-        for sub in ("mon/ceph-a", "osd/ceph-0", "run", "log"):
+        for sub in ("mon/ceph-a", "osd/ceph-0", "mgr/ceph-x", "run", "log"):
             (d / sub).mkdir(parents=True)
         self.fsid = str(uuid.uuid4())
         # The mon's two ports are picked free here; the small race with another process grabbing
@@ -177,6 +181,8 @@ class CephCluster:
             deadline,
         )
         self._spawn("mon.a", ["ceph-mon", *conf, "-i", "a", "-f"])
+        if self.mgr:  # not waited for: it becomes available while the OSD starts
+            self._spawn("mgr.x", ["ceph-mgr", *conf, "-i", "x", "-f"])
         # `osd new` waits for the mon itself (connect timeout), so no separate poll is needed.
         self._osd_uuid = str(uuid.uuid4())
         out = self.ceph("osd", "new", self._osd_uuid, timeout=max(1.0, deadline - time.monotonic()))
@@ -206,6 +212,11 @@ class CephCluster:
             "log_file": f"{d}/log/$name.log",
             "pid_file": f"{d}/run/$name.pid",
             "mon_data": f"{d}/mon/$cluster-$id",
+            "mgr_data": f"{d}/mgr/$cluster-$id",
+            # Statistics (pool usage, quotas) within a second or two, not every few seconds.
+            "mgr_stats_period": "1",
+            "mgr_tick_period": "1",
+            "osd_pg_stat_report_interval_max": "1",
             "osd_data": f"{d}/osd/$cluster-$id",
             # One OSD: a replica count of one, no warnings about it, no crush host level.
             "osd_pool_default_size": "1",
@@ -457,12 +468,22 @@ class CephCluster:
     def delete_pool(self, name: str) -> None:
         self.ceph("osd", "pool", "delete", name, name, "--yes-i-really-really-mean-it")
 
-    def set_pool_quota(self, name: str, max_bytes: int) -> None:
-        """Set (0 clears) the pool's byte quota.
+    def wait_for_stats(self, timeout: float = 60.0) -> None:
+        """Wait until the mgr reports PG statistics (usage figures and quotas work then)."""
+        if not self.mgr:
+            raise CephClusterError("this cluster runs no mgr: it has no statistics")
 
-        The mon enforces quotas from PG statistics, which only a mgr reports: this cluster has
-        none, so the quota is recorded (osd pool get-quota shows it) but never trips.
-        """
+        def reported() -> bool:
+            try:
+                return int(self.ceph_json("df", timeout=5)["stats"]["total_bytes"]) > 0
+            except (CephClusterError, KeyError, ValueError):
+                return False
+
+        self._wait(reported, time.monotonic() + timeout, "the mgr's statistics")
+
+    def set_pool_quota(self, name: str, max_bytes: int) -> None:
+        """Set (0 clears) the pool's byte quota. The mon enforces it from the PG statistics
+        the mgr reports, a second or two behind the writes."""
         self.ceph("osd", "pool", "set-quota", name, "max_bytes", str(max_bytes))
 
     def set_full_ratio(self, ratio: float) -> None:

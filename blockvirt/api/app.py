@@ -32,7 +32,7 @@ from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.api")
 
-_STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507}
+_STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507, "unavailable": 503}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -187,7 +187,7 @@ async def flatten_volume(request: web.Request) -> web.Response:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     return web.json_response(
-        {"snapshots": views.snapshot_list(request.app[VOLUMES], request.match_info["name"])}
+        {"snapshots": await views.snapshot_list(request.app[VOLUMES], request.match_info["name"])}
     )
 
 
@@ -238,8 +238,31 @@ async def create_pool(request: web.Request) -> web.Response:
     body = await _body(request)
     settings = _field(body, "settings", dict, {})
     vm = request.app[VOLUMES]
-    rec = vm.pools.create(_field(body, "name", str), _field(body, "path", str), settings)
+    name = _field(body, "name", str)
+    rbd = _field(body, "rbd", dict, None)
+    if rbd is not None:  # an RBD pool: {"pool": CEPHPOOL, "conf": FILE, "user": ID}
+        if "path" in body:
+            raise CatalogError("invalid", "give either 'path' (a file pool) or 'rbd' (an RBD pool), not both")
+        rec = await vm.pools.attach(name, "rbd", _rbd_config(rbd), settings)
+    else:
+        rec = vm.pools.create(name, _field(body, "path", str), settings)
     return web.json_response(vm.pool_info(rec.name), status=201)
+
+
+def _rbd_config(raw: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(raw) - {"pool", "conf", "user"}
+    if unknown:
+        raise CatalogError("invalid", f"unknown field(s) in 'rbd': {', '.join(sorted(map(repr, unknown)))}")
+    pool = _field(raw, "pool", str)
+    if not pool or len(pool) > 256 or "\0" in pool:
+        raise CatalogError("invalid", "'rbd.pool' must name a Ceph pool")
+    conf = _field(raw, "conf", str, None)
+    if conf is not None and (not conf.startswith("/") or "\0" in conf):
+        raise CatalogError("invalid", "'rbd.conf' must be an absolute path to a ceph.conf")
+    user = _field(raw, "user", str, None)
+    if user is not None and (not user or len(user) > 256 or "\0" in user):
+        raise CatalogError("invalid", "'rbd.user' must be a Ceph client id (as in client.ID)")
+    return {"pool": pool, "conf": conf, "user": user}
 
 
 async def get_pool(request: web.Request) -> web.Response:
@@ -255,7 +278,7 @@ async def update_pool(request: web.Request) -> web.Response:
 
 
 async def delete_pool(request: web.Request) -> web.Response:
-    request.app[VOLUMES].pools.delete(request.match_info["name"])
+    await request.app[VOLUMES].pools.delete(request.match_info["name"])
     return web.Response(status=204)
 
 

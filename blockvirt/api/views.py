@@ -37,6 +37,6 @@ def volume_list(vm: VolumeManager, jobs: JobHost) -> list[dict[str, Any]]:
     return [volume_info(vm, jobs, rec.name) for rec in vm.records()]
 
 
-def snapshot_list(vm: VolumeManager, name: str) -> list[dict[str, Any]]:
+async def snapshot_list(vm: VolumeManager, name: str) -> list[dict[str, Any]]:
     """The volume's snapshots as a tree: each with its tree parent and space use."""
-    return [s.to_dict() for s in vm.snapshot_tree(name)]
+    return [s.to_dict() for s in await vm.snapshot_tree(name)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from blockvirt.cli.client import ApiClient
@@ -23,10 +24,16 @@ def add_parser(sub: Any) -> None:
     pool = sub.add_parser("pool", help="manage storage pools")
     add_common(pool, top=False)
     psub = pool.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    pc = psub.add_parser("create", help="add a pool backed by a new or empty directory")
+    pc = psub.add_parser(
+        "create", help="add a pool: a new or empty directory (--path), or a Ceph RBD pool (--rbd)"
+    )
     add_common(pc, top=False)
     pc.add_argument("name")
-    pc.add_argument("--path", required=True)
+    where = pc.add_mutually_exclusive_group(required=True)
+    where.add_argument("--path", help="a new or empty directory (a file pool)")
+    where.add_argument("--rbd", metavar="CEPHPOOL", help="an existing Ceph pool initialised for RBD")
+    pc.add_argument("--ceph-conf", metavar="FILE", help="the cluster's ceph.conf (default: Ceph's own)")
+    pc.add_argument("--ceph-user", metavar="ID", help="the Ceph client id (client.ID; default admin)")
     _settings_flags(pc)
     pl = psub.add_parser("list", help="list pools with their space")
     add_common(pl, top=False)
@@ -70,12 +77,17 @@ def info_text(p: dict[str, Any]) -> str:
     cap = f"{s['iops_capacity']:g} IOPS" if s["iops_capacity"] else "not capped"
     lines = [
         f"name:         {p['name']}",
-        f"path:         {p['path']}",
+        (
+            f"path:         {p['path']}"
+            if p.get("backend", "file") == "file"
+            else f"rbd:          Ceph pool {p['rbd']['pool']}"
+            + (f" ({p['rbd']['conf']})" if p["rbd"].get("conf") else "")
+        ),
         f"state:        {p['state']}",
         f"capacity:     {_size(p['capacity'])}",
         f"used:         {_size(p['used'])}{used_pct}",
         f"free:         {_size(p['free'])}",
-        f"allocated:    {_size(p['allocated'])} (blockvirt layers)",
+        f"allocated:    {_size(p['allocated'])} (blockvirt volumes)",
         f"provisioned:  {_size(p['provisioned'])} in {p['volumes']} volume(s), overcommit {over}",
         f"watermarks:   warning at {s['warn_percent']:g}%, critical at {s['critical_percent']:g}%",
         f"qos:          {cap}, latency target "
@@ -87,11 +99,23 @@ def info_text(p: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, api: ApiClient) -> int:
     if args.action == "create":
-        body: dict[str, Any] = {"name": args.name, "path": args.path}
+        body: dict[str, Any] = {"name": args.name}
+        if args.rbd is not None:
+            rbd: dict[str, Any] = {"pool": args.rbd}
+            if args.ceph_conf is not None:
+                rbd["conf"] = os.path.abspath(args.ceph_conf)
+            if args.ceph_user is not None:
+                rbd["user"] = args.ceph_user
+            body["rbd"] = rbd
+        else:
+            if args.ceph_conf is not None or args.ceph_user is not None:
+                raise UsageError("blockvirt pool create: --ceph-conf and --ceph-user go with --rbd")
+            body["path"] = args.path
         if settings := _settings(args):
             body["settings"] = settings
         rec = api.post("/api/v1/pools", body)
-        emit(args, rec, f"created pool {rec['name']} at {rec['path']}")
+        where = f"on Ceph pool {args.rbd}" if args.rbd is not None else f"at {rec['path']}"
+        emit(args, rec, f"created pool {rec['name']} {where}")
     elif args.action == "list":
         pools = api.get("/api/v1/pools")["pools"]
         if args.json:

@@ -159,12 +159,16 @@ class BackendHost(Protocol):
     def exports(self) -> Iterable[Export]:
         """Every open export (of every backend: a backend picks its own by `base`)."""
 
+    def pool_records(self) -> list[PoolRecord]:
+        """Every pool the node knows (a backend attaches those of its kind at start)."""
+
 
 class VolumeBackend(Protocol):
     """One kind of storage. Methods named like tree edits run under the manager's tree lock."""
 
     #: The pool kind this backend serves ("file", "rbd").
     kind: str
+
     @property
     def settings(self) -> VolumeSettings:
         """Where its volumes' access rules and QoS settings live."""
@@ -183,6 +187,15 @@ class VolumeBackend(Protocol):
     def pool_in_use(self, pool: str) -> str | None:
         """What still lives in the pool (a sentence), or None if it may be deleted."""
 
+    def pool_error(self, pool: str) -> str | None:
+        """Why the pool cannot be used now (its storage is unreachable), or None."""
+
+    async def attach(self, pool: PoolRecord) -> None:
+        """A pool of this kind is being added: check it can be used (CatalogError if not)."""
+
+    async def detach(self, pool: str) -> None:
+        """A pool of this kind was deleted: let go of it."""
+
     # ------------------------------------------------------------ records (cheap, no I/O)
     def volume(self, name: str) -> VolumeRecord | None: ...
 
@@ -193,7 +206,8 @@ class VolumeBackend(Protocol):
     def snapshots(self, volume: str) -> list[SnapshotRecord]:
         """In creation order."""
 
-    def snapshot_tree(self, volume: str) -> list[SnapshotInfo]: ...
+    async def snapshot_tree(self, volume: str) -> list[SnapshotInfo]:
+        """The snapshots with their tree parents and space (may ask the storage: not cheap)."""
 
     def figures(self, volume: str, node: BlockNode | None) -> VolumeFigures:
         """Space and depth; `node` is the volume's open head, if it is open."""

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -179,6 +180,31 @@ class Pools:
         self.events.pool_changed(name)
         return self.require(rec.name)
 
+    async def attach(
+        self,
+        name: str,
+        backend: str,
+        config: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+    ) -> PoolRecord:
+        """A pool whose storage is elsewhere (an RBD pool: `config` says which Ceph pool and
+        how to reach it). The backend checks it can be used before the catalog records it."""
+        validate_name(name, "pool")
+        if self.catalog.pool(name) is not None:
+            raise CatalogError("conflict", f"pool {name!r} already exists")
+        checked = PoolSettings().updated(settings or {})
+        rec = PoolRecord(name, "", time.time(), checked.to_dict(), backend, config)
+        store = self.backend_of(rec)
+        self.events.check_pool_settings(name, checked)
+        await store.attach(rec)
+        try:
+            self.catalog.insert_pool(rec)
+        except BaseException:
+            await store.detach(name)
+            raise
+        self.events.pool_changed(name)
+        return rec
+
     def update(self, name: str, changes: dict[str, Any]) -> PoolRecord:
         rec = self.require(name)
         new = PoolSettings.from_dict(rec.settings).updated(changes)
@@ -187,7 +213,7 @@ class Pools:
         self.events.pool_changed(name)
         return self.require(name)
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         rec = self.require(name)
         if name == DEFAULT_POOL:
             raise CatalogError("conflict", "the default pool cannot be deleted")
@@ -198,6 +224,7 @@ class Pools:
             if job.params.get("pool") == name:
                 raise CatalogError("conflict", f"job {job.id} ({job.kind}) is moving data into pool {name!r}")
         self.catalog.delete_pool(name)
+        await self.backend_of(rec).detach(name)
         self.events.pool_changed(name)
         # The directory is the operator's: remove it only if we left it empty.
         if rec.path:
@@ -215,7 +242,10 @@ class Pools:
         used_pct = sp.used_percent
         state = watermark_state(used_pct, settings) if used_pct is not None else CRITICAL
         warnings = []
-        if used_pct is None:
+        error = self.backend_of(rec).pool_error(rec.name)
+        if error is not None:
+            warnings.append(f"pool storage is unreachable: {error}")
+        elif used_pct is None:
             warnings.append(
                 "pool storage is unreachable" if not rec.path else "pool directory is unreachable"
             )
@@ -242,6 +272,8 @@ class Pools:
             "state": state,
             "warnings": warnings,
             "settings": settings.to_dict(),
+            **({"rbd": rec.config} if rec.backend != "file" else {}),
+            **({"error": error} if error is not None else {}),
         }
 
     def _note_state(self, name: str, state: str, warnings: list[str]) -> None:

@@ -83,6 +83,9 @@ class VolumeManager:
             await b.start()
 
     # ------------------------------------------------------------ BackendHost
+    def pool_records(self) -> list[PoolRecord]:
+        return self.catalog.pools()
+
     def exports(self) -> list[Export]:
         """Every open export (heads and snapshots)."""
         return list(self.exports_cache)
@@ -172,8 +175,8 @@ class VolumeManager:
         backend = self.backend_of(export.volume)
         return backend.failed(export.base)
 
-    def snapshot_tree(self, name: str) -> list[SnapshotInfo]:
-        return self.backend_of(name).snapshot_tree(name)
+    async def snapshot_tree(self, name: str) -> list[SnapshotInfo]:
+        return await self.backend_of(name).snapshot_tree(name)
 
     # ------------------------------------------------------------ settings that travel with a volume
     def settings_of(self, volume: str) -> VolumeSettings:

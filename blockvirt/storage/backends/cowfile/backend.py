@@ -133,6 +133,15 @@ class FileBackend:
             return Space(None, None, None, allocated, provisioned)
         return Space(fs[0], fs[1], fs[2], allocated, provisioned)
 
+    def pool_error(self, pool: str) -> str | None:
+        return None  # an unreachable directory shows in its space figures
+
+    async def attach(self, pool: PoolRecord) -> None:
+        """Nothing: the catalog made the directory."""
+
+    async def detach(self, pool: str) -> None:
+        """Nothing: the directory is the operator's."""
+
     def pool_in_use(self, pool: str) -> str | None:
         used = [lr for lr in self.catalog.layers() if lr.pool == pool]
         if not used:
@@ -167,7 +176,7 @@ class FileBackend:
             raise CatalogError("not-found", f"volume {name!r} has no snapshot named {snap!r}")
         return row
 
-    def snapshot_tree(self, volume: str) -> list[SnapshotInfo]:
+    async def snapshot_tree(self, volume: str) -> list[SnapshotInfo]:
         rec = self._row(volume)
         snaps = self.catalog.snapshots(volume)
         by_layer = {s.layer: s for s in snaps}

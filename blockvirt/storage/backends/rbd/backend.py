@@ -1,0 +1,766 @@
+"""The RBD backend: volumes on Ceph RBD pools (docs/rbd.md).
+
+A volume is the RBD image named after it; a snapshot is the RBD snapshot of that name on it;
+a linked clone is an RBD clone (format 2) of the snapshot; flatten is librbd's. Revert rolls
+the image back to the snapshot (librbd, fast with the object map), keeping every snapshot: the
+tree (which snapshot a snapshot or the head was taken on) is ours, in the pool's catalog in
+Ceph (catalog.py), with each volume's access rules and QoS settings, so that another node
+can serve the pool's volumes.
+
+One client instance (CephConnection) per pool: a blocklist fences a whole instance, so
+volumes that must fail over together share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockvirt.storage.backend import (
+    BackendHost,
+    DeleteResult,
+    MoveHooks,
+    SnapshotInfo,
+    SnapshotRecord,
+    SnapshotResult,
+    Space,
+    VolumeFigures,
+    VolumeRecord,
+)
+from blockvirt.storage.backends.rbd.catalog import (
+    Changes,
+    RbdCatalog,
+    RbdSnap,
+    RbdVolume,
+    acl_key,
+    snap_key,
+    snap_raw,
+    vol_key,
+)
+from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
+from blockvirt.storage.backends.rbd.errors import CephError, RbdError
+from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
+from blockvirt.storage.backends.rbd.pool import RbdPool
+from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
+from blockvirt.storage.export import Export
+from blockvirt.storage.node import HOLE, BlockNode, StorageError
+from blockvirt.storage.work import JobKind, JobView, WorkContext
+
+log = logging.getLogger("blockvirt.rbd")
+
+RBD_BACKEND = "rbd"
+#: Seconds between looks at the pools' space and the volumes' allocation (cached for
+#: metrics and `pool info`: librbd answers them in milliseconds to seconds).
+FIGURES_INTERVAL = 10.0
+#: Seconds between attempts to reach a pool whose cluster did not answer.
+RETRY_INTERVAL = 5.0
+#: Image metadata key that marks an image as a blockvirt volume (for `check`).
+MARK = "blockvirt.volume"
+
+
+def ceph_config(rec: PoolRecord, **overrides: Any) -> CephConfig:
+    cfg = rec.config
+    return CephConfig(
+        pool=str(cfg["pool"]),
+        conf_file=cfg.get("conf"),
+        user=cfg.get("user"),
+        **overrides,
+    )
+
+
+def _catalog_error(e: CephError) -> CatalogError:
+    kind = "unavailable" if e.kind in ("unreachable", "timeout", "closed", "fenced") else "invalid"
+    return CatalogError(kind, str(e))
+
+
+def _storage_error(e: StorageError, what: str) -> CatalogError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CatalogError("no-space", f"{what}: the Ceph pool is full")
+    if e.errno == errno.EEXIST:
+        return CatalogError("conflict", f"{what}: an image of that name exists already in the Ceph pool")
+    if e.errno in (errno.EINVAL, errno.ENAMETOOLONG):
+        return CatalogError("invalid", f"{what}: RBD refused it ({e})")
+    return CatalogError("unavailable", f"{what}: {e}")
+
+
+@dataclass
+class PoolState:
+    """One attached RBD pool."""
+
+    rec: PoolRecord
+    conn: CephConnection | None = None
+    images: RbdPool | None = None
+    catalog: RbdCatalog | None = None
+    #: Why the pool cannot be used now (its cluster is unreachable, say), or None.
+    error: str | None = None
+    space: Space | None = None
+    #: Cached allocation per volume: (whole tree, head alone, chain depth).
+    figures: dict[str, VolumeFigures] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog is not None and self.error is None
+
+    def require(self) -> tuple[RbdPool, RbdCatalog]:
+        if self.images is None or self.catalog is None or self.error is not None:
+            raise CatalogError(
+                "unavailable", f"pool {self.rec.name!r} cannot be reached: {self.error or 'not attached'}"
+            )
+        return self.images, self.catalog
+
+
+class RbdSettings:
+    """VolumeSettings kept in each pool's catalog in Ceph."""
+
+    def __init__(self, backend: RbdBackend) -> None:
+        self.backend = backend
+
+    def acl_rules(self, volume: str) -> list[AclRecord]:
+        st = self.backend._find(volume)
+        return [] if st is None or st.catalog is None else st.catalog.acl_rules(volume)
+
+    async def add_acl_rule(self, volume: str, kind: str, value: str, read_only: bool) -> AclRecord:
+        return await self.backend._catalog_of(volume).add_acl_rule(volume, kind, value, read_only)
+
+    async def remove_acl_rule(self, volume: str, rule_id: int) -> bool:
+        return await self.backend._catalog_of(volume).remove_acl_rules(volume, rule_id) > 0
+
+    async def clear_acl(self, volume: str) -> int:
+        return await self.backend._catalog_of(volume).remove_acl_rules(volume, None)
+
+    def volume_qos(self) -> list[tuple[str, str | None, str]]:
+        import json
+
+        out = []
+        for st in self.backend.pools.values():
+            if st.catalog is not None:
+                out += [(v, g, json.dumps(s)) for v, g, s in st.catalog.qos()]
+        return out
+
+    async def save_volume_qos(self, volume: str, group: str | None, settings: str) -> None:
+        import json
+
+        await self.backend._catalog_of(volume).save_qos(volume, group, json.loads(settings))
+
+
+class RbdBackend:
+    """Every RBD pool of the node, each with its own Ceph client instance."""
+
+    kind = RBD_BACKEND
+
+    def __init__(self, host: BackendHost, *, osd_op_timeout: float = 30.0) -> None:
+        self.host = host
+        self.osd_op_timeout = osd_op_timeout
+        self.pools: dict[str, PoolState] = {}
+        self.settings = RbdSettings(self)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------ life
+    async def start(self) -> None:
+        """Attach the pools the node knows, without waiting for an unreachable cluster: such
+        a pool is retried in the background and reports why meanwhile."""
+        for rec in self.host_pools():
+            st = self.pools.setdefault(rec.name, PoolState(rec))
+            try:
+                await self._connect(st)
+            except CatalogError as e:
+                st.error = e.message
+                log.error("pool %s: %s (retrying in the background)", rec.name, e.message)
+                self._spawn(self._retry(st))
+        self._spawn(self._figures_loop())
+
+    def host_pools(self) -> list[PoolRecord]:
+        return [p for p in self.host.pool_records() if p.backend == RBD_BACKEND]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry(self, st: PoolState) -> None:
+        while not self._closing and st.error is not None:
+            await asyncio.sleep(RETRY_INTERVAL)
+            try:
+                await self._connect(st)
+                log.info("pool %s: reached its Ceph cluster again", st.rec.name)
+            except CatalogError as e:
+                st.error = e.message
+
+    async def _connect(self, st: PoolState) -> None:
+        cfg = ceph_config(st.rec, osd_op_timeout=self.osd_op_timeout)
+        try:
+            conn = await CephConnection.open(cfg)
+        except CephError as e:
+            raise _catalog_error(e) from None
+        try:
+            catalog = RbdCatalog(conn)
+            await catalog.load()
+        except (CephError, StorageError) as e:
+            await conn.close()
+            raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
+        st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
+        await self._refresh(st)
+
+    async def attach(self, rec: PoolRecord) -> None:
+        """A new RBD pool (pool create --rbd): reachable and usable now, or CatalogError."""
+        for other in self.pools.values():
+            if other.rec.config.get("pool") == rec.config.get("pool") and other.rec.config.get(
+                "conf"
+            ) == rec.config.get("conf"):
+                raise CatalogError(
+                    "conflict",
+                    f"Ceph pool {rec.config.get('pool')!r} is attached already as {other.rec.name!r}",
+                )
+        st = PoolState(rec)
+        await self._connect(st)
+        self.pools[rec.name] = st
+
+    async def detach(self, name: str) -> None:
+        st = self.pools.pop(name, None)
+        if st is not None and st.conn is not None:
+            await st.conn.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        for st in self.pools.values():
+            if st.conn is not None:
+                await st.conn.close()
+
+    # ------------------------------------------------------------ figures (cached)
+    async def _figures_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FIGURES_INTERVAL)
+            for st in list(self.pools.values()):
+                if st.ready:
+                    try:
+                        await self._refresh(st)
+                    except Exception as e:  # a look that fails keeps the last figures
+                        log.debug("pool %s: figures: %s", st.rec.name, e)
+
+    async def _refresh(self, st: PoolState) -> None:
+        images, catalog = st.require()
+        try:
+            stats = await images.stats()
+            cluster = await st.conn.cluster_stats() if st.conn is not None else {}
+        except (CephError, StorageError) as e:
+            log.debug("pool %s: stats: %s", st.rec.name, e)
+            return
+        provisioned = sum(v.size for v in catalog.volumes())
+        total = int(cluster.get("kb", 0)) * 1024
+        if stats.quota.max_bytes:
+            capacity: int | None = stats.quota.max_bytes
+            used: int | None = stats.stored_bytes
+            free: int | None = max(0, stats.quota.max_bytes - stats.stored_bytes)
+        elif total:
+            capacity, used = total, int(cluster.get("kb_used", 0)) * 1024
+            free = int(cluster.get("kb_avail", 0)) * 1024
+        else:
+            capacity = used = free = None
+        figures: dict[str, VolumeFigures] = {}
+        for vol in catalog.volumes():
+            try:
+                figures[vol.name] = await self._volume_figures(st, vol)
+            except (CephError, StorageError) as e:
+                log.debug("volume %s: figures: %s", vol.name, e)
+        st.figures = figures
+        allocated = sum(f.allocated for f in figures.values())
+        st.space = Space(capacity, used, free, allocated, provisioned)
+
+    async def _volume_figures(self, st: PoolState, vol: RbdVolume) -> VolumeFigures:
+        images, _ = st.require()
+        img = await images.open(vol.name, read_only=True)
+        try:
+            head = sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
+            parent = await img.parent()
+            prev: str | None = None
+            total = 0
+            for s in await img.snapshots():
+                delta = await img.diff(prev, whole_object=True)
+                total += sum(e.length for e in delta if e.exists)
+                prev = s.name
+            if prev is not None:
+                total += sum(e.length for e in await img.diff(prev, whole_object=True) if e.exists)
+            else:
+                total = head
+        finally:
+            await img.close()
+        return VolumeFigures(total, head, 2 if parent else 1)
+
+    # ------------------------------------------------------------ pools
+    def space(self, pool: PoolRecord) -> Space:
+        st = self.pools.get(pool.name)
+        if st is None or st.space is None:
+            provisioned = sum(v.size for v in self.volumes() if v.pool == pool.name)
+            return Space(None, None, None, 0, provisioned)
+        return st.space
+
+    def pool_error(self, pool: str) -> str | None:
+        st = self.pools.get(pool)
+        return "not attached" if st is None else st.error
+
+    def pool_in_use(self, pool: str) -> str | None:
+        st = self.pools.get(pool)
+        if st is None or st.catalog is None:
+            return None
+        vols = [v.name for v in st.catalog.volumes()]
+        return f"volumes {', '.join(vols)}" if vols else None
+
+    # ------------------------------------------------------------ records
+    def _find(self, name: str) -> PoolState | None:
+        for st in self.pools.values():
+            if st.catalog is not None and st.catalog.volume(name) is not None:
+                return st
+        return None
+
+    def _state(self, name: str) -> PoolState:
+        st = self._find(name)
+        if st is None:
+            raise CatalogError("not-found", f"no volume named {name!r}")
+        return st
+
+    def _catalog_of(self, name: str) -> RbdCatalog:
+        return self._state(name).require()[1]
+
+    def _record(self, st: PoolState, vol: RbdVolume) -> VolumeRecord:
+        return VolumeRecord(vol.name, vol.size, vol.thick, st.rec.name, vol.created)
+
+    def volume(self, name: str) -> VolumeRecord | None:
+        st = self._find(name)
+        if st is None or st.catalog is None:
+            return None
+        vol = st.catalog.volume(name)
+        return self._record(st, vol) if vol is not None else None
+
+    def volumes(self) -> list[VolumeRecord]:
+        out = []
+        for st in self.pools.values():
+            if st.catalog is not None:
+                out += [self._record(st, v) for v in st.catalog.volumes()]
+        return out
+
+    def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
+        st = self._find(volume)
+        snap = st.catalog.snapshot(volume, name) if st is not None and st.catalog is not None else None
+        return SnapshotRecord(volume, name, snap.created) if snap is not None else None
+
+    def snapshots(self, volume: str) -> list[SnapshotRecord]:
+        st = self._find(volume)
+        if st is None or st.catalog is None:
+            return []
+        return [SnapshotRecord(volume, s.name, s.created) for s in st.catalog.snapshots(volume)]
+
+    async def snapshot_tree(self, volume: str) -> list[SnapshotInfo]:
+        st = self._state(volume)
+        images, catalog = st.require()
+        vol = catalog.volume(volume)
+        assert vol is not None
+        snaps = catalog.snapshots(volume)
+        out = []
+        for s in snaps:
+            # Whole objects (the object map answers): what the snapshot reads, and what
+            # changed since its parent (its own share); the rest it shares with older ones.
+            allocated = await _allocated_at(images, volume, s.name)
+            unique = allocated if s.parent is None else await _changed_bytes(images, volume, s.parent, s.name)
+            shared = max(0, allocated - unique)
+            out.append(
+                SnapshotInfo(s.name, s.parent, s.created, s.size, unique, shared, vol.current == s.name)
+            )
+        return out
+
+    def figures(self, volume: str, node: BlockNode | None) -> VolumeFigures:
+        st = self._state(volume)
+        cached = st.figures.get(volume)
+        return cached if cached is not None else VolumeFigures(0, 0, 1)
+
+    def failed(self, node: BlockNode) -> str | None:
+        return node.failed if isinstance(node, RbdNode) else None
+
+    def _ancestors(self, catalog: RbdCatalog, volume: str, point: str | None) -> list[str]:
+        """The snapshots `point` (a snapshot, or None: the head) descends from, nearest first."""
+        out: list[str] = []
+        if point is None:
+            vol = catalog.volume(volume)
+            cur = vol.current if vol is not None else None
+        else:
+            start = catalog.snapshot(volume, point)
+            cur = start.parent if start is not None else None
+        while cur is not None and cur not in out:
+            out.append(cur)
+            snap = catalog.snapshot(volume, cur)
+            cur = snap.parent if snap is not None else None
+        return out
+
+    async def changed_extents(
+        self, volume: VolumeRecord, since: str, until: str | None = None
+    ) -> list[tuple[int, int]]:
+        st = self._state(volume.name)
+        images, catalog = st.require()
+        if catalog.snapshot(volume.name, since) is None:
+            raise CatalogError("not-found", f"volume {volume.name!r} has no snapshot named {since!r}")
+        if until is not None and catalog.snapshot(volume.name, until) is None:
+            raise CatalogError("not-found", f"volume {volume.name!r} has no snapshot named {until!r}")
+        if since == until:
+            return []
+        if since not in self._ancestors(catalog, volume.name, until):
+            raise CatalogError(
+                "invalid", f"snapshot {since!r} is not an older point of {until or volume.name!r}'s branch"
+            )
+        img = await images.open(volume.name, snapshot=until, read_only=True)
+        try:
+            size = img.size
+            found = await img.diff(since)
+        finally:
+            await img.close()
+        base = catalog.snapshot(volume.name, since)
+        assert base is not None
+        spans = sorted((e.offset, e.offset + e.length) for e in found)
+        if size > base.size:  # grown since: all of it counts as changed
+            spans.append((base.size, size))
+            spans.sort()
+        out: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            hi = min(hi, size)
+            if hi <= lo:
+                continue
+            if out and lo <= out[-1][0] + out[-1][1]:
+                start = out[-1][0]
+                out[-1] = (start, max(out[-1][1], hi - start))
+            else:
+                out.append((lo, hi - lo))
+        return out
+
+    # ------------------------------------------------------------ I/O
+    def open(self, volume: VolumeRecord, snapshot: str | None) -> BlockNode:
+        st = self._state(volume.name)
+        images, catalog = st.require()
+        size = volume.size
+        if snapshot is not None:
+            snap = catalog.snapshot(volume.name, snapshot)
+            assert snap is not None
+            size = snap.size
+
+        async def opener() -> AsyncImage:
+            return await images.open(volume.name, snapshot=snapshot)
+
+        label = volume.name if snapshot is None else f"{volume.name}@{snapshot}"
+        return RbdNode(opener, size, writable=snapshot is None, thick=volume.thick, label=label)
+
+    def release(self, node: BlockNode) -> None:
+        assert isinstance(node, RbdNode)
+        self._spawn(node.close())
+
+    # ------------------------------------------------------------ tree edits
+    async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None:
+        st = self.pools.get(pool)
+        if st is None:
+            raise CatalogError("not-found", f"no pool named {pool!r}")
+        images, catalog = st.require()
+        try:
+            await images.create(name, size)
+        except StorageError as e:
+            raise _storage_error(e, f"cannot create image {name!r}") from None
+        try:
+            img = await images.open(name)
+            try:
+                await img.metadata_set(MARK, name)
+                if thick:
+                    await _fill_zeros(img, size)
+            finally:
+                await img.close()
+            await catalog.add_volume(RbdVolume(name, size, thick, time.time(), None))
+        except BaseException as e:
+            await _remove_quietly(images, name)
+            if isinstance(e, StorageError):
+                raise _storage_error(e, f"cannot create volume {name!r}") from None
+            raise
+        self._spawn(self._refresh(st))
+
+    async def delete(self, volume: VolumeRecord) -> None:
+        st = self._state(volume.name)
+        images, catalog = st.require()
+        await catalog.remove_volume(volume.name)
+        await _remove_image(images, volume.name)
+        st.figures.pop(volume.name, None)
+
+    async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:
+        st = self._state(volume.name)
+        _, catalog = st.require()
+        node = head.base
+        assert isinstance(node, RbdNode)
+        img = await node.image()
+        vol = catalog.volume(volume.name)
+        assert vol is not None
+        # Drained: every write acknowledged before the snapshot is in it (the client cache is
+        # off, so a completed write is on the OSDs already).
+        async with head.drained():
+            try:
+                await img.snapshot_create(snap)
+            except StorageError as e:
+                raise _storage_error(e, f"cannot snapshot {volume.name!r}") from None
+        record = RbdSnap(volume.name, snap, time.time(), vol.current, node.size)
+
+        def fn(items: dict[str, Any]) -> Changes:
+            raw = items.get(vol_key(volume.name))
+            if raw is None:
+                raise CatalogError("not-found", f"volume {volume.name!r} went away")
+            return Changes(
+                set={
+                    snap_key(volume.name, snap): snap_raw(record),
+                    vol_key(volume.name): {**raw, "current": snap},
+                }
+            )
+
+        try:
+            await catalog.mutate(fn)
+        except BaseException:
+            try:
+                await img.snapshot_remove(snap)
+            except StorageError as e:
+                log.error(
+                    "snapshot %s@%s left in Ceph after a failed catalog update: %s", volume.name, snap, e
+                )
+            raise
+        return SnapshotResult(chain_depth=1)  # RBD reads a snapshot at one depth
+
+    async def revert(self, volume: VolumeRecord, snap: str, head: Export) -> VolumeRecord:
+        st = self._state(volume.name)
+        _, catalog = st.require()
+        target = catalog.snapshot(volume.name, snap)
+        assert target is not None
+        node = head.base
+        assert isinstance(node, RbdNode)
+        img = await node.image()
+        async with head.drained():
+            try:
+                await img.snapshot_rollback(snap)
+                size = await img.refresh_size()
+            except StorageError as e:
+                raise _storage_error(e, f"cannot revert {volume.name!r}") from None
+
+            def fn(items: dict[str, Any]) -> Changes:
+                raw = items.get(vol_key(volume.name))
+                if raw is None:
+                    raise CatalogError("not-found", f"volume {volume.name!r} went away")
+                return Changes(set={vol_key(volume.name): {**raw, "current": snap, "size": size}})
+
+            await catalog.mutate(fn)
+            node.set_size(size)
+            new = self.volume(volume.name)
+            assert new is not None
+            head.record = new
+        return new
+
+    async def snapshot_delete(self, volume: VolumeRecord, snap: str) -> DeleteResult:
+        st = self._state(volume.name)
+        images, catalog = st.require()
+        gone = catalog.snapshot(volume.name, snap)
+        assert gone is not None
+        img = await images.open(volume.name)
+        try:
+            try:
+                await img.snapshot_remove(snap)
+            except StorageError as e:
+                if e.errno != errno.ENOENT:
+                    raise _storage_error(e, f"cannot delete snapshot {volume.name}@{snap}") from None
+        finally:
+            await img.close()
+
+        def fn(items: dict[str, Any]) -> Changes:
+            changes = Changes(remove=[snap_key(volume.name, snap)])
+            prefix = f"snap/{volume.name}/"
+            for key, raw in items.items():
+                if key.startswith(prefix) and raw.get("parent") == snap:
+                    changes.set[key] = {**raw, "parent": gone.parent}
+            vraw = items.get(vol_key(volume.name))
+            if vraw is not None and vraw.get("current") == snap:
+                changes.set[vol_key(volume.name)] = {**vraw, "current": gone.parent}
+            return changes
+
+        await catalog.mutate(fn)
+        return DeleteResult()
+
+    async def clone(self, source: VolumeRecord, snap: str, new: str) -> None:
+        st = self._state(source.name)
+        images, catalog = st.require()
+        base = catalog.snapshot(source.name, snap)
+        assert base is not None
+        try:
+            await images.clone(source.name, snap, new)
+        except StorageError as e:
+            raise _storage_error(e, f"cannot clone {source.name}@{snap}") from None
+        try:
+            img = await images.open(new)
+            try:
+                await img.metadata_set(MARK, new)
+            finally:
+                await img.close()
+            await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
+        except BaseException:
+            await _remove_quietly(images, new)
+            raise
+        self._spawn(self._refresh(st))
+
+    def clone_size(self, source: VolumeRecord, snap: str) -> int:
+        s = self._catalog_of(source.name).snapshot(source.name, snap)
+        assert s is not None
+        return s.size
+
+    async def flatten(self, volume: VolumeRecord) -> JobView:
+        st = self._state(volume.name)
+        images, _ = st.require()
+        img = await images.open(volume.name, read_only=True)
+        try:
+            parent = await img.parent()
+        finally:
+            await img.close()
+        if parent is None:
+            raise CatalogError("conflict", f"volume {volume.name!r} has no ancestors: nothing to flatten")
+        return self.host.jobs.start(
+            JobKind.FLATTEN, volume.name, {"backend": RBD_BACKEND, "volume": volume.name}
+        )
+
+    async def resize(self, volume: VolumeRecord, size: int, head: Export, *, force: bool) -> VolumeRecord:
+        st = self._state(volume.name)
+        _, catalog = st.require()
+        node = head.base
+        assert isinstance(node, RbdNode)
+        img = await node.image()
+        old = node.size
+        if size < old and not force:
+            cut = sum(n for n, flags in await img.allocation(size, old - size) if not flags & HOLE)
+            detail = (
+                f"it would discard {cut} bytes of data past the new end"
+                if cut
+                else "no data lies past the new end"
+            )
+            raise CatalogError(
+                "conflict", f"shrinking {volume.name!r} from {old} to {size} bytes needs --force ({detail})"
+            )
+        async with head.drained():
+            try:
+                await img.resize(size, allow_shrink=True)
+            except StorageError as e:
+                raise _storage_error(e, f"cannot resize {volume.name!r}") from None
+
+            def fn(items: dict[str, Any]) -> Changes:
+                raw = items.get(vol_key(volume.name))
+                if raw is None:
+                    raise CatalogError("not-found", f"volume {volume.name!r} went away")
+                return Changes(set={vol_key(volume.name): {**raw, "size": size}})
+
+            await catalog.mutate(fn)
+            node.set_size(size)
+            new = self.volume(volume.name)
+            assert new is not None
+            head.record = new
+        return new
+
+    async def reset(self, volume: VolumeRecord) -> None:
+        """The exports are closed; the next open makes a fresh image handle."""
+
+    # ------------------------------------------------------------ background work
+    async def run_work(self, ctx: WorkContext) -> None:
+        if ctx.kind != JobKind.FLATTEN:
+            raise AssertionError(f"the rbd backend runs no {ctx.kind} work")
+        name = ctx.params["volume"]
+        st = self._state(name)
+        images, _ = st.require()
+        head = next((e for e in self.host.exports() if e.volume == name and e.snapshot is None), None)
+        own = head is None or not isinstance(head.base, RbdNode)
+        img = await images.open(name) if own else await head.base.image()  # type: ignore[union-attr]
+        object_bytes = 4 << 20
+
+        def progress(done: int, total: int) -> None:
+            ctx.progress(done * object_bytes, total * object_bytes)
+
+        try:
+            await img.flatten(progress)
+        finally:
+            if own:
+                await img.close()
+
+    def busy_with(self, jobs: Sequence[JobView], volume: VolumeRecord) -> JobView | None:
+        for job in jobs:
+            if job.volume == volume.name:
+                return job
+        return None
+
+    def plan_move(self, volume: VolumeRecord, target: PoolRecord, provisioning: str | None) -> dict[str, Any]:
+        raise CatalogError("conflict", "moving a volume between RBD pools is done by copying (not yet)")
+
+    async def move(self, ctx: WorkContext, hooks: MoveHooks) -> None:
+        raise AssertionError("plan_move refuses every move")
+
+
+async def _fill_zeros(img: AsyncImage, size: int) -> None:
+    """Allocate every object of a thick volume (librbd has no preallocation of its own)."""
+    zeros = bytes(ZERO_CHUNK)
+    sem = asyncio.Semaphore(8)
+
+    async def put(off: int) -> None:
+        async with sem:
+            n = min(ZERO_CHUNK, size - off)
+            await img.write(zeros if n == ZERO_CHUNK else zeros[:n], off)
+
+    await asyncio.gather(*(put(off) for off in range(0, size, ZERO_CHUNK)))
+
+
+async def _allocated_at(images: RbdPool, volume: str, snap: str) -> int:
+    img = await images.open(volume, snapshot=snap, read_only=True)
+    try:
+        return sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
+    finally:
+        await img.close()
+
+
+async def _changed_bytes(images: RbdPool, volume: str, since: str, until: str) -> int:
+    img = await images.open(volume, snapshot=until, read_only=True)
+    try:
+        return sum(e.length for e in await img.diff(since, whole_object=True))
+    finally:
+        await img.close()
+
+
+async def _remove_image(images: RbdPool, name: str) -> None:
+    """Remove an image and its snapshots; one whose snapshots clones still read goes to the
+    RBD trash instead (librbd removes it once they are gone or flattened)."""
+    try:
+        img = await images.open(name)
+    except StorageError as e:
+        if e.errno == errno.ENOENT:
+            return
+        raise
+    try:
+        for s in await img.snapshots():
+            await img.snapshot_remove(s.name)
+    finally:
+        await img.close()
+    try:
+        await images.remove(name)
+    except RbdError as e:
+        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            await images.trash_move(name)
+            log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
+        elif e.errno != errno.ENOENT:
+            raise
+
+
+async def _remove_quietly(images: RbdPool, name: str) -> None:
+    try:
+        await _remove_image(images, name)
+    except (StorageError, CephError) as e:
+        log.error("image %s could not be removed after a failed create: %s", name, e)
+
+
+__all__ = ["RBD_BACKEND", "RbdBackend", "acl_key"]
