@@ -18,6 +18,7 @@ from aiohttp import web
 
 from blockvirt.api.app import build_app
 from blockvirt.api.auth import is_loopback, read_token_file, readable_by_others
+from blockvirt.jobs import transfer
 from blockvirt.jobs.manager import JobManager
 from blockvirt.jobs.runners import register_all
 from blockvirt.metrics.loop import LoopLagMonitor
@@ -173,6 +174,7 @@ class Service:
         self.volumes.listen(_Disconnect(self.nbd))
         register_all(self.jobs, self.volumes, self.qos.background)
         await self.volumes.start()
+        transfer.restore(self.volumes, self.jobs.pending())  # before anything is served
         self.jobs.resume()
         self.qos.start()
         self._watch = asyncio.get_running_loop().create_task(self._watch_pools())

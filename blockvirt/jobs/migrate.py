@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 
+from blockvirt.jobs import transfer
 from blockvirt.jobs.manager import Job, JobManager
 from blockvirt.jobs.pacing import RateLimiter
 from blockvirt.storage.backend import MoveHooks
@@ -53,12 +54,10 @@ async def start(
         if busy is not None:
             raise CatalogError("conflict", f"job {busy.id} ({busy.kind}) is running on {name!r}")
         if vm.backend_of_pool(target) is not backend:
-            raise CatalogError(
-                "conflict",
-                f"pool {pool!r} is a {target.backend} pool and {name!r} lives in a {backend.kind} pool: "
-                "moving between kinds of storage is not supported",
-            )
-        params = backend.plan_move(rec, target, provisioning)
+            params = transfer.plan(vm, backend, rec, pool)  # between kinds: through the seam
+            params["provisioning"] = provisioning
+        else:
+            params = backend.plan_move(rec, target, provisioning)
         params["bps_limit"] = bps_limit
         return jobs.start(JobKind.MIGRATE, name, params)
 
@@ -78,6 +77,9 @@ async def run(vm: VolumeManager, job: Job, background: Background | None) -> Non
             if target != source:
                 await background(target, nbytes)
 
+    if params.get("mode") == "transfer":
+        await transfer.run(vm, job, throttle)
+        return
     backend = vm.backends[params.get("backend", "file")]
     hooks = MoveHooks(
         open_head=lambda: vm.head(job.volume),

@@ -231,7 +231,17 @@ class VolumeBackend(Protocol):
         """The export of `node` is closed: give back what `open` took."""
 
     # ------------------------------------------------------------ tree edits
-    async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None: ...
+    async def create(
+        self, name: str, size: int, *, thick: bool, pool: str, incoming: str | None = None
+    ) -> VolumeRecord:
+        """A new, empty volume. With `incoming` (the id of the job moving it in from another
+        kind of storage) it stays invisible to `volume`/`volumes` until `promote`."""
+
+    async def promote(self, name: str) -> VolumeRecord:
+        """An incoming volume becomes visible: the move that brought it in switched over."""
+
+    async def incoming(self, name: str) -> VolumeRecord | None:
+        """The incoming (not yet promoted) volume of that name, if there is one."""
 
     async def delete(self, volume: VolumeRecord) -> None:
         """Forget the volume, its snapshots and its settings; its exports are closed."""

@@ -114,6 +114,9 @@ _MIGRATIONS: list[tuple[int, str]] = [
     # every pool made before this step is a directory of copy-on-write files.
     (5, "ALTER TABLE pools ADD COLUMN backend TEXT NOT NULL DEFAULT 'file'"),
     (6, "ALTER TABLE pools ADD COLUMN config TEXT NOT NULL DEFAULT '{}'"),
+    # A volume being moved in from another kind of storage (the id of the job moving it):
+    # invisible until the move switches over.
+    (7, "ALTER TABLE volumes ADD COLUMN incoming TEXT"),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -177,6 +180,8 @@ class VolumeRow:
     pool: str
     head: str  # layer id of the writable head
     created: float
+    #: The migration job moving it in (invisible until it switches over), or None.
+    incoming: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,13 +381,13 @@ class Catalog:
 
     # ------------------------------------------------------------ volumes
     def volume(self, name: str) -> VolumeRow | None:
-        row = self.db.execute(
-            "SELECT name, size, thick, pool, head, created FROM volumes WHERE name = ?", (name,)
-        ).fetchone()
+        """The volume's row, incoming ones included."""
+        row = self.db.execute(f"SELECT {_VOLUME_COLS} FROM volumes WHERE name = ?", (name,)).fetchone()
         return _volume(row) if row else None
 
     def volumes(self) -> list[VolumeRow]:
-        rows = self.db.execute("SELECT name, size, thick, pool, head, created FROM volumes ORDER BY name")
+        """Every volume row, incoming ones included."""
+        rows = self.db.execute(f"SELECT {_VOLUME_COLS} FROM volumes ORDER BY name")
         return [_volume(r) for r in rows]
 
     def check_new_volume(self, name: str, size: int, pool: str) -> None:
@@ -550,9 +555,13 @@ class Txn:
     # volumes
     def add_volume(self, rec: VolumeRow) -> None:
         self.db.execute(
-            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?)",
-            (rec.name, rec.size, int(rec.thick), rec.pool, rec.head, rec.created),
+            f"INSERT INTO volumes ({_VOLUME_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.name, rec.size, int(rec.thick), rec.pool, rec.head, rec.created, rec.incoming),
         )
+
+    def promote_volume(self, volume: str) -> None:
+        """An incoming volume becomes visible (its move switched over)."""
+        self.db.execute("UPDATE volumes SET incoming = NULL WHERE name = ?", (volume,))
 
     def set_head(self, volume: str, head: str, size: int | None = None) -> None:
         if size is None:
@@ -612,9 +621,12 @@ def _layer(row: tuple[Any, ...]) -> LayerRecord:
     return LayerRecord(lid, pool, parent, size, bool(thick), created)
 
 
+_VOLUME_COLS = "name, size, thick, pool, head, created, incoming"
+
+
 def _volume(row: tuple[Any, ...]) -> VolumeRow:
-    name, size, thick, pool, head, created = row
-    return VolumeRow(name, size, bool(thick), pool, head, created)
+    name, size, thick, pool, head, created, incoming = row
+    return VolumeRow(name, size, bool(thick), pool, head, created, incoming)
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}

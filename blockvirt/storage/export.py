@@ -99,6 +99,13 @@ class Export(FilterNode):
             parent = child
         parent.child = node.child
 
+    def replace_base(self, node: BlockNode) -> None:
+        """Serve from another backend's node from now on (only while drained, with no filter
+        left in between: a migration's switch)."""
+        assert self._paused and self.child is self.base, "swap the base drained, filters out"
+        self.base = node
+        self.child = node
+
     def filters(self) -> list[FilterNode]:
         """The filters between the root and the base, top first."""
         out: list[FilterNode] = []

@@ -48,6 +48,13 @@ class OpenExports:
     def users(self, volume: str, *, heads_only: bool = False) -> int:
         return sum(e.users for e in self.of_volume(volume) if not heads_only or e.snapshot is None)
 
+    def rebind(self, export: Export, backend: VolumeBackend) -> None:
+        """The export now serves from `backend`'s node (a migration switched it over)."""
+        self._owner[id(export)] = backend
+
+    def owner(self, export: Export) -> VolumeBackend:
+        return self._owner[id(export)]
+
     def close(self, export: Export) -> None:
         """Forget the export and give its node back to its backend (nothing is flushed here)."""
         if export.snapshot is None:

@@ -62,6 +62,9 @@ class VolumeManager:
         self.warn_depth = warn_depth
         self.exports_cache = OpenExports(metrics=metrics)
         self.backends: dict[str, VolumeBackend] = {}
+        #: Volumes a migration switched to another kind of storage whose old copy is not
+        #: deleted yet: name -> the backend that must no longer answer for it.
+        self.retired: dict[str, VolumeBackend] = {}
         #: Serialises tree edits, and the commit steps of backends' background work.
         self.tree_lock = asyncio.Lock()
         self.pools = Pools(catalog, self.backend_of_pool, jobs, self.events)
@@ -102,12 +105,13 @@ class VolumeManager:
     def _located(self) -> Iterator[tuple[VolumeBackend, VolumeRecord]]:
         for b in self.backends.values():
             for rec in b.volumes():
-                yield b, rec
+                if self.retired.get(rec.name) is not b:
+                    yield b, rec
 
     def record(self, name: str) -> VolumeRecord | None:
         for b in self.backends.values():
             rec = b.volume(name)
-            if rec is not None:
+            if rec is not None and self.retired.get(name) is not b:
                 return rec
         return None
 
@@ -117,7 +121,7 @@ class VolumeManager:
     def locate(self, name: str) -> tuple[VolumeBackend, VolumeRecord]:
         for b in self.backends.values():
             rec = b.volume(name)
-            if rec is not None:
+            if rec is not None and self.retired.get(name) is not b:
                 return b, rec
         raise CatalogError("not-found", f"no volume named {name!r}")
 
@@ -235,8 +239,7 @@ class VolumeManager:
     ) -> VolumeRecord:
         async with self.tree_lock:
             prec = self._check_new(name, size, pool)
-            await self.backend_of_pool(prec).create(name, size, thick=thick, pool=pool)
-        return self.require(name)
+            return await self.backend_of_pool(prec).create(name, size, thick=thick, pool=pool)
 
     async def delete(self, name: str) -> None:
         async with self.tree_lock:
@@ -397,6 +400,24 @@ class VolumeManager:
     def volume_moved(self, name: str, pool: str) -> None:
         """A migration switched the volume over (inside its drain)."""
         self.events.volume_moved(name, pool)
+
+    def switch_exports(
+        self, name: str, source: VolumeBackend, target: VolumeBackend, rec: VolumeRecord
+    ) -> None:
+        """A migration between kinds of storage switched over (every export of the volume is
+        drained, filters out, the target promoted): the exports serve from the target now,
+        and the source copy is retired until it is deleted. Synchronous on purpose."""
+        self.retired[name] = source
+        for e in self.exports_cache.of_volume(name):
+            old = e.base
+            e.replace_base(target.open(rec, e.snapshot))
+            e.record = rec
+            self.exports_cache.rebind(e, target)
+            source.release(old)
+
+    def unretire(self, name: str) -> None:
+        """The retired copy is deleted (or the switch never happened)."""
+        self.retired.pop(name, None)
 
     # ------------------------------------------------------------ shutdown
     async def close(self) -> None:

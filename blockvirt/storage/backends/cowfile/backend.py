@@ -152,10 +152,10 @@ class FileBackend:
     # ------------------------------------------------------------ records
     def volume(self, name: str) -> VolumeRecord | None:
         row = self.catalog.volume(name)
-        return _record(row) if row is not None else None
+        return _record(row) if row is not None and row.incoming is None else None
 
     def volumes(self) -> list[VolumeRecord]:
-        return [_record(r) for r in self.catalog.volumes()]
+        return [_record(r) for r in self.catalog.volumes() if r.incoming is None]
 
     def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
         row = self.catalog.snapshot(volume, name)
@@ -301,15 +301,28 @@ class FileBackend:
         assert prec is not None and prec.backend == FILE_BACKEND
         return prec
 
-    async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None:
+    async def create(
+        self, name: str, size: int, *, thick: bool, pool: str, incoming: str | None = None
+    ) -> VolumeRecord:
         layer_id = new_layer_id()
         # Files first, then the catalog rows: a crash in between leaves only orphan files
         # (which `check --repair` and start-up collection remove).
         await self._create_layer(self._pool(pool), layer_id, size, thick=thick)
         now = time.time()
+        row = VolumeRow(name, size, thick, pool, layer_id, now, incoming)
         with self.catalog.transaction() as t:
             t.add_layer(LayerRecord(layer_id, pool, None, size, thick, now))
-            t.add_volume(VolumeRow(name, size, thick, pool, layer_id, now))
+            t.add_volume(row)
+        return _record(row)
+
+    async def incoming(self, name: str) -> VolumeRecord | None:
+        row = self.catalog.volume(name)
+        return _record(row) if row is not None and row.incoming is not None else None
+
+    async def promote(self, name: str) -> VolumeRecord:
+        with self.catalog.transaction() as t:
+            t.promote_volume(name)
+        return _record(self._row(name))
 
     async def delete(self, volume: VolumeRecord) -> None:
         with self.catalog.transaction() as t:
@@ -376,8 +389,7 @@ class FileBackend:
             node.set_layers(self.st.layers.acquire_chain(new_id, writable_head=True), keep_index=False)
             node.set_size(lrec.size)
             self.st.layers.release_all(old_layers)
-            new = self.volume(volume.name)
-            assert new is not None
+            new = _record(self._row(volume.name))  # incoming ones too (a move replays into them)
             head.record = new
         await gc.collect(self.st, start_merges=True)
         return new
@@ -464,8 +476,7 @@ class FileBackend:
                 self._record_size(node, volume.name, size)
                 await node.resize(size)
                 await node.head.commit()
-            new = self.volume(volume.name)
-            assert new is not None
+            new = _record(self._row(volume.name))  # incoming ones too (a move replays into them)
             head.record = new
         return new
 

@@ -318,6 +318,7 @@ class RbdBackend:
 
     # ------------------------------------------------------------ records
     def _find(self, name: str) -> PoolState | None:
+        """The pool holding volume `name` (incoming ones included: internal lookups)."""
         for st in self.pools.values():
             if st.catalog is not None and st.catalog.volume(name) is not None:
                 return st
@@ -335,18 +336,24 @@ class RbdBackend:
     def _record(self, st: PoolState, vol: RbdVolume) -> VolumeRecord:
         return VolumeRecord(vol.name, vol.size, vol.thick, st.rec.name, vol.created)
 
+    def _any_record(self, name: str) -> VolumeRecord:
+        st = self._state(name)
+        vol = st.require()[1].volume(name)
+        assert vol is not None
+        return self._record(st, vol)
+
     def volume(self, name: str) -> VolumeRecord | None:
         st = self._find(name)
         if st is None or st.catalog is None:
             return None
         vol = st.catalog.volume(name)
-        return self._record(st, vol) if vol is not None else None
+        return self._record(st, vol) if vol is not None and vol.incoming is None else None
 
     def volumes(self) -> list[VolumeRecord]:
         out = []
         for st in self.pools.values():
             if st.catalog is not None:
-                out += [self._record(st, v) for v in st.catalog.volumes()]
+                out += [self._record(st, v) for v in st.catalog.volumes() if v.incoming is None]
         return out
 
     def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
@@ -461,7 +468,9 @@ class RbdBackend:
         self._spawn(node.close())
 
     # ------------------------------------------------------------ tree edits
-    async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None:
+    async def create(
+        self, name: str, size: int, *, thick: bool, pool: str, incoming: str | None = None
+    ) -> VolumeRecord:
         st = self.pools.get(pool)
         if st is None:
             raise CatalogError("not-found", f"no pool named {pool!r}")
@@ -478,13 +487,26 @@ class RbdBackend:
                     await _fill_zeros(img, size)
             finally:
                 await img.close()
-            await catalog.add_volume(RbdVolume(name, size, thick, time.time(), None))
+            vol = RbdVolume(name, size, thick, time.time(), None, incoming)
+            await catalog.add_volume(vol)
         except BaseException as e:
             await _remove_quietly(images, name)
             if isinstance(e, StorageError):
                 raise _storage_error(e, f"cannot create volume {name!r}") from None
             raise
         self._spawn(self._refresh(st))
+        return self._record(st, vol)
+
+    async def incoming(self, name: str) -> VolumeRecord | None:
+        st = self._find(name)
+        vol = st.catalog.volume(name) if st is not None and st.catalog is not None else None
+        return self._record(st, vol) if st is not None and vol is not None and vol.incoming else None
+
+    async def promote(self, name: str) -> VolumeRecord:
+        st = self._state(name)
+        _, catalog = st.require()
+        await catalog.promote(name)
+        return self._any_record(name)
 
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
@@ -556,8 +578,7 @@ class RbdBackend:
 
             await catalog.mutate(fn)
             node.set_size(size)
-            new = self.volume(volume.name)
-            assert new is not None
+            new = self._any_record(volume.name)  # incoming ones too (a move replays into them)
             head.record = new
         return new
 
@@ -661,8 +682,7 @@ class RbdBackend:
 
             await catalog.mutate(fn)
             node.set_size(size)
-            new = self.volume(volume.name)
-            assert new is not None
+            new = self._any_record(volume.name)  # incoming ones too (a move replays into them)
             head.record = new
         return new
 

@@ -58,6 +58,8 @@ class RbdVolume:
     thick: bool
     created: float
     current: str | None
+    #: The migration job moving it in (invisible until it switches over), or None.
+    incoming: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +91,25 @@ class RbdCatalog:
 
     # ------------------------------------------------------------ reads (memory)
     def volume(self, name: str) -> RbdVolume | None:
+        """The volume, incoming or not."""
         raw = self.items.get(vol_key(name))
         return _volume(name, raw) if raw is not None else None
 
     def volumes(self) -> list[RbdVolume]:
+        """Every volume, incoming ones included."""
         return sorted(
             (_volume(k[4:], v) for k, v in self.items.items() if k.startswith("vol/")),
             key=lambda v: v.name,
         )
+
+    async def promote(self, name: str) -> None:
+        def fn(items: dict[str, Any]) -> Changes:
+            raw = items.get(vol_key(name))
+            if raw is None:
+                raise CatalogError("not-found", f"incoming volume {name!r} is gone")
+            return Changes(set={vol_key(name): {**raw, "incoming": None}})
+
+        await self.mutate(fn)
 
     def snapshot(self, volume: str, snap: str) -> RbdSnap | None:
         raw = self.items.get(snap_key(volume, snap))
@@ -202,11 +215,24 @@ class RbdCatalog:
 
 
 def _volume(name: str, raw: dict[str, Any]) -> RbdVolume:
-    return RbdVolume(name, int(raw["size"]), bool(raw["thick"]), float(raw["created"]), raw.get("current"))
+    return RbdVolume(
+        name,
+        int(raw["size"]),
+        bool(raw["thick"]),
+        float(raw["created"]),
+        raw.get("current"),
+        raw.get("incoming"),
+    )
 
 
 def _volume_raw(vol: RbdVolume) -> dict[str, Any]:
-    return {"size": vol.size, "thick": vol.thick, "created": vol.created, "current": vol.current}
+    return {
+        "size": vol.size,
+        "thick": vol.thick,
+        "created": vol.created,
+        "current": vol.current,
+        "incoming": vol.incoming,
+    }
 
 
 def _snap(volume: str, name: str, raw: dict[str, Any]) -> RbdSnap:

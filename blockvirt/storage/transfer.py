@@ -1,0 +1,143 @@
+"""Copying data between block nodes of any backends, and mirroring a live head's changes.
+
+Used by migrations between kinds of storage (a file pool and an RBD pool): the data is read
+through the source node (its block status tells data from holes, so holes stay holes) and
+written through the target node. `NodeReplica` is the replica of a mirror filter over the
+source head: a pass copies chunk after chunk while every guest change to a chunk already
+copied is copied again before the guest's request completes (active mirroring), so the pass
+converges whatever the write rate (see docs/migration.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+
+from blockvirt.storage.node import HOLE, ZERO, BlockNode, StorageError
+
+#: Unit of the copy pass, of its locks and of the dirty set.
+CHUNK = 1 << 20
+#: A target that fails this many times in a row ends the move (the source stays authoritative).
+MAX_TARGET_FAILURES = 5
+
+#: A pause before copying n bytes (rate limit, QoS background admission).
+Throttle = Callable[[int], Awaitable[None]]
+
+
+async def copy_range(src: BlockNode, dst: BlockNode, offset: int, length: int) -> int:
+    """Make dst's bytes [offset, offset + length) those of src; holes and zeros become zeros
+    (space given back where dst can). Returns the bytes of data written."""
+    written = 0
+    end = offset + length
+    pos = offset
+    while pos < end:
+        extents = await src.block_status(pos, end - pos)
+        if not extents:
+            raise StorageError(errno.EIO, "block status answered nothing")
+        for n, flags in extents:
+            n = min(n, end - pos)
+            if n <= 0:
+                break
+            if flags & ZERO:
+                await dst.zero(pos, n, may_trim=bool(flags & HOLE))
+            else:
+                done = 0
+                while done < n:
+                    piece = min(CHUNK, n - done)
+                    await dst.write(pos + done, await src.read(pos + done, piece))
+                    done += piece
+                written += n
+            pos += n
+            if pos >= end:
+                break
+    return written
+
+
+def chunks_of(extents: list[tuple[int, int]]) -> set[int]:
+    """The chunks (index = offset // CHUNK) that byte ranges touch."""
+    out: set[int] = set()
+    for off, n in extents:
+        if n > 0:
+            out.update(range(off // CHUNK, (off + n - 1) // CHUNK + 1))
+    return out
+
+
+class NodeReplica:
+    """Copies a live head (the source node) into a target node while guests write to it."""
+
+    def __init__(self, source: BlockNode, target: BlockNode, dirty: set[int]) -> None:
+        self.source = source
+        self.target = target
+        #: Chunks the pass has yet to copy.
+        self.dirty = dirty
+        self._locks: dict[int, asyncio.Future[None]] = {}
+        self.failures = 0
+        self.error: BaseException | None = None
+        self.mirrored_writes = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.dirty and not self._locks
+
+    def _span(self, chunk: int) -> tuple[int, int]:
+        start = chunk * CHUNK
+        return start, max(0, min(CHUNK, self.source.size - start))
+
+    async def _locked(self, chunk: int, offset: int, length: int) -> int:
+        fut = asyncio.get_running_loop().create_future()
+        self._locks[chunk] = fut
+        try:
+            return await copy_range(self.source, self.target, offset, length)
+        finally:
+            del self._locks[chunk]
+            fut.set_result(None)
+
+    async def copy_chunk(self, chunk: int) -> int:
+        """The pass: copy one dirty chunk (waits if a mirrored change holds it)."""
+        while (lock := self._locks.get(chunk)) is not None:
+            await asyncio.shield(lock)
+        if chunk not in self.dirty:
+            return 0
+        start, n = self._span(chunk)
+        try:
+            copied = await self._locked(chunk, start, n) if n else 0
+        except (OSError, StorageError) as e:
+            self._failed(e)
+            raise
+        self.dirty.discard(chunk)
+        self.failures = 0
+        return copied
+
+    async def changed(self, offset: int, length: int, fua: bool) -> None:
+        """A guest changed [offset, offset + length) of the source (Replica)."""
+        for chunk in range(offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK + 1):
+            while (lock := self._locks.get(chunk)) is not None:
+                await asyncio.shield(lock)  # being copied: mirror our part once it is done
+            if chunk in self.dirty:
+                continue  # the pass has yet to copy it, and will read our change then
+            start, n = self._span(chunk)
+            lo, hi = max(offset, start), min(offset + length, start + n)
+            if hi <= lo:
+                continue
+            try:
+                await self._locked(chunk, lo, hi - lo)
+            except (OSError, StorageError) as e:
+                self.dirty.add(chunk)  # never fail the guest: the pass copies it again
+                self._failed(e)
+                continue
+            self.mirrored_writes += 1
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """After a guest FLUSH: the target is all there will be after the switch."""
+        try:
+            await self.target.flush()
+        except (OSError, StorageError) as e:
+            self._failed(e)
+
+    def _failed(self, e: BaseException) -> None:
+        self.failures += 1
+        if self.failures >= MAX_TARGET_FAILURES and self.error is None:
+            self.error = e
