@@ -46,6 +46,12 @@ MAX_META_QUERIES = 128
 #: The client refuses option replies longer than this (ours are at most a few KiB): a peer
 #: declaring more is not allowed to make us buffer it.
 MAX_OPTION_REPLY = MAX_OPTION_LENGTH
+#: A handshake with more options than this is closed: real clients send a handful (nbdinfo
+#: --list sends one INFO per export, so this leaves room for a thousand exports), a flood
+#: of pipelined options only burns the server's time.
+MAX_OPTIONS = 1024
+#: LIST is the one option whose answer grows with the catalog: at most this many per handshake.
+MAX_LISTS = 16
 
 
 class TLSMode(enum.Enum):
@@ -113,8 +119,9 @@ class ExportCatalog(Protocol):
         `ExportDenied` if it exists but this client may not open it, None if unknown."""
         ...
 
-    def exports(self) -> Iterable[ExportInfo]:
-        """What LIST shows: only the exports this client may open."""
+    def listing(self) -> Iterable[tuple[str, str]]:
+        """What LIST shows, as (name, description): only the exports this client may open.
+        Must be cheap (catalog data, nothing opened): an unauthenticated client may ask."""
         ...
 
 
@@ -251,9 +258,16 @@ class ServerHandshake:
         catalog: ExportCatalog,
         *,
         tls: TLSMode = TLSMode.NONE,
+        options_per_call: int | None = None,
     ) -> None:
         self.catalog = catalog
         self.tls_mode = tls
+        #: With a number, `next_event` handles at most that many options per call and then
+        #: returns None with `backlog` set, so an adapter can let others run in between.
+        self.options_per_call = options_per_call
+        self.backlog = False
+        self.options = 0  # options received in this handshake (MAX_OPTIONS)
+        self.lists = 0
         self.tls_active = False
         self.shutting_down = False
         self.machine = StateMachine(State.GREETING)
@@ -286,7 +300,11 @@ class ServerHandshake:
         self._meta = {}
 
     def next_event(self) -> ServerHandshakeEvent | None:
-        """Process buffered input; returns an event, or None when more data is needed."""
+        """Process buffered input; returns an event, or None when more data is needed (or,
+        with `options_per_call`, when that many options were handled: then `backlog` is set
+        and the caller should call again soon)."""
+        self.backlog = False
+        budget = self.options_per_call
         while True:
             st = self.machine.state
             if st is State.GREETING:
@@ -311,6 +329,14 @@ class ServerHandshake:
                 self._violation(f"option length {length} exceeds {MAX_OPTION_LENGTH}")
             if len(self.buffer) < wire.OPTION.size + length:
                 return None
+            if budget is not None:
+                if budget <= 0:
+                    self.backlog = True
+                    return None
+                budget -= 1
+            self.options += 1
+            if self.options > MAX_OPTIONS:
+                self._violation(f"more than {MAX_OPTIONS} options in one handshake")
             self.buffer.advance(wire.OPTION.size)
             data = self.buffer.take(length)
             ev = self._option(opt, data)
@@ -353,8 +379,11 @@ class ServerHandshake:
         if opt == Opt.LIST:
             if data:
                 return self._refuse(opt, Rep.ERR_INVALID, "LIST takes no payload")
-            for exp in self.catalog.exports():
-                self._reply(opt, Rep.SERVER, wire.lp_string(exp.name) + exp.description.encode())
+            self.lists += 1
+            if self.lists > MAX_LISTS:
+                self._violation(f"more than {MAX_LISTS} LIST options in one handshake")
+            for name, description in self.catalog.listing():
+                self._reply(opt, Rep.SERVER, wire.lp_string(name) + description.encode())
             self._reply(opt, Rep.ACK)
             return None
         if opt == Opt.STRUCTURED_REPLY:

@@ -43,6 +43,7 @@ from blockvirt.server.limits import (
     TIMEOUT_IDLE,
     TIMEOUT_REQUEST,
 )
+from blockvirt.server.listing import SessionCatalog
 from blockvirt.storage import buffers
 from blockvirt.storage.node import StorageError
 from blockvirt.storage.volumes import Volume
@@ -56,6 +57,8 @@ log = logging.getLogger("blockvirt.session")
 _BATCH_BYTES = 256 * 1024
 #: Reply pieces at least this large are written on their own rather than joined.
 _BIG_PIECE = 64 * 1024
+#: Handshake options handled per event-loop turn: a pipelined flood must not hold the loop.
+_OPTIONS_PER_TURN = 8
 
 
 def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview], recycle: bool) -> None:
@@ -89,6 +92,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self.peer = ""
         self.address = ""  # the peer's IP address, without port
         self.view: ExportView | None = None
+        self.catalog: SessionCatalog | None = None
+        self._handshake_backlog = False  # options are buffered; the next turn goes on
         self._denied: set[str] = set()  # exports this session was refused (bounded by the catalog)
         self._admitted = False
         self.id = server.next_session_id()
@@ -146,7 +151,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self._admitted = True
         server.sessions.add(self)
         self.view = server.registry.catalog(ClientIdentity(self.address))
-        self.conn = ServerConnection(self.view, tls=server.tls_mode)
+        self.catalog = SessionCatalog(self.view, server.registry.volumes.catalog)
+        self.conn = ServerConnection(self.catalog, tls=server.tls_mode, options_per_call=_OPTIONS_PER_TURN)
         transport.write(self.conn.data_to_send())
         self._handshake_timer = self.loop.call_later(server.limits.handshake_timeout, self._handshake_expired)
         log.debug("session %d: connected from %s", self.id, self.peer, extra=self._ids())
@@ -202,6 +208,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self._update_reading()
         if self.tx is not None and not self._blocked:
             self._pump()
+        elif self.tx is None and not self._handshake_backlog:
+            self._handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -222,11 +230,17 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         try:
             while True:
+                if self._write_paused:
+                    # The client is not reading our replies: answering more options would
+                    # only pile them up here. resume_writing() goes on.
+                    return
                 ev = conn.next_event()
                 out = conn.data_to_send()
                 if out:
                     transport.write(out)
                 if ev is None:
+                    if conn.handshake.backlog:
+                        self._handshake_later()
                     return
                 if isinstance(ev, Negotiated):
                     self._negotiated(ev)
@@ -258,6 +272,20 @@ class NbdSession(asyncio.BufferedProtocol):
                 extra=self._ids(),
             )
             self._close(abort=True)
+
+    def _handshake_later(self) -> None:
+        """More options are buffered: stop reading and go on at the next loop turn, so a
+        pipelined flood shares the loop with everyone else."""
+        self._handshake_backlog = True
+        self._update_reading()
+        self.loop.call_soon(self._handshake_turn)
+
+    def _handshake_turn(self) -> None:
+        self._handshake_backlog = False
+        if self._lost or self._closing:
+            return
+        self._update_reading()
+        self._handshake()
 
     def _access_denied(self, ev: AccessDenied) -> None:
         # Counted and logged once per export and session: a client's SET_META_CONTEXT, INFO
@@ -305,8 +333,8 @@ class NbdSession(asyncio.BufferedProtocol):
         cn, sans = certificate_names(tls_transport.get_extra_info("peercert"))
         client = ClientIdentity(self.address, cn, sans)
         self.identity = client.describe()
-        if self.view is not None:  # from now on, certificate rules can match
-            self.view.client = client
+        if self.catalog is not None:  # from now on, certificate rules can match
+            self.catalog.client = client
         log.info(
             "session %d (%s): TLS established, client %r",
             self.id,
@@ -501,7 +529,7 @@ class NbdSession(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        want_pause = self._blocked or self._write_paused
+        want_pause = self._blocked or self._write_paused or self._handshake_backlog
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True

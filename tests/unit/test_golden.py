@@ -137,8 +137,8 @@ class Catalog:
             return dataclasses.replace(vol.info, read_only=True)
         return vol.info
 
-    def exports(self) -> Iterable[ExportInfo]:
-        return [v.info for v in self.volumes.values() if v.access != "denied"]
+    def listing(self) -> Iterable[tuple[str, str]]:
+        return [(v.info.name, v.info.description) for v in self.volumes.values() if v.access != "denied"]
 
 
 async def make_volume(spec: dict[str, Any]) -> Volume:

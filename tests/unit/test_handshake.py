@@ -25,7 +25,9 @@ from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
 from blockvirt.nbd.handshake import (
     _TRANSITIONS,
     CONTEXT_IDS,
+    MAX_LISTS,
     MAX_META_QUERIES,
+    MAX_OPTIONS,
     Input,
     ServerHandshake,
     State,
@@ -328,6 +330,57 @@ def test_several_options_in_one_read() -> None:
     replies = parse_option_replies(conn.data_to_send())
     assert [o for o, _, _ in replies][:2] == [Opt.STRUCTURED_REPLY, 99]
     assert replies[-1] == (Opt.GO, Rep.ACK, b"")
+
+
+# ---------------------------------------------------------------- floods
+
+
+def test_more_than_max_options_is_a_violation() -> None:
+    conn = raw_server()
+    conn.receive_data(wire.option(Opt.STRUCTURED_REPLY) * MAX_OPTIONS)
+    assert conn.next_event() is None
+    assert len(parse_option_replies(conn.data_to_send())) == MAX_OPTIONS
+    conn.receive_data(wire.option(Opt.STRUCTURED_REPLY))
+    with pytest.raises(RemoteProtocolError, match="options in one handshake"):
+        conn.next_event()
+    assert conn.handshake.state is State.CLOSED
+
+
+def test_more_than_max_lists_is_a_violation() -> None:
+    conn = raw_server()
+    conn.receive_data(wire.option(Opt.LIST) * (MAX_LISTS + 1))
+    with pytest.raises(RemoteProtocolError, match="LIST options"):
+        conn.next_event()
+    replies = parse_option_replies(conn.data_to_send())
+    assert sum(r == Rep.ACK for _, r, _ in replies) == MAX_LISTS
+
+
+def test_options_per_call_leaves_a_backlog_and_goes_on() -> None:
+    conn = ServerConnection(default_catalog(), options_per_call=3)
+    conn.data_to_send()
+    conn.receive_data(
+        CLIENT_FLAGS + wire.option(Opt.LIST) * 7 + wire.option(Opt.GO, option_payload_info("disk"))
+    )
+    acks = []
+    calls = 0
+    while True:
+        calls += 1
+        ev = conn.next_event()
+        acks += [r for _, r, _ in parse_option_replies(conn.data_to_send()) if r == Rep.ACK]
+        if ev is not None:
+            break
+        assert conn.handshake.backlog, "None without a backlog: nothing more would be parsed"
+    assert isinstance(ev, Negotiated)
+    assert calls == 3 and len(acks) == 8  # 3 + 3 + (1 LIST and the GO)
+    assert not conn.handshake.backlog
+
+
+def test_no_backlog_when_waiting_for_data() -> None:
+    conn = ServerConnection(default_catalog(), options_per_call=3)
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + wire.option(Opt.LIST) * 3 + wire.option(Opt.LIST)[:5])
+    assert conn.next_event() is None and not conn.handshake.backlog
+    assert len(parse_option_replies(conn.data_to_send())) == 3 * 4  # 3 exports + ACK, each
 
 
 # ---------------------------------------------------------------- EXPORT_NAME
