@@ -51,6 +51,15 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _size(text: str) -> int:
+    from blockvirt.storage.catalog import CatalogError, parse_size
+
+    try:
+        return parse_size(text)
+    except CatalogError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def _seconds(text: str) -> float:
     try:
         n = float(text)
@@ -138,9 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument(
         "--max-inflight-bytes",
+        type=_size,
         default="128M",
         metavar="SIZE",
         help="READ/WRITE bytes in flight per connection",
+    )
+    lim.add_argument(
+        "--max-inflight-bytes-total",
+        type=_size,
+        default="1G",
+        metavar="SIZE",
+        help="READ/WRITE bytes in flight over all connections (unread replies included)",
     )
 
     vol = sub.add_parser("volume", help="manage volumes")
@@ -250,7 +267,6 @@ def _serve(args: argparse.Namespace) -> int:
     from blockvirt.server.limits import Limits
     from blockvirt.server.service import ConfigError, Service, ServiceConfig, parse_hostport
     from blockvirt.server.tls import TLSConfigError
-    from blockvirt.storage.catalog import CatalogError, parse_size
 
     try:
         nbd_host, nbd_port = parse_hostport(args.nbd, "--nbd")
@@ -262,10 +278,9 @@ def _serve(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             idle_timeout=args.idle_timeout,
             max_inflight=args.max_inflight,
-            max_inflight_bytes=parse_size(args.max_inflight_bytes),
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_inflight_bytes_total=args.max_inflight_bytes_total,
         )
-    except CatalogError as e:
-        raise UsageError(f"blockvirt serve: --max-inflight-bytes: {e.message}") from None
     except ValueError as e:
         raise UsageError(f"blockvirt serve: {e}") from None
     if args.tls and not args.tls_dir:

@@ -41,6 +41,7 @@ from blockvirt.server.limits import (
     REFUSED_SHUTTING_DOWN,
     TIMEOUT_HANDSHAKE,
     TIMEOUT_IDLE,
+    TIMEOUT_REPLY,
     TIMEOUT_REQUEST,
 )
 from blockvirt.server.listing import SessionCatalog
@@ -101,6 +102,11 @@ class NbdSession(asyncio.BufferedProtocol):
         self.inflight = 0
         self.inflight_bytes = 0
         self._blocked = False  # not taking new requests (backpressure, DISC or shutdown)
+        self._ending = False  # DISC or shutdown: never unblocked again
+        #: Bytes of replies that went into the transport while the client was not reading:
+        #: still held (in the transport's buffer), so still charged to the server's budget.
+        self._parked = 0
+        self._reply_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._reading_paused = False
         self._closing = False
@@ -202,9 +208,16 @@ class NbdSession(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._update_reading()
+        timeout = self.server.limits.request_timeout
+        if timeout and self._reply_timer is None and not self._lost:
+            self._reply_timer = self.loop.call_later(timeout, self._replies_unread)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
+        self._give_parked()
         self._update_reading()
         if self.tx is not None and not self._blocked:
             self._pump()
@@ -215,10 +228,11 @@ class NbdSession(asyncio.BufferedProtocol):
         self._lost = True
         if self.disp is not None:
             self.disp.abandon()  # requests waiting for QoS: nobody wants their answer
-        for timer in (self._handshake_timer, self._request_timer, self._idle_timer):
+        for timer in (self._handshake_timer, self._request_timer, self._idle_timer, self._reply_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._request_timer = self._idle_timer = None
+        self._handshake_timer = self._request_timer = self._idle_timer = self._reply_timer = None
+        self._give_parked()
         if not self._closing:
             self._closing = True
             self.server.track(self.loop.create_task(self._finish()))
@@ -415,6 +429,16 @@ class NbdSession(asyncio.BufferedProtocol):
         self._timed_out(TIMEOUT_REQUEST, f"request not received within {timeout:g}s")
         self._close(abort=True)
 
+    def _replies_unread(self) -> None:
+        """The client has not read our replies for the request timeout: it holds memory
+        (and the server's byte budget) for nothing."""
+        self._reply_timer = None
+        if not self._write_paused or self._closing or self._lost:
+            return
+        timeout = self.server.limits.request_timeout
+        self._timed_out(TIMEOUT_REPLY, f"replies left unread for {timeout:g}s")
+        self._close(abort=True)
+
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self._closing or self._lost:
@@ -445,6 +469,13 @@ class NbdSession(asyncio.BufferedProtocol):
             # Also stop while the client is not reading its replies: every request answered
             # now would pile its reply up in the transport's buffer.
             while not self._blocked and not self._write_paused:
+                if self.server.budget.exhausted:
+                    # The whole server holds as much as it may: take nothing new (not even
+                    # a request answered inline, its reply is memory too) until it frees.
+                    self._blocked = True
+                    self.server.wait_for_bytes(self)
+                    self._update_reading()
+                    return
                 try:
                     cmd = tx.next_event()
                 except ProtocolError as e:
@@ -457,7 +488,7 @@ class NbdSession(asyncio.BufferedProtocol):
                     return
                 self._partial_since = None  # a request is complete
                 if type(cmd) is DiscCmd:
-                    self._blocked = True
+                    self._blocked = self._ending = True
                     self._update_reading()
                     self.server.track(self.loop.create_task(self._disconnect()))
                     return
@@ -491,11 +522,17 @@ class NbdSession(asyncio.BufferedProtocol):
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
         self.inflight += 1
         self.inflight_bytes += nbytes
+        if nbytes:
+            self.server.take_bytes(nbytes)
         task = self.loop.create_task(self._run(cmd, nbytes))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         if self.inflight >= self.max_inflight or self.inflight_bytes >= self.max_inflight_bytes:
             self._blocked = True
+            self._update_reading()
+        elif self.server.budget.exhausted:
+            self._blocked = True
+            self.server.wait_for_bytes(self)
             self._update_reading()
 
     async def _run(self, cmd: Command, nbytes: int) -> None:
@@ -514,16 +551,41 @@ class NbdSession(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and not self._lost:
             _emit(transport, out, self._recycle)
+        if nbytes:
+            if self._write_paused and not self._lost:
+                self._parked += nbytes  # its reply waits in the transport: still held
+            else:
+                self.server.give_bytes(nbytes)
         if (
             self._blocked
             and not self._closing
+            and not self._ending
             and self.inflight < self.max_inflight // 2
             and self.inflight_bytes < self.max_inflight_bytes // 2
         ):
+            if self.server.budget.exhausted:
+                self.server.wait_for_bytes(self)
+                return
             self._blocked = False
             self._update_reading()
             if not self._lost:
                 self._pump()
+
+    def _give_parked(self) -> None:
+        if self._parked:
+            self.server.give_bytes(self._parked)
+            self._parked = 0
+
+    def budget_freed(self) -> None:
+        """The server's byte budget is low again (see NbdServer.give_bytes): read on, unless
+        this session's own limits still hold it (its own replies will release it)."""
+        if not self._blocked or self._closing or self._ending or self._lost or self.tx is None:
+            return
+        if self.inflight >= self.max_inflight // 2 or self.inflight_bytes >= self.max_inflight_bytes // 2:
+            return
+        self._blocked = False
+        self._update_reading()
+        self._pump()
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -563,7 +625,7 @@ class NbdSession(asyncio.BufferedProtocol):
         if self._closing:
             return
         self._closing = True
-        self._blocked = True
+        self._blocked = self._ending = True
         self._update_reading()
         await self._drain_and_flush()
         self._close()

@@ -5,6 +5,7 @@ other clients see (API latency, handshake latency) and what the process holds (R
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -59,7 +60,7 @@ async def handshake_latency(server: BlockvirtServer, export: str) -> float:
     t0 = time.monotonic()
     async with await NbdClient.connect(server.uri(export)) as c:
         took = time.monotonic() - t0
-        assert await c.read(0, 512) == bytes(512)
+        assert len(await c.read(0, 512)) == 512
     return took
 
 
@@ -120,3 +121,95 @@ def test_list_flood_does_not_stall_others(many_exports: BlockvirtServer, reads_r
     assert grown < 32 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
     if reads_replies:  # a client that reads is cut at the option limits
         assert flood_end and flood_end[0].startswith("closed"), flood_end
+
+
+# ---------------------------------------------------------------- clients that never read
+
+
+def in_transmission(server: BlockvirtServer, export: str, local: str = "127.0.0.1") -> socket.socket:
+    """A raw connection that sent GO and is in transmission (simple replies)."""
+    s = greeted(server, local)
+    name = export.encode()
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, 6 + len(name)) + struct.pack(">I", len(name)) + name + b"\0\0")
+    while True:  # replies up to the ACK
+        _magic, _opt, rep, length = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, length)
+        if rep == 1:
+            return s
+        assert rep == 3, hex(rep)
+
+
+async def fill(server: BlockvirtServer, export: str, size: int) -> None:
+    async with await NbdClient.connect(server.uri(export)) as c:
+        for off in range(0, size, 4 * MiB):
+            await c.write(off, os.urandom(4 * MiB))
+        await c.flush()
+
+
+def _settled_rss(pid: int, seconds: float = 2.0) -> int:
+    """RSS once it stops moving (or after `seconds`)."""
+    last = rss_bytes(pid)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = rss_bytes(pid)
+        if abs(now - last) < MiB:
+            return now
+        last = now
+    return last
+
+
+CLIENTS = int(os.environ.get('HOSTILE_CLIENTS', '12'))
+
+
+@pytest.mark.slow
+def test_pipelined_reads_from_clients_that_never_read_are_bounded(tmp_path: Path) -> None:
+    """12 clients each pipeline 64 READs of 4 MiB and never read a reply. Each may have
+    128 MiB in flight, and their replies then wait in its transport: 1.7 GB was held with no
+    bound over all connections. With a process-wide cap of 256 MiB the server holds about
+    that, the API still answers, and memory goes back after the clients leave."""
+    total_cap = 256 * MiB
+    args = ("--max-inflight-bytes-total", "256M", "--request-timeout", "60", "--fault-injection")
+    with BlockvirtServer(tmp_path / "data", extra_args=args) as server:
+        server.create_volume("vol", 64 * MiB)
+        asyncio.run(fill(server, "vol", 64 * MiB))  # holes would be answered without buffers
+        # Reads that miss the page cache go to the pool's threads: a 1 ms device delay
+        # makes every READ such a read (the inline path only answers what is cached).
+        server.api.request("PUT", "/api/v1/debug/faults", {"pool": "default", "ops": ["read"], "delay_ms": 1})
+        assert server.proc is not None
+        pid = server.proc.pid
+        asyncio.run(handshake_latency(server, "vol"))
+        base = _settled_rss(pid)
+        socks = []
+        peak = 0
+        try:
+            for i in range(CLIENTS):
+                s = in_transmission(server, "vol", f"127.0.1.{i + 1}")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                reqs = b"".join(
+                    struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, j, (j % 16) * 4 * MiB, 4 * MiB)
+                    for j in range(64)
+                )
+                s.sendall(reqs)
+                socks.append(s)
+                peak = max(peak, rss_bytes(pid))
+            for _ in range(8):
+                time.sleep(0.25)
+                peak = max(peak, rss_bytes(pid))
+            print(f"base {base / MiB:.0f} MiB, peak +{(peak - base) / MiB:.0f} MiB")
+            # The cap, plus the read-buffer pool (64 MiB) and the allocator's slack: not a
+            # function of the number of clients.
+            assert peak - base < 2 * total_cap + 64 * MiB, f"RSS grew by {(peak - base) / MiB:.0f} MiB"
+            assert health_latency(server) < 1.0
+        finally:
+            for s in socks:
+                s.close()
+        # Gone clients give their memory back (the read-buffer pool keeps at most 64 MiB).
+        deadline = time.monotonic() + 20
+        after = _settled_rss(pid)
+        while after - base > 112 * MiB and time.monotonic() < deadline:
+            time.sleep(0.5)
+            after = _settled_rss(pid)
+        print(f"after close +{(after - base) / MiB:.0f} MiB")
+        assert after - base < 112 * MiB, f"{(after - base) / MiB:.0f} MiB still held after the clients left"
+        asyncio.run(handshake_latency(server, "vol"))
