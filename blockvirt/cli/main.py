@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--max-connections-per-address",
         type=_positive_int,
-        default=128,
+        default=512,
         metavar="N",
         help="from one client IP",
     )

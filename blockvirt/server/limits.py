@@ -32,7 +32,9 @@ class Limits:
     """What one NBD listener allows (serve flags; 0 turns a timeout off)."""
 
     max_connections: int = 1024
-    max_connections_per_address: int = 128
+    #: One hypervisor is one address: all its disks, each with multi-conn (nbdcopy opens 4
+    #: connections, qemu up to 16 with multi-conn), so half the total: 128 disks x 4.
+    max_connections_per_address: int = 512
     #: From connect to transmission, TLS handshake included.
     handshake_timeout: float = 30.0
     #: A request whose first byte is in must be complete (header and WRITE data) this long

@@ -93,6 +93,15 @@ class NbdServer:
         if self.budget.used == 0:
             memory.trim()
 
+    def reap_closed(self, address: str) -> bool:
+        """Uncount connections from `address` whose clients already hung up (after a storm
+        their EOFs may still wait in the loop); True if any was."""
+        reaped = False
+        for s in list(self.sessions):
+            if s.address == address and s.peer_gone():
+                reaped = True
+        return reaped
+
     def next_session_id(self) -> int:
         return next(self._ids)
 

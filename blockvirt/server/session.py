@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import sys
 from typing import TYPE_CHECKING, cast
@@ -60,6 +61,13 @@ _BATCH_BYTES = 256 * 1024
 _BIG_PIECE = 64 * 1024
 #: Handshake options handled per event-loop turn: a pipelined flood must not hold the loop.
 _OPTIONS_PER_TURN = 8
+
+
+def socket_closed_by_peer(fd: int) -> bool:
+    """poll() without waiting: the peer hung up (FIN or RST) on `fd`. Reads nothing."""
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview], recycle: bool) -> None:
@@ -151,6 +159,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self.address = str(addr) if addr is not None else self.peer
         server = self.server
         refusal = REFUSED_SHUTTING_DOWN if server.closing else server.admission.admit(self.address)
+        if refusal is not None and refusal != REFUSED_SHUTTING_DOWN and server.reap_closed(self.address):
+            refusal = server.admission.admit(self.address)  # closed peers made room
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -233,6 +243,7 @@ class NbdSession(asyncio.BufferedProtocol):
                 timer.cancel()
         self._handshake_timer = self._request_timer = self._idle_timer = self._reply_timer = None
         self._give_parked()
+        self._release_admission()  # a closed connection no longer counts, however long it drains
         if not self._closing:
             self._closing = True
             self.server.track(self.loop.create_task(self._finish()))
@@ -631,6 +642,24 @@ class NbdSession(asyncio.BufferedProtocol):
         self._close()
         await self._finish()
 
+    def _release_admission(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.server.admission.release(self.address)
+
+    def peer_gone(self) -> bool:
+        """Whether the client closed its end though we have not seen it yet (its EOF or RST
+        is still queued behind other work); then the connection is aborted and uncounted."""
+        transport = self.transport
+        if transport is None or self._lost or not self._admitted:
+            return False
+        sock = transport.get_extra_info("socket")
+        if not transport.is_closing() and (sock is None or not socket_closed_by_peer(sock.fileno())):
+            return False
+        self._release_admission()
+        transport.abort()
+        return True
+
     def _close(self, abort: bool = False) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -649,9 +678,7 @@ class NbdSession(asyncio.BufferedProtocol):
             self.volume.users -= 1
             self.volume = None
         self.server.sessions.discard(self)
-        if self._admitted:
-            self._admitted = False
-            self.server.admission.release(self.address)
+        self._release_admission()
         if not self.closed.done():
             self.closed.set_result(None)
         log.debug("session %d: closed", self.id, extra=extra)

@@ -213,3 +213,24 @@ def test_pipelined_reads_from_clients_that_never_read_are_bounded(tmp_path: Path
         print(f"after close +{(after - base) / MiB:.0f} MiB")
         assert after - base < 112 * MiB, f"{(after - base) / MiB:.0f} MiB still held after the clients left"
         asyncio.run(handshake_latency(server, "vol"))
+
+
+# ---------------------------------------------------------------- connection storms
+
+
+def test_closed_connections_do_not_count_against_the_address(tmp_path: Path) -> None:
+    """A storm of connections that open and close: the next client from that address is
+    served at once, not refused because the closed ones were not reaped yet."""
+    args = ("--max-connections-per-address", "64")
+    with BlockvirtServer(tmp_path / "data", extra_args=args, log_level="info") as server:
+        server.create_volume("vol", MiB)
+        for _ in range(5):
+            socks = [
+                socket.create_connection((server.nbd_host, server.nbd_port), timeout=10) for _ in range(300)
+            ]
+            for s in socks:  # the last 236 are refused at once, the first 64 are greeted
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            asyncio.run(handshake_latency(server, "vol"))
+            s = greeted(server)  # not one connection of the storm is held any more
+            s.close()
