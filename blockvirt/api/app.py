@@ -16,7 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from blockvirt.api import debug as debug_api
 from blockvirt.api import qos as qos_api
+from blockvirt.api import server as api_server
 from blockvirt.api.auth import auth_middleware
+from blockvirt.api.guard import guard_middleware
 from blockvirt.api.request import body as _body
 from blockvirt.api.request import field as _field
 from blockvirt.metrics.registry import build_registry
@@ -294,15 +296,26 @@ async def health(request: web.Request) -> web.Response:
 
 
 def build_app(
-    volumes: VolumeManager, registry: CollectorRegistry | None = None, *, token: str | None = None
+    volumes: VolumeManager,
+    registry: CollectorRegistry | None = None,
+    *,
+    token: str | None = None,
+    limits: api_server.ApiLimits | None = None,
 ) -> web.Application:
     """The API; `/metrics` serves `registry` (by default one over `volumes`), or answers 404
     when the volumes do no accounting (`serve --no-metrics`). With `token`, every request
-    but the health check needs `Authorization: Bearer TOKEN` (see blockvirt.api.auth)."""
-    middlewares: list[Middleware] = [errors_middleware]
+    but the health check needs `Authorization: Bearer TOKEN` (see blockvirt.api.auth).
+    `limits` (default: the ones `serve` was given) cap connections and time requests out;
+    cross-site requests are refused (blockvirt.api.guard)."""
+    middlewares: list[Middleware] = [
+        api_server.deadline_middleware(),  # a request head is complete: stop its clock
+        guard_middleware(loopback_only=token is None),
+        errors_middleware,
+    ]
     if token is not None:
-        middlewares.insert(0, auth_middleware(token))  # first: nothing runs before the check
+        middlewares.insert(2, auth_middleware(token))  # before routing and handlers
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
+    api_server.install(app, limits if limits is not None else api_server.process_limits())
     app[VOLUMES] = volumes
     if registry is None and volumes.metrics:
         registry = build_registry(volumes)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
+from blockvirt.api.server import LIMITS, process_limits
 from blockvirt.storage.catalog import CatalogError
 
 
 async def body(request: web.Request) -> dict[str, Any]:
+    limits = request.app.get(LIMITS) or process_limits()
     try:
-        body = await request.json()
+        async with asyncio.timeout(limits.body_timeout):
+            body = await request.json()
+    except TimeoutError:
+        # The rest of a body that did not come in time is not waited for either.
+        request.protocol.force_close()
+        raise web.HTTPRequestTimeout(reason="request body not received in time") from None
     except (ValueError, RecursionError):
         # ValueError: bad JSON, bad UTF-8, or an integer with too many digits to parse;
         # RecursionError: nesting deeper than the parser goes.

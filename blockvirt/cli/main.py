@@ -160,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="READ/WRITE bytes in flight over all connections (unread replies included)",
     )
 
+    api_lim = serve.add_argument_group("API connection limits")
+    api_lim.add_argument(
+        "--api-header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request head must be complete this long after connect or the previous answer",
+    )
+    api_lim.add_argument(
+        "--api-body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="for a request body"
+    )
+    api_lim.add_argument("--api-max-connections", type=_positive_int, default=256, metavar="N")
+
     vol = sub.add_parser("volume", help="manage volumes")
     _common(vol, top=False)
     vsub = vol.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
@@ -263,7 +276,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from blockvirt import logs
+    from blockvirt.api import server as api_server
     from blockvirt.api.auth import TokenError
+    from blockvirt.api.server import ApiLimits
     from blockvirt.server.limits import Limits
     from blockvirt.server.service import ConfigError, Service, ServiceConfig, parse_hostport
     from blockvirt.server.tls import TLSConfigError
@@ -281,11 +296,17 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight_bytes=args.max_inflight_bytes,
             max_inflight_bytes_total=args.max_inflight_bytes_total,
         )
+        api_limits = ApiLimits(
+            header_timeout=args.api_header_timeout,
+            body_timeout=args.api_body_timeout,
+            max_connections=args.api_max_connections,
+        )
     except ValueError as e:
         raise UsageError(f"blockvirt serve: {e}") from None
     if args.tls and not args.tls_dir:
         raise UsageError("blockvirt serve: --tls needs --tls-dir DIR")
     logs.setup(args.log_level, args.log_format, sys.stderr)
+    api_server.configure(api_limits)  # read by build_app (the service builds the API)
     cfg = ServiceConfig(
         data_dir=args.data_dir,
         nbd_host=nbd_host,
