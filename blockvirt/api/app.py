@@ -7,6 +7,7 @@ protocol/mgmt-api.md.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from blockvirt.api.auth import auth_middleware
 from blockvirt.api.guard import guard_middleware
 from blockvirt.api.request import body as _body
 from blockvirt.api.request import field as _field
+from blockvirt.api.request import schema_middleware
 from blockvirt.metrics.registry import build_registry
 from blockvirt.server.acl import KINDS, AclError, normalize
 from blockvirt.storage.catalog import DEFAULT_POOL, CatalogError, parse_size, validate_name
@@ -30,12 +32,16 @@ from blockvirt.storage.volumes import VolumeManager
 log = logging.getLogger("blockvirt.api")
 
 _STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507}
+#: Error messages are cut here: they may echo what the client sent (a 10 KB name).
+MAX_MESSAGE = 300
 VOLUMES = web.AppKey("volumes", VolumeManager)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
@@ -190,7 +196,7 @@ async def create_snapshot(request: web.Request) -> web.Response:
 
 
 async def revert_snapshot(request: web.Request) -> web.Response:
-    body = await _body(request) if request.can_read_body else {}
+    body = await _body(request)
     force = _field(body, "force", bool, False)
     out = await request.app[VOLUMES].snapshot_revert(
         request.match_info["name"], request.match_info["snap"], force=force
@@ -224,7 +230,11 @@ async def create_pool(request: web.Request) -> web.Response:
     body = await _body(request)
     settings = _field(body, "settings", dict, {})
     vm = request.app[VOLUMES]
-    rec = vm.pools.create(_field(body, "name", str), _field(body, "path", str), settings)
+    path = _field(body, "path", str)
+    if path and not os.path.isabs(path):
+        # Relative to what? The server's working directory is nobody's business.
+        raise CatalogError("invalid", f"pool path {path!r} must be absolute")
+    rec = vm.pools.create(_field(body, "name", str), path, settings)
     if vm.qos is not None:
         vm.qos.pool_changed(rec.name)
     return web.json_response(vm.pool_info(rec.name), status=201)
@@ -309,11 +319,12 @@ def build_app(
     cross-site requests are refused (blockvirt.api.guard)."""
     middlewares: list[Middleware] = [
         api_server.deadline_middleware(),  # a request head is complete: stop its clock
+        errors_middleware,  # every answer below is JSON, a crash included
         guard_middleware(loopback_only=token is None),
-        errors_middleware,
+        schema_middleware,
     ]
     if token is not None:
-        middlewares.insert(2, auth_middleware(token))  # before routing and handlers
+        middlewares.insert(3, auth_middleware(token))  # before the body is even read
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     api_server.install(app, limits if limits is not None else api_server.process_limits())
     app[VOLUMES] = volumes

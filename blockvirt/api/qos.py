@@ -74,7 +74,7 @@ async def calibrate_pool(request: web.Request) -> web.Response:
     vm = request.app[VOLUMES]
     name = request.match_info["name"]
     rec = vm.pools.require(name)
-    body = await _body(request) if request.can_read_body else {}
+    body = await _body(request)
     seconds = body.get("seconds", 4.0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0.5 <= seconds <= 120:
         raise CatalogError("invalid", "seconds must be a number between 0.5 and 120")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler
 
@@ -120,6 +121,16 @@ class GuardedHandler(RequestHandler):
             self._admitted = False
             self._guard.release()
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """Malformed HTTP is the client's mistake, not our bug: one line at INFO, no
+        traceback. Anything else stays an ERROR with its traceback."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            log.info("malformed HTTP request from %s: %s", peer[0] if peer else "?", exc.message.strip())
+            return
+        super().log_exception(*args, **kw)
 
     def arm(self) -> None:
         """Start waiting for a request head (at connect, and after each response)."""

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -202,3 +203,108 @@ def test_connections_over_the_cap_are_refused_then_served_again(quick: Blockvirt
             h.close()
     time.sleep(0.3)
     assert quick.api.get("/api/v1/health") == {"status": "ok"}
+
+
+# ---------------------------------------------------------------- malformed bodies
+
+
+def post_json(server: BlockvirtServer, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    return raw(server, method, path, body, {"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        (
+            "POST",
+            "/api/v1/volumes",
+            b'{"name": "n", "size": ' + b"9" * 400 + b"}",
+            "field 'size' must be bytes",
+        ),
+        (
+            "POST",
+            "/api/v1/volumes",
+            b'{"name": "n", "size": "' + b"9" * 400 + b'"}',
+            "field 'size' must be bytes",
+        ),
+        (
+            "POST",
+            "/api/v1/volumes/vol/resize",
+            b'{"size": ' + b"9" * 400 + b"}",
+            "field 'size' must be bytes",
+        ),
+        ("PATCH", "/api/v1/pools/default", b'{"iops_capacity": ' + b"9" * 4200 + b"}", "must be a number"),
+        ("PATCH", "/api/v1/pools/default", b'{"cost_s0": ' + b"9" * 4200 + b"}", "must be a whole number"),
+        ("PATCH", "/api/v1/volumes/vol/qos", b'{"limit": ' + b"9" * 4200 + b"}", "must be a number"),
+        ("PATCH", "/api/v1/volumes/vol/qos", b'{"bps_limit": NaN}', "not valid JSON"),
+        ("PATCH", "/api/v1/volumes/vol/qos", b'{"bps_limit": Infinity}', "not valid JSON"),
+        ("PATCH", "/api/v1/volumes/vol/qos", b'{"bps_limit": 1e400}', "must be a number"),
+        (
+            "POST",
+            "/api/v1/volumes/vol/migrate",
+            b'{"pool": "default", "bps_limit": -Infinity}',
+            "not valid JSON",
+        ),
+        ("POST", "/api/v1/qos/groups", b'{"name": "g", "shares": ' + b"9" * 4200 + b"}", "must be a number"),
+        ("POST", "/api/v1/volumes/vol/resize", b'{"size": "2M", "frce": true}', "unknown field(s): 'frce'"),
+        ("POST", "/api/v1/volumes", b'{"name": "n", "size": 512, "thin": true}', "unknown field(s): 'thin'"),
+        ("POST", "/api/v1/volumes/vol/flatten", b'{"now": true}', "unknown field(s): 'now'"),
+        (
+            "POST",
+            "/api/v1/pools",
+            b'{"name": "p", "path": "/tmp/x", "settings": {"warn": 1}}',
+            "in 'settings'",
+        ),
+    ],
+)
+def test_malformed_bodies_are_400_not_500(
+    server: BlockvirtServer, method: str, path: str, body: bytes, message: str
+) -> None:
+    status, data = post_json(server, method, path, body)
+    assert status == 400, data
+    assert data["error"]["code"] == "invalid"
+    assert message in data["error"]["message"], data
+    assert server.api.get("/api/v1/volumes/vol")["size"] == MiB  # nothing was applied
+
+
+def test_non_ascii_authorization_is_401(tmp_path: Path) -> None:
+    with BlockvirtServer(tmp_path / "data", api_token=TOKEN) as s:
+        host, port = hostport(s)
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(b"GET /api/v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xc3\xa9\xff\r\n\r\n")
+        head = sock.recv(65536)
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 401"), head[:200]
+        assert b'"unauthorized"' in head
+        assert "Traceback" not in s.log()
+
+
+def test_echoed_input_is_truncated(server: BlockvirtServer) -> None:
+    name = "a" * 10_000
+    status, data = post_json(
+        server, "POST", "/api/v1/volumes", json.dumps({"name": name, "size": 512}).encode()
+    )
+    assert status == 400
+    assert len(data["error"]["message"]) <= 300, len(data["error"]["message"])
+
+
+def test_malformed_http_is_logged_without_a_traceback(server: BlockvirtServer) -> None:
+    host, port = hostport(server)
+    for payload in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    ):
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(payload)
+        assert s.recv(100).startswith(b"HTTP/1.")
+        s.close()
+    time.sleep(0.3)
+    log = server.log()
+    assert "malformed HTTP request from 127.0.0.1" in log
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_relative_pool_paths_are_refused(server: BlockvirtServer) -> None:
+    status, data = post_json(server, "POST", "/api/v1/pools", b'{"name": "rel", "path": "pools/rel"}')
+    assert status == 400 and "must be absolute" in data["error"]["message"], data
+    assert not (Path.cwd() / "pools").exists()
