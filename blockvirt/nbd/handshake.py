@@ -128,9 +128,11 @@ class ExportCatalog(Protocol):
 ServerHandshakeEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused
 
 
-def _denied_message(name: str) -> str:
-    # The rule that refused, and who the server thinks the client is, stay in the server log.
-    return f"access to export {name!r} is denied"
+def not_found_message(name: str) -> str:
+    """The one answer to a name this client may not open, whether it exists or not: a
+    denied client must not learn which names exist. Why it was refused (the rules, who the
+    client is) goes to the server log only (`AccessDenied`)."""
+    return f"no export named {name!r} for this client"
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> int:
@@ -356,7 +358,7 @@ class ServerHandshake:
         return OptionRefused(opt, int(rep), message)
 
     def _deny(self, opt: int, denied: ExportDenied) -> AccessDenied:
-        self._reply(opt, Rep.ERR_POLICY, wire.utf8_prefix(_denied_message(denied.name), MAX_STRING))
+        self._reply(opt, Rep.ERR_UNKNOWN, wire.utf8_prefix(not_found_message(denied.name), MAX_STRING))
         return AccessDenied(opt, denied.name, denied.reason)
 
     def _option(self, opt: int, data: bytes) -> ServerHandshakeEvent | None:
@@ -437,7 +439,7 @@ class ServerHandshake:
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
         if export is None:
-            return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
+            return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         flags = transmission_flags(export, self.structured)
         self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
         if Info.NAME in p.infos:
@@ -468,7 +470,7 @@ class ServerHandshake:
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
         if export is None:
-            return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
+            return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)
         selected: dict[int, str] = {}
         for name in chosen:

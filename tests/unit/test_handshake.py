@@ -243,23 +243,42 @@ def test_empty_name_looks_up_the_default_export() -> None:
 # ---------------------------------------------------------------- LIST / ABORT / unknown
 
 
-def test_denied_export_is_hidden_and_refused_with_err_policy() -> None:
-    """The catalog says 'secret' exists but this client may not open it (spec §3.7)."""
+def test_denied_export_is_hidden_and_answered_as_unknown() -> None:
+    """The catalog says 'secret' exists but this client may not open it (spec §3.7): the
+    client gets what a name that does not exist gets; the event tells the server why."""
     pair = NbdPair()
     _, res = pair.option(Opt.LIST)
     assert "secret" not in [n for n, _ in res.exports]
     for info in (True, False):
         events, res = pair.go("secret", info=info)
-        assert res.reply == Rep.ERR_POLICY and res.message == "access to export 'secret' is denied"
+        assert res.reply == Rep.ERR_UNKNOWN and res.message == "no export named 'secret' for this client"
         assert events == [AccessDenied(Opt.INFO if info else Opt.GO, "secret", "denied by the test catalog")]
     pair.option(Opt.STRUCTURED_REPLY)
     for list_only in (True, False):
         events, res = pair.meta("secret", [BASE_ALLOCATION], list_only=list_only)
-        assert res.reply == Rep.ERR_POLICY and res.contexts == ()
+        assert res.reply == Rep.ERR_UNKNOWN and res.contexts == ()
         assert len(events) == 1 and isinstance(events[0], AccessDenied) and not events[0].closed
     # Haggling goes on: an open export still works, with no context left from the refusal.
     neg = pair.negotiate("disk", contexts=())
     assert neg.export.name == "disk" and neg.contexts == {}
+
+
+@pytest.mark.parametrize("opt", [Opt.INFO, Opt.GO, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT])
+def test_denied_and_unknown_are_the_same_bytes(opt: Opt) -> None:
+    """A denied client cannot tell a name it may not open from one that does not exist."""
+    catalog = FakeCatalog(ExportInfo("secret", 4096), denied=("secret",))
+    answers = []
+    for name in ("secret", "nosuch"):
+        conn = raw_server(catalog)
+        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            send_option(conn, Opt.STRUCTURED_REPLY)
+            payload = option_payload_meta(name, [BASE_ALLOCATION])
+        else:
+            payload = option_payload_info(name, [Info.NAME])
+        _, replies = send_option(conn, opt, payload)
+        answers.append([(r, p.replace(name.encode(), b"NAME")) for _, r, p in replies])
+    assert answers[0] == answers[1]
+    assert answers[0][0][0] == Rep.ERR_UNKNOWN
 
 
 def test_export_name_of_a_denied_export_closes() -> None:
