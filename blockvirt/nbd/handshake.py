@@ -8,12 +8,12 @@ what it serves, so the whole negotiation, including every error answer, lives he
 from __future__ import annotations
 
 import enum
-import struct
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from blockvirt.nbd import wire
+from blockvirt.nbd import options, wire
 from blockvirt.nbd.buffer import ReceiveBuffer
 from blockvirt.nbd.constants import (
     BASE_ALLOCATION,
@@ -184,51 +184,48 @@ def _decode_name(raw: bytes) -> str | None:
 
 
 def _parse_info(data: bytes) -> _Parsed:
-    """INFO/GO payload: u32 namelen, name, u16 n, n x u16."""
+    """INFO/GO payload (options.INFO_REQUEST), checked rule by rule in wire order."""
     if len(data) < 6:
         return _Parsed(error=Rep.ERR_INVALID, message="option payload too short")
-    (namelen,) = wire.U32.unpack_from(data, 0)
-    if namelen > len(data) - 6:
+    if options.U32.parse(data) > len(data) - 6:
         return _Parsed(error=Rep.ERR_INVALID, message="name length exceeds option length")
-    name = _decode_name(data[4 : 4 + namelen])
-    if name is None:
+    try:
+        req = options.INFO_REQUEST.parse(data)
+    except options.ParseError:  # fewer or more u16s than the count says, unless...
+        req = None
+    name = _decode_name(req.name if req is not None else options.CHECKED_STRING.parse(data))
+    if name is None:  # ... the name is bad: that rule comes first
         return _Parsed(error=Rep.ERR_INVALID, message="export name is not valid UTF-8 text")
-    (n,) = wire.U16.unpack_from(data, 4 + namelen)
-    if len(data) != 6 + namelen + 2 * n:
+    if req is None:
         return _Parsed(error=Rep.ERR_INVALID, message="information request count mismatch")
-    infos = tuple(wire.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(n))
-    return _Parsed(name=name, infos=infos)
+    return _Parsed(name=name, infos=tuple(req.infos))
 
 
 def _parse_meta(data: bytes) -> _Parsed:
-    """*_META_CONTEXT payload: u32 namelen, name, u32 nq, nq x (u32 len, query)."""
+    """*_META_CONTEXT payload (options.META_CONTEXT_REQUEST), read field by field so that
+    the first broken rule decides the answer (a huge count is refused before its queries)."""
     if len(data) < 8:
         return _Parsed(error=Rep.ERR_INVALID, message="option payload too short")
-    (namelen,) = wire.U32.unpack_from(data, 0)
-    if namelen > len(data) - 8:
+    if options.U32.parse(data) > len(data) - 8:
         return _Parsed(error=Rep.ERR_INVALID, message="name length exceeds option length")
-    name = _decode_name(data[4 : 4 + namelen])
+    stream = io.BytesIO(data)
+    name = _decode_name(options.CHECKED_STRING.parse_stream(stream))
     if name is None:
         return _Parsed(error=Rep.ERR_INVALID, message="export name is not valid UTF-8 text")
-    pos = 4 + namelen
-    (nq,) = wire.U32.unpack_from(data, pos)
-    pos += 4
-    if nq > MAX_META_QUERIES:
+    if options.QUERY_COUNT.parse_stream(stream) > MAX_META_QUERIES:
         return _Parsed(error=Rep.ERR_TOO_BIG, message="too many meta context queries")
+    stream.seek(-4, io.SEEK_CUR)
     queries: list[str] = []
-    for _ in range(nq):
-        if pos + 4 > len(data):
+    for _ in range(options.QUERY_COUNT.parse_stream(stream)):
+        try:
+            raw = options.STRING.parse_stream(stream)
+        except options.ParseError:
             return _Parsed(error=Rep.ERR_INVALID, message="truncated meta context query")
-        (qlen,) = wire.U32.unpack_from(data, pos)
-        pos += 4
-        if qlen > len(data) - pos:
-            return _Parsed(error=Rep.ERR_INVALID, message="truncated meta context query")
-        q = _decode_name(data[pos : pos + qlen])
+        q = _decode_name(raw)
         if q is None:
             return _Parsed(error=Rep.ERR_INVALID, message="meta context query is not valid text")
         queries.append(q)
-        pos += qlen
-    if pos != len(data):
+    if stream.tell() != len(data):
         return _Parsed(error=Rep.ERR_INVALID, message="trailing bytes after meta context queries")
     return _Parsed(name=name, queries=tuple(queries))
 
@@ -385,7 +382,10 @@ class ServerHandshake:
             if self.lists > MAX_LISTS:
                 self._violation(f"more than {MAX_LISTS} LIST options in one handshake")
             for name, description in self.catalog.listing():
-                self._reply(opt, Rep.SERVER, wire.lp_string(name) + description.encode())
+                reply = options.SERVER_REPLY.build(
+                    {"name": name.encode(), "description": description.encode()}
+                )
+                self._reply(opt, Rep.SERVER, reply)
             self._reply(opt, Rep.ACK)
             return None
         if opt == Opt.STRUCTURED_REPLY:
@@ -441,17 +441,23 @@ class ServerHandshake:
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         flags = transmission_flags(export, self.structured)
-        self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
+        info = {"type": Info.EXPORT, "size": export.size, "flags": flags}
+        self._reply(opt, Rep.INFO, options.INFO_EXPORT.build(info))
         if Info.NAME in p.infos:
-            self._reply(opt, Rep.INFO, wire.U16.pack(Info.NAME) + export.name.encode())
+            self._reply(
+                opt, Rep.INFO, options.INFO_TEXT.build({"type": Info.NAME, "text": export.name.encode()})
+            )
         if Info.DESCRIPTION in p.infos and export.description:
-            self._reply(opt, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + export.description.encode())
+            text = {"type": Info.DESCRIPTION, "text": export.description.encode()}
+            self._reply(opt, Rep.INFO, options.INFO_TEXT.build(text))
         # Always sent: it is cheap and tells well-behaved clients our limits.
-        self._reply(
-            opt,
-            Rep.INFO,
-            wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, export.min_block, export.pref_block, export.max_block),
-        )
+        sizes = {
+            "type": Info.BLOCK_SIZE,
+            "minimum": export.min_block,
+            "preferred": export.pref_block,
+            "maximum": export.max_block,
+        }
+        self._reply(opt, Rep.INFO, options.INFO_BLOCK_SIZE.build(sizes))
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
             return self._selected(export, flags)
@@ -476,7 +482,9 @@ class ServerHandshake:
         for name in chosen:
             cid = CONTEXT_IDS.get(name, 0) if setting else 0
             selected[cid] = name
-            self._reply(opt, Rep.META_CONTEXT, wire.U32.pack(cid) + name.encode())
+            self._reply(
+                opt, Rep.META_CONTEXT, options.META_CONTEXT_REPLY.build({"id": cid, "name": name.encode()})
+            )
         if setting:
             self._meta_export, self._meta = export.name, selected
         self._reply(opt, Rep.ACK)
@@ -523,17 +531,13 @@ class ClientHandshake:
 
     # Convenience encoders for the options we use.
     def go(self, name: str, *, info: bool = False) -> None:
-        raw = name.encode()
-        infos = (Info.BLOCK_SIZE, Info.NAME, Info.DESCRIPTION)
-        payload = wire.U32.pack(len(raw)) + raw + wire.U16.pack(len(infos))
-        payload += b"".join(wire.U16.pack(i) for i in infos)
+        infos = [Info.BLOCK_SIZE, Info.NAME, Info.DESCRIPTION]
+        payload = options.INFO_REQUEST.build({"name": name.encode(), "infos": infos})
         self.send_option(Opt.INFO if info else Opt.GO, payload, name=name)
 
     def meta_context(self, name: str, queries: Iterable[str], *, list_only: bool = False) -> None:
-        qs = list(queries)
-        raw = name.encode()
-        payload = wire.U32.pack(len(raw)) + raw + wire.U32.pack(len(qs))
-        payload += b"".join(wire.lp_string(q) for q in qs)
+        request = {"name": name.encode(), "queries": [q.encode() for q in queries]}
+        payload = options.META_CONTEXT_REQUEST.build(request)
         self.send_option(Opt.LIST_META_CONTEXT if list_only else Opt.SET_META_CONTEXT, payload)
 
     def export_name(self, name: str) -> None:
@@ -571,7 +575,7 @@ class ClientHandshake:
             data = self.buffer.take(length)
             try:
                 result = self._option_reply(opt, rep, data)
-            except (struct.error, UnicodeDecodeError) as e:  # a reply shorter than its type needs
+            except (*options.ParseError, UnicodeDecodeError) as e:  # a reply unlike its type's layout
                 raise RemoteProtocolError(f"malformed reply {rep:#x} to option {opt}: {e}") from None
             if result is not None:
                 return result
@@ -589,15 +593,14 @@ class ClientHandshake:
 
     def _option_reply(self, opt: int, rep: int, data: bytes) -> OptionResult | None:
         if rep == Rep.SERVER:
-            (n,) = wire.U32.unpack_from(data, 0)
-            if n > len(data) - 4:
+            if len(data) < 4 or options.U32.parse(data) > len(data) - 4:
                 raise RemoteProtocolError("export name longer than its SERVER reply")
-            name = data[4 : 4 + n].decode()
-            self._exports.append((name, data[4 + n :].decode(errors="replace")))
+            server = options.SERVER_REPLY.parse(data)
+            self._exports.append((server.name.decode(), server.description.decode(errors="replace")))
             return None
         if rep == Rep.META_CONTEXT:
-            (cid,) = wire.U32.unpack_from(data, 0)
-            self._contexts.append((cid, data[4:].decode()))
+            ctx = options.META_CONTEXT_REPLY.parse(data)
+            self._contexts.append((ctx.id, ctx.name.decode()))
             return None
         if rep == Rep.INFO:
             self._info_reply(data)
@@ -612,10 +615,11 @@ class ClientHandshake:
         )
 
     def _info_reply(self, data: bytes) -> None:
-        (itype,) = wire.U16.unpack_from(data, 0)
+        itype = options.INFO_TYPE.parse(data)
         cur = self._export or ExportInfo(name=self._pending_name, size=0)
         if itype == Info.EXPORT:
-            _, size, flags = wire.INFO_EXPORT.unpack(data)
+            export = options.INFO_EXPORT.parse(data)
+            size, flags = export.size, export.flags
             if not flags & TransmissionFlag.HAS_FLAGS:
                 raise RemoteProtocolError("transmission flags without HAS_FLAGS")
             self._tflags = flags
@@ -628,12 +632,12 @@ class ClientHandshake:
                 max_block=cur.max_block,
             )
         elif itype == Info.NAME:
-            cur = _replace(cur, name=data[2:].decode())
+            cur = _replace(cur, name=options.INFO_TEXT.parse(data).text.decode())
         elif itype == Info.DESCRIPTION:
-            cur = _replace(cur, description=data[2:].decode(errors="replace"))
+            cur = _replace(cur, description=options.INFO_TEXT.parse(data).text.decode(errors="replace"))
         elif itype == Info.BLOCK_SIZE:
-            _, mn, pref, mx = wire.INFO_BLOCK_SIZE.unpack(data)
-            cur = _replace(cur, min_block=mn, pref_block=pref, max_block=mx)
+            sizes = options.INFO_BLOCK_SIZE.parse(data)
+            cur = _replace(cur, min_block=sizes.minimum, pref_block=sizes.preferred, max_block=sizes.maximum)
         self._export = cur
 
 
