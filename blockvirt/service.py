@@ -18,6 +18,7 @@ from aiohttp import web
 
 from blockvirt.api.app import build_app
 from blockvirt.api.auth import is_loopback, read_token_file, readable_by_others
+from blockvirt.api.server import ApiLimits
 from blockvirt.jobs import transfer
 from blockvirt.jobs.manager import JobManager
 from blockvirt.jobs.runners import register_all
@@ -72,6 +73,8 @@ class ServiceConfig:
     #: A file holding the API's bearer token; required when the API is not on loopback.
     api_token_file: str | None = None
     limits: Limits = field(default_factory=Limits)
+    #: The API's own limits (connections, header and body deadlines).
+    api_limits: ApiLimits = field(default_factory=ApiLimits)
     #: Test facility: pools' devices can be made to fail or slow down (/api/v1/debug/faults).
     fault_injection: bool = False
 
@@ -184,7 +187,9 @@ class Service:
             self.loop_lag = LoopLagMonitor()
             self.loop_lag.start()
             metrics = build_registry(self.volumes, self.jobs, self.qos, self.loop_lag, self.nbd.counters)
-        app = build_app(self.volumes, self.jobs, self.qos, metrics, token=token, fault_io=io)
+        app = build_app(
+            self.volumes, self.jobs, self.qos, metrics, token=token, fault_io=io, limits=cfg.api_limits
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)

@@ -42,8 +42,8 @@ class FakeCatalog:
             return ExportDenied(name, "denied by the test catalog")
         return self.by_name.get(name)
 
-    def exports(self) -> Iterable[ExportInfo]:
-        return [e for e in self.by_name.values() if e.name not in self.denied]
+    def listing(self) -> Iterable[tuple[str, str]]:
+        return [(e.name, e.description) for e in self.by_name.values() if e.name not in self.denied]
 
 
 def default_catalog() -> FakeCatalog:

@@ -59,6 +59,11 @@ def v(name: str) -> int:
     return V[name]
 
 
+def not_found(name: str) -> str:
+    """spec §3.4: the reply to a name that is unknown, or that the client may not open."""
+    return f"no export named {pyrepr(name)} for this client"
+
+
 NBDMAGIC = v("NBDMAGIC")
 IHAVEOPT = v("IHAVEOPT")
 OPT_REPLY_MAGIC = v("NBD_OPT_REPLY_MAGIC")
@@ -288,8 +293,11 @@ class Vector:
         self.c2s(u32(cflags), f"client flags {cflags:#x}")
 
     def denied(self, number: int, export: str, note: str) -> None:
-        message = f"access to export {pyrepr(export)} is denied"
-        self.s2c(option_reply(number, rep("ERR_POLICY"), message.encode()), f"{note}: ERR_POLICY {message!r}")
+        # The same bytes as for a name that does not exist (§3.7): nothing to probe.
+        message = not_found(export)
+        self.s2c(
+            option_reply(number, rep("ERR_UNKNOWN"), message.encode()), f"{note}: ERR_UNKNOWN {message!r}"
+        )
         self.event("access_denied", option=number, export=export)
 
     def refused(self, number: int, rtype: str, message: str, note: str) -> None:
@@ -1023,7 +1031,8 @@ def access_denied() -> Vector:
     t = errors(
         "access_denied",
         "An export this client's access rules refuse: LIST leaves it out; INFO, GO and "
-        "SET_META_CONTEXT get ERR_POLICY and haggling goes on; an open export still works (spec §3.7).",
+        "SET_META_CONTEXT get ERR_UNKNOWN, as an unknown name would, and haggling goes on; an open "
+        "export still works (spec §3.7).",
         secret,
         disk(),
     )
@@ -1093,7 +1102,7 @@ def unknown_export() -> Vector:
     for number, name in ((opt("GO"), "nope"), (opt("INFO"), ""), (opt("GO"), "")):
         label = "GO" if number == opt("GO") else "INFO"
         t.c2s(option(number, info_request(name, [info("BLOCK_SIZE")])), f"NBD_OPT_{label} {name!r}")
-        t.refused(number, "ERR_UNKNOWN", f"no export named {pyrepr(name)}", label)
+        t.refused(number, "ERR_UNKNOWN", not_found(name), label)
     t.go("disk")
     return t
 
@@ -1177,7 +1186,7 @@ def meta_malformed() -> Vector:
         (u32(9) + b"disk" + u32(0), "ERR_INVALID", "name length exceeds option length"),
         (u32(4) + b"disk" + u32(1) + u32(100) + b"base:", "ERR_INVALID", "truncated meta context query"),
         (good + b"\0", "ERR_INVALID", "trailing bytes after meta context queries"),
-        (meta_request("nope", [BASE_ALLOCATION]), "ERR_UNKNOWN", "no export named 'nope'"),
+        (meta_request("nope", [BASE_ALLOCATION]), "ERR_UNKNOWN", not_found("nope")),
     ]
     for data, rtype, message in cases:
         t.c2s(option(opt("SET_META_CONTEXT"), data), f"NBD_OPT_SET_META_CONTEXT ({message})")

@@ -7,6 +7,7 @@ protocol/mgmt-api.md.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,11 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from blockvirt.api import debug as debug_api
 from blockvirt.api import qos as qos_api
+from blockvirt.api import server as api_server
 from blockvirt.api import views
 from blockvirt.api.auth import auth_middleware
+from blockvirt.api.guard import guard_middleware
 from blockvirt.api.keys import JOBS, QOS, VOLUMES
 from blockvirt.api.request import body as _body
 from blockvirt.api.request import field as _field
+from blockvirt.api.request import schema_middleware
 from blockvirt.jobs import migrate
 from blockvirt.jobs.manager import JobManager
 from blockvirt.qos.manager import QosManager
@@ -33,11 +37,15 @@ from blockvirt.storage.volumes import VolumeManager
 log = logging.getLogger("blockvirt.api")
 
 _STATUS = {"invalid": 400, "not-found": 404, "conflict": 409, "no-space": 507, "unavailable": 503}
+#: Error messages are cut here: they may echo what the client sent (a 10 KB name).
+MAX_MESSAGE = 300
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
@@ -198,7 +206,7 @@ async def create_snapshot(request: web.Request) -> web.Response:
 
 
 async def revert_snapshot(request: web.Request) -> web.Response:
-    body = await _body(request) if request.can_read_body else {}
+    body = await _body(request)
     force = _field(body, "force", bool, False)
     out = await request.app[VOLUMES].snapshot_revert(
         request.match_info["name"], request.match_info["snap"], force=force
@@ -245,7 +253,11 @@ async def create_pool(request: web.Request) -> web.Response:
             raise CatalogError("invalid", "give either 'path' (a file pool) or 'rbd' (an RBD pool), not both")
         rec = await vm.pools.attach(name, "rbd", _rbd_config(rbd), settings)
     else:
-        rec = vm.pools.create(name, _field(body, "path", str), settings)
+        path = _field(body, "path", str)
+        if path and not os.path.isabs(path):
+            # Relative to what? The server's working directory is nobody's business.
+            raise CatalogError("invalid", f"pool path {path!r} must be absolute")
+        rec = vm.pools.create(name, path, settings)
     return web.json_response(vm.pool_info(rec.name), status=201)
 
 
@@ -337,15 +349,23 @@ def build_app(
     *,
     token: str | None = None,
     fault_io: FileIO | None = None,
+    limits: api_server.ApiLimits | None = None,
 ) -> web.Application:
     """The API; `/metrics` serves `registry`, or answers 404 without one (`serve
     --no-metrics`). With `token`, every request but the health check needs
     `Authorization: Bearer TOKEN` (see blockvirt.api.auth). `fault_io` is the pools' I/O
-    when fault injection is on (the debug routes drive it)."""
-    middlewares: list[Middleware] = [errors_middleware]
+    when fault injection is on (the debug routes drive it). `limits` cap connections and
+    time requests out; cross-site requests are refused (blockvirt.api.guard)."""
+    middlewares: list[Middleware] = [
+        api_server.deadline_middleware(),  # a request head is complete: stop its clock
+        errors_middleware,  # every answer below is JSON, a crash included
+        guard_middleware(loopback_only=token is None),
+        schema_middleware,
+    ]
     if token is not None:
-        middlewares.insert(0, auth_middleware(token))  # first: nothing runs before the check
+        middlewares.insert(3, auth_middleware(token))  # before the body is even read
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
+    api_server.install(app, limits if limits is not None else api_server.ApiLimits())
     app[VOLUMES] = volumes
     app[JOBS] = jobs
     if qos is not None:

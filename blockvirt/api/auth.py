@@ -85,7 +85,9 @@ def bearer_matches(header: str | None, token: str) -> bool:
     scheme, _, credentials = header.strip().partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(credentials.strip().encode(), token.encode())
+    # aiohttp hands non-ASCII header bytes over as surrogate escapes: never a token.
+    given = credentials.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, token.encode())
 
 
 def auth_middleware(token: str) -> Middleware:

@@ -75,7 +75,7 @@ async def calibrate_pool(request: web.Request) -> web.Response:
         raise CatalogError(
             "conflict", f"pool {name!r} is a {rec.backend} pool: calibration measures a file pool's device"
         )
-    body = await _body(request) if request.can_read_body else {}
+    body = await _body(request)
     seconds = body.get("seconds", 4.0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0.5 <= seconds <= 120:
         raise CatalogError("invalid", "seconds must be a number between 0.5 and 120")

@@ -10,7 +10,11 @@ import time
 import urllib.parse
 from typing import Any
 
+from rich.console import Console
+
 from blockvirt.cli.client import ApiClient
+from blockvirt.cli.progress import JobProgress
+from blockvirt.cli.progress import human_size as human_size  # re-exported
 
 DEFAULT_API_URL = "http://127.0.0.1:9810"
 
@@ -46,14 +50,6 @@ def add_common(p: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
     cells = [[h for _, h in cols]] + [[str(r.get(k, "")) for k, _ in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
@@ -72,41 +68,38 @@ def q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
-def eta_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else (f"{seconds // 60:02d}:{seconds % 60:02d}")
-    )
-
-
-def progress_line(job: dict[str, Any], width: int = 30) -> str:
-    """`kind [####......]  42.0%` plus bytes, rate and ETA for jobs that move bytes."""
-    done = int(job["progress"] * width)
-    line = f"{job['kind']} [{'#' * done}{'.' * (width - done)}] {job['progress']:6.1%}"
-    if job.get("unit") == "bytes":
-        line += f"  {human_size(job['done'])}/{human_size(job['total'])}"
-        rate = job.get("rate")
-        if rate is not None:
-            line += f"  {human_size(rate)}/s  ETA {eta_text(job.get('eta_seconds'))}"
-    return line
-
-
 def wait_job(args: argparse.Namespace, api: ApiClient, job_id: str) -> dict[str, Any]:
-    """Poll a job to its end, drawing a progress bar on a terminal."""
-    tty = sys.stderr.isatty() and not args.json
-    shown = 0
-    while True:
-        job: dict[str, Any] = api.get(f"/api/v1/jobs/{q(job_id)}")
-        if tty:
-            line = progress_line(job)
-            print("\r" + line.ljust(shown), end="", file=sys.stderr)
-            shown = len(line)
-        if job["state"] != "running":
-            if tty:
-                print(file=sys.stderr)
-            return job
-        time.sleep(0.2)
+    """Poll a job to its end, drawing a progress bar on a terminal (stderr)."""
+    console = Console(file=sys.stderr)
+    show = console.is_terminal and not args.json
+    with JobProgress(console, disable=not show) as bar:
+        while True:
+            job: dict[str, Any] = api.get(f"/api/v1/jobs/{q(job_id)}")
+            bar.update(job)
+            if job["state"] != "running":
+                return job
+            time.sleep(0.2)
+
+
+def job_status(job: dict[str, Any]) -> int:
+    """Exit status for a job waited on: 0 only if it is done; else say why on stderr."""
+    if job["state"] == "done":
+        return EXIT_OK
+    why = f": {job['error']}" if job.get("error") else ""
+    what = f"job {job['id']} ({job['kind']} of {job['volume']})"
+    print(f"blockvirt: error: {what} {job['state']}{why}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def size_arg(text: str, what: str = "size") -> int:
+    """A size from the command line (bytes or 10G, ...): UsageError if it is not one."""
+    from blockvirt.storage.catalog import CatalogError, parse_size
+
+    if len(text) > 32:  # parse_size goes through float: 400 digits overflow it
+        raise UsageError(f"invalid {what} {text[:40]!r}...: too long")
+    try:
+        return parse_size(text)
+    except CatalogError as e:
+        raise UsageError(e.message) from None
+    except (OverflowError, ValueError):
+        raise UsageError(f"invalid {what} {text!r}") from None

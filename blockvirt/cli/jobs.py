@@ -15,8 +15,10 @@ from blockvirt.cli.common import (
     add_common,
     emit,
     human_size,
+    job_status,
     print_table,
     q,
+    size_arg,
     wait_job,
 )
 
@@ -79,8 +81,13 @@ def run_job(args: argparse.Namespace, api: ApiClient) -> int:
                 ],
             )
     elif args.action == "show":
-        job = wait_job(args, api, args.id) if args.wait else api.get(f"/api/v1/jobs/{q(args.id)}")
+        if not args.wait:
+            job = api.get(f"/api/v1/jobs/{q(args.id)}")
+            emit(args, job, _job_text(job))
+            return EXIT_OK
+        job = wait_job(args, api, args.id)
         emit(args, job, _job_text(job))
+        return job_status(job)  # waited for its end: 0 only if it is done
     elif args.action == "cancel":
         job = api.post(f"/api/v1/jobs/{q(args.id)}/cancel", {})
         emit(args, job, f"job {job['id']} ({job['kind']} on {job['volume']}) cancelled")
@@ -90,12 +97,10 @@ def run_job(args: argparse.Namespace, api: ApiClient) -> int:
 
 
 def run_migrate(args: argparse.Namespace, api: ApiClient) -> int:
-    from blockvirt.storage.catalog import CatalogError, parse_size
-
     try:
-        bps = parse_size(args.bps_limit)
-    except CatalogError as e:
-        raise UsageError(f"blockvirt migrate: --bps-limit: {e.message}") from None
+        bps = size_arg(args.bps_limit, "--bps-limit")
+    except UsageError as e:
+        raise UsageError(f"blockvirt migrate: --bps-limit: {e}") from None
     body: dict[str, Any] = {"pool": args.pool, "bps_limit": bps}
     if args.provisioning:
         body["provisioning"] = args.provisioning

@@ -23,8 +23,10 @@ from blockvirt.cli.common import (
     add_common,
     emit,
     human_size,
+    job_status,
     print_table,
     q,
+    size_arg,
     wait_job,
 )
 
@@ -49,6 +51,13 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return n
+
+
+def _size(text: str) -> int:
+    try:
+        return size_arg(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--max-connections-per-address",
         type=_positive_int,
-        default=128,
+        default=512,
         metavar="N",
         help="from one client IP",
     )
@@ -138,10 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument(
         "--max-inflight-bytes",
+        type=_size,
         default="128M",
         metavar="SIZE",
         help="READ/WRITE bytes in flight per connection",
     )
+    lim.add_argument(
+        "--max-inflight-bytes-total",
+        type=_size,
+        default="1G",
+        metavar="SIZE",
+        help="READ/WRITE bytes in flight over all connections (unread replies included)",
+    )
+
+    api_lim = serve.add_argument_group("API connection limits")
+    api_lim.add_argument(
+        "--api-header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request head must be complete this long after connect or the previous answer",
+    )
+    api_lim.add_argument(
+        "--api-body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="for a request body"
+    )
+    api_lim.add_argument("--api-max-connections", type=_positive_int, default=256, metavar="N")
 
     vol = sub.add_parser("volume", help="manage volumes")
     _common(vol, top=False)
@@ -247,10 +277,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from blockvirt import logs
     from blockvirt.api.auth import TokenError
+    from blockvirt.api.server import ApiLimits
     from blockvirt.server.limits import Limits
     from blockvirt.server.tls import TLSConfigError
     from blockvirt.service import ConfigError, Service, ServiceConfig, parse_hostport
-    from blockvirt.storage.catalog import CatalogError, parse_size
 
     try:
         nbd_host, nbd_port = parse_hostport(args.nbd, "--nbd")
@@ -262,10 +292,14 @@ def _serve(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             idle_timeout=args.idle_timeout,
             max_inflight=args.max_inflight,
-            max_inflight_bytes=parse_size(args.max_inflight_bytes),
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_inflight_bytes_total=args.max_inflight_bytes_total,
         )
-    except CatalogError as e:
-        raise UsageError(f"blockvirt serve: --max-inflight-bytes: {e.message}") from None
+        api_limits = ApiLimits(
+            header_timeout=args.api_header_timeout,
+            body_timeout=args.api_body_timeout,
+            max_connections=args.api_max_connections,
+        )
     except ValueError as e:
         raise UsageError(f"blockvirt serve: {e}") from None
     if args.tls and not args.tls_dir:
@@ -286,6 +320,7 @@ def _serve(args: argparse.Namespace) -> int:
         fault_injection=args.fault_injection,
         api_token_file=args.api_token_file,
         limits=limits,
+        api_limits=api_limits,
     )
     try:
         asyncio.run(Service(cfg).run())
@@ -299,14 +334,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _volume(args: argparse.Namespace, api: ApiClient) -> int:
-    from blockvirt.storage.catalog import CatalogError, parse_size
-
     action = args.action
     if action == "create":
-        try:
-            size = parse_size(args.size)
-        except CatalogError as e:
-            raise UsageError(e.message) from None
+        size = size_arg(args.size)
         info = api.post(
             "/api/v1/volumes", {"name": args.name, "size": size, "thick": args.thick, "pool": args.pool}
         )
@@ -362,10 +392,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         info = api.post(f"/api/v1/volumes/{_q(args.name)}/reset", {})
         _emit(args, info, f"reset volume {args.name}: {info['state']}")
     elif action == "resize":
-        try:
-            size = parse_size(args.size)
-        except CatalogError as e:
-            raise UsageError(e.message) from None
+        size = size_arg(args.size)
         info = api.post(f"/api/v1/volumes/{_q(args.name)}/resize", {"size": size, "force": args.force})
         old = info["resized_from"]
         verb = "grew" if info["size"] > old else "shrank" if info["size"] < old else "kept"
@@ -380,7 +407,8 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         if args.wait:
             job = _wait_job(args, api, job["id"])
         _emit(args, job, f"flatten of {args.name}: job {job['id']} {job['state']}")
-        return EXIT_OK if job["state"] != "failed" else EXIT_ERROR
+        # Not waited for, a running job is success; waited for, only a done one is.
+        return job_status(job) if args.wait else EXIT_OK
     else:
         raise UsageError(
             "blockvirt volume: choose an action: "
@@ -508,6 +536,8 @@ def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
         if out.get("note"):
             human += f"; {out['note']}"
     _emit(args, out, human)
+    if action == "delete" and args.wait and out.get("job_state") is not None:
+        return job_status(job)
     return EXIT_OK
 
 
@@ -535,7 +565,19 @@ def _api_token(args: argparse.Namespace) -> str | None:
     return token or None
 
 
+def _fail(as_json: bool, status: int, code: str, message: str, http_status: int | None = None) -> int:
+    """Report an error: one line on stderr, and with --json a JSON object on stdout too."""
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": message, "status": http_status}}))
+    print(message if code == "usage" else f"blockvirt: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 success, 1 the request (or a job waited for) failed, 2 bad usage; never
+    a traceback."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in words  # known before parsing, so usage errors can be JSON too
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -563,12 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return qos.run(args, api)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(as_json, EXIT_USAGE, "usage", str(e))
     except ApiError as e:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": {"message": e.message, "code": e.code, "status": e.status}}))
-        print(f"blockvirt: error: {e.message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(as_json, EXIT_ERROR, e.code or "error", e.message, e.status or None)
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a local file: check's data directory, a token file, ...
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(as_json, EXIT_ERROR, "os-error", f"{e.strerror or e}{where}")
+    except Exception as e:  # a bug: still one line (the details are the exception's own)
+        return _fail(as_json, EXIT_ERROR, "internal", f"internal error: {type(e).__name__}: {e}"[:500])

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blockvirt.cli.client import ApiClient
-from blockvirt.cli.common import EXIT_OK, Parser, UsageError, add_common, emit, human_size, q
+from blockvirt.cli.common import EXIT_OK, Parser, UsageError, add_common, emit, human_size, q, size_arg
 
 
 def _rate(text: str) -> float:
@@ -14,18 +14,16 @@ def _rate(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (none) or positive: {text!r}")
+    if not v >= 0 or v == float("inf"):  # NaN fails >= too
+        raise argparse.ArgumentTypeError(f"must be 0 (none) or a positive number: {text!r}")
     return v
 
 
 def _bytes_rate(text: str) -> float:
-    from blockvirt.storage.catalog import CatalogError, parse_size
-
     try:
-        return float(parse_size(text))
-    except CatalogError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
+        return float(size_arg(text, "rate"))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _knobs(p: argparse.ArgumentParser, *, volume: bool) -> None:

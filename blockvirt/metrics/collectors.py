@@ -358,7 +358,7 @@ class SecurityCollector(Collector):
             refused.add_metric([reason], n)
         timed_out = CounterMetricFamily(
             "blockvirt_connections_timed_out",
-            "NBD sessions cut by a timeout, by phase (handshake, request, idle)",
+            "NBD sessions cut by a timeout, by phase (handshake, request, idle, reply)",
             labels=["phase"],
         )
         for phase, n in sorted(c.timed_out.items()):

@@ -21,8 +21,10 @@ ServerEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused | C
 class ServerConnection:
     """One client, server role. `receive_data` then drain `next_event` until None."""
 
-    def __init__(self, catalog: ExportCatalog, *, tls: TLSMode = TLSMode.NONE) -> None:
-        self.handshake = ServerHandshake(catalog, tls=tls)
+    def __init__(
+        self, catalog: ExportCatalog, *, tls: TLSMode = TLSMode.NONE, options_per_call: int | None = None
+    ) -> None:
+        self.handshake = ServerHandshake(catalog, tls=tls, options_per_call=options_per_call)
         self.transmission: ServerTransmission | None = None
         self.negotiated: Negotiated | None = None
 

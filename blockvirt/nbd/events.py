@@ -75,7 +75,8 @@ class Aborted:
 class AccessDenied:
     """The catalog refused this client the export an option named (for logs and metrics).
 
-    After INFO, GO or a META_CONTEXT option the client was answered NBD_REP_ERR_POLICY and
+    After INFO, GO or a META_CONTEXT option the client was answered NBD_REP_ERR_UNKNOWN, the
+    same reply as for a name that does not exist, and
     haggling goes on. After EXPORT_NAME, which has no error reply, `closed` is set: the
     handshake is over and the adapter must drop the connection."""
 

@@ -8,12 +8,12 @@ what it serves, so the whole negotiation, including every error answer, lives he
 from __future__ import annotations
 
 import enum
-import struct
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from blockvirt.nbd import wire
+from blockvirt.nbd import options, wire
 from blockvirt.nbd.buffer import ReceiveBuffer
 from blockvirt.nbd.constants import (
     BASE_ALLOCATION,
@@ -46,6 +46,12 @@ MAX_META_QUERIES = 128
 #: The client refuses option replies longer than this (ours are at most a few KiB): a peer
 #: declaring more is not allowed to make us buffer it.
 MAX_OPTION_REPLY = MAX_OPTION_LENGTH
+#: A handshake with more options than this is closed: real clients send a handful (nbdinfo
+#: --list sends one INFO per export, so this leaves room for a thousand exports), a flood
+#: of pipelined options only burns the server's time.
+MAX_OPTIONS = 1024
+#: LIST is the one option whose answer grows with the catalog: at most this many per handshake.
+MAX_LISTS = 16
 
 
 class TLSMode(enum.Enum):
@@ -113,17 +119,20 @@ class ExportCatalog(Protocol):
         `ExportDenied` if it exists but this client may not open it, None if unknown."""
         ...
 
-    def exports(self) -> Iterable[ExportInfo]:
-        """What LIST shows: only the exports this client may open."""
+    def listing(self) -> Iterable[tuple[str, str]]:
+        """What LIST shows, as (name, description): only the exports this client may open.
+        Must be cheap (catalog data, nothing opened): an unauthenticated client may ask."""
         ...
 
 
 ServerHandshakeEvent = StartTLS | Negotiated | Aborted | AccessDenied | OptionRefused
 
 
-def _denied_message(name: str) -> str:
-    # The rule that refused, and who the server thinks the client is, stay in the server log.
-    return f"access to export {name!r} is denied"
+def not_found_message(name: str) -> str:
+    """The one answer to a name this client may not open, whether it exists or not: a
+    denied client must not learn which names exist. Why it was refused (the rules, who the
+    client is) goes to the server log only (`AccessDenied`)."""
+    return f"no export named {name!r} for this client"
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> int:
@@ -175,51 +184,48 @@ def _decode_name(raw: bytes) -> str | None:
 
 
 def _parse_info(data: bytes) -> _Parsed:
-    """INFO/GO payload: u32 namelen, name, u16 n, n x u16."""
+    """INFO/GO payload (options.INFO_REQUEST), checked rule by rule in wire order."""
     if len(data) < 6:
         return _Parsed(error=Rep.ERR_INVALID, message="option payload too short")
-    (namelen,) = wire.U32.unpack_from(data, 0)
-    if namelen > len(data) - 6:
+    if options.U32.parse(data) > len(data) - 6:
         return _Parsed(error=Rep.ERR_INVALID, message="name length exceeds option length")
-    name = _decode_name(data[4 : 4 + namelen])
-    if name is None:
+    try:
+        req = options.INFO_REQUEST.parse(data)
+    except options.ParseError:  # fewer or more u16s than the count says, unless...
+        req = None
+    name = _decode_name(req.name if req is not None else options.CHECKED_STRING.parse(data))
+    if name is None:  # ... the name is bad: that rule comes first
         return _Parsed(error=Rep.ERR_INVALID, message="export name is not valid UTF-8 text")
-    (n,) = wire.U16.unpack_from(data, 4 + namelen)
-    if len(data) != 6 + namelen + 2 * n:
+    if req is None:
         return _Parsed(error=Rep.ERR_INVALID, message="information request count mismatch")
-    infos = tuple(wire.U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(n))
-    return _Parsed(name=name, infos=infos)
+    return _Parsed(name=name, infos=tuple(req.infos))
 
 
 def _parse_meta(data: bytes) -> _Parsed:
-    """*_META_CONTEXT payload: u32 namelen, name, u32 nq, nq x (u32 len, query)."""
+    """*_META_CONTEXT payload (options.META_CONTEXT_REQUEST), read field by field so that
+    the first broken rule decides the answer (a huge count is refused before its queries)."""
     if len(data) < 8:
         return _Parsed(error=Rep.ERR_INVALID, message="option payload too short")
-    (namelen,) = wire.U32.unpack_from(data, 0)
-    if namelen > len(data) - 8:
+    if options.U32.parse(data) > len(data) - 8:
         return _Parsed(error=Rep.ERR_INVALID, message="name length exceeds option length")
-    name = _decode_name(data[4 : 4 + namelen])
+    stream = io.BytesIO(data)
+    name = _decode_name(options.CHECKED_STRING.parse_stream(stream))
     if name is None:
         return _Parsed(error=Rep.ERR_INVALID, message="export name is not valid UTF-8 text")
-    pos = 4 + namelen
-    (nq,) = wire.U32.unpack_from(data, pos)
-    pos += 4
-    if nq > MAX_META_QUERIES:
+    if options.QUERY_COUNT.parse_stream(stream) > MAX_META_QUERIES:
         return _Parsed(error=Rep.ERR_TOO_BIG, message="too many meta context queries")
+    stream.seek(-4, io.SEEK_CUR)
     queries: list[str] = []
-    for _ in range(nq):
-        if pos + 4 > len(data):
+    for _ in range(options.QUERY_COUNT.parse_stream(stream)):
+        try:
+            raw = options.STRING.parse_stream(stream)
+        except options.ParseError:
             return _Parsed(error=Rep.ERR_INVALID, message="truncated meta context query")
-        (qlen,) = wire.U32.unpack_from(data, pos)
-        pos += 4
-        if qlen > len(data) - pos:
-            return _Parsed(error=Rep.ERR_INVALID, message="truncated meta context query")
-        q = _decode_name(data[pos : pos + qlen])
+        q = _decode_name(raw)
         if q is None:
             return _Parsed(error=Rep.ERR_INVALID, message="meta context query is not valid text")
         queries.append(q)
-        pos += qlen
-    if pos != len(data):
+    if stream.tell() != len(data):
         return _Parsed(error=Rep.ERR_INVALID, message="trailing bytes after meta context queries")
     return _Parsed(name=name, queries=tuple(queries))
 
@@ -251,9 +257,16 @@ class ServerHandshake:
         catalog: ExportCatalog,
         *,
         tls: TLSMode = TLSMode.NONE,
+        options_per_call: int | None = None,
     ) -> None:
         self.catalog = catalog
         self.tls_mode = tls
+        #: With a number, `next_event` handles at most that many options per call and then
+        #: returns None with `backlog` set, so an adapter can let others run in between.
+        self.options_per_call = options_per_call
+        self.backlog = False
+        self.options = 0  # options received in this handshake (MAX_OPTIONS)
+        self.lists = 0
         self.tls_active = False
         self.shutting_down = False
         self.machine = StateMachine(State.GREETING)
@@ -286,7 +299,11 @@ class ServerHandshake:
         self._meta = {}
 
     def next_event(self) -> ServerHandshakeEvent | None:
-        """Process buffered input; returns an event, or None when more data is needed."""
+        """Process buffered input; returns an event, or None when more data is needed (or,
+        with `options_per_call`, when that many options were handled: then `backlog` is set
+        and the caller should call again soon)."""
+        self.backlog = False
+        budget = self.options_per_call
         while True:
             st = self.machine.state
             if st is State.GREETING:
@@ -311,6 +328,14 @@ class ServerHandshake:
                 self._violation(f"option length {length} exceeds {MAX_OPTION_LENGTH}")
             if len(self.buffer) < wire.OPTION.size + length:
                 return None
+            if budget is not None:
+                if budget <= 0:
+                    self.backlog = True
+                    return None
+                budget -= 1
+            self.options += 1
+            if self.options > MAX_OPTIONS:
+                self._violation(f"more than {MAX_OPTIONS} options in one handshake")
             self.buffer.advance(wire.OPTION.size)
             data = self.buffer.take(length)
             ev = self._option(opt, data)
@@ -330,7 +355,7 @@ class ServerHandshake:
         return OptionRefused(opt, int(rep), message)
 
     def _deny(self, opt: int, denied: ExportDenied) -> AccessDenied:
-        self._reply(opt, Rep.ERR_POLICY, wire.utf8_prefix(_denied_message(denied.name), MAX_STRING))
+        self._reply(opt, Rep.ERR_UNKNOWN, wire.utf8_prefix(not_found_message(denied.name), MAX_STRING))
         return AccessDenied(opt, denied.name, denied.reason)
 
     def _option(self, opt: int, data: bytes) -> ServerHandshakeEvent | None:
@@ -353,8 +378,14 @@ class ServerHandshake:
         if opt == Opt.LIST:
             if data:
                 return self._refuse(opt, Rep.ERR_INVALID, "LIST takes no payload")
-            for exp in self.catalog.exports():
-                self._reply(opt, Rep.SERVER, wire.lp_string(exp.name) + exp.description.encode())
+            self.lists += 1
+            if self.lists > MAX_LISTS:
+                self._violation(f"more than {MAX_LISTS} LIST options in one handshake")
+            for name, description in self.catalog.listing():
+                reply = options.SERVER_REPLY.build(
+                    {"name": name.encode(), "description": description.encode()}
+                )
+                self._reply(opt, Rep.SERVER, reply)
             self._reply(opt, Rep.ACK)
             return None
         if opt == Opt.STRUCTURED_REPLY:
@@ -408,19 +439,25 @@ class ServerHandshake:
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
         if export is None:
-            return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
+            return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         flags = transmission_flags(export, self.structured)
-        self._reply(opt, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
+        info = {"type": Info.EXPORT, "size": export.size, "flags": flags}
+        self._reply(opt, Rep.INFO, options.INFO_EXPORT.build(info))
         if Info.NAME in p.infos:
-            self._reply(opt, Rep.INFO, wire.U16.pack(Info.NAME) + export.name.encode())
+            self._reply(
+                opt, Rep.INFO, options.INFO_TEXT.build({"type": Info.NAME, "text": export.name.encode()})
+            )
         if Info.DESCRIPTION in p.infos and export.description:
-            self._reply(opt, Rep.INFO, wire.U16.pack(Info.DESCRIPTION) + export.description.encode())
+            text = {"type": Info.DESCRIPTION, "text": export.description.encode()}
+            self._reply(opt, Rep.INFO, options.INFO_TEXT.build(text))
         # Always sent: it is cheap and tells well-behaved clients our limits.
-        self._reply(
-            opt,
-            Rep.INFO,
-            wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, export.min_block, export.pref_block, export.max_block),
-        )
+        sizes = {
+            "type": Info.BLOCK_SIZE,
+            "minimum": export.min_block,
+            "preferred": export.pref_block,
+            "maximum": export.max_block,
+        }
+        self._reply(opt, Rep.INFO, options.INFO_BLOCK_SIZE.build(sizes))
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
             return self._selected(export, flags)
@@ -439,13 +476,15 @@ class ServerHandshake:
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
         if export is None:
-            return self._refuse(opt, Rep.ERR_UNKNOWN, f"no export named {p.name!r}")
+            return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)
         selected: dict[int, str] = {}
         for name in chosen:
             cid = CONTEXT_IDS.get(name, 0) if setting else 0
             selected[cid] = name
-            self._reply(opt, Rep.META_CONTEXT, wire.U32.pack(cid) + name.encode())
+            self._reply(
+                opt, Rep.META_CONTEXT, options.META_CONTEXT_REPLY.build({"id": cid, "name": name.encode()})
+            )
         if setting:
             self._meta_export, self._meta = export.name, selected
         self._reply(opt, Rep.ACK)
@@ -492,17 +531,13 @@ class ClientHandshake:
 
     # Convenience encoders for the options we use.
     def go(self, name: str, *, info: bool = False) -> None:
-        raw = name.encode()
-        infos = (Info.BLOCK_SIZE, Info.NAME, Info.DESCRIPTION)
-        payload = wire.U32.pack(len(raw)) + raw + wire.U16.pack(len(infos))
-        payload += b"".join(wire.U16.pack(i) for i in infos)
+        infos = [Info.BLOCK_SIZE, Info.NAME, Info.DESCRIPTION]
+        payload = options.INFO_REQUEST.build({"name": name.encode(), "infos": infos})
         self.send_option(Opt.INFO if info else Opt.GO, payload, name=name)
 
     def meta_context(self, name: str, queries: Iterable[str], *, list_only: bool = False) -> None:
-        qs = list(queries)
-        raw = name.encode()
-        payload = wire.U32.pack(len(raw)) + raw + wire.U32.pack(len(qs))
-        payload += b"".join(wire.lp_string(q) for q in qs)
+        request = {"name": name.encode(), "queries": [q.encode() for q in queries]}
+        payload = options.META_CONTEXT_REQUEST.build(request)
         self.send_option(Opt.LIST_META_CONTEXT if list_only else Opt.SET_META_CONTEXT, payload)
 
     def export_name(self, name: str) -> None:
@@ -540,7 +575,7 @@ class ClientHandshake:
             data = self.buffer.take(length)
             try:
                 result = self._option_reply(opt, rep, data)
-            except (struct.error, UnicodeDecodeError) as e:  # a reply shorter than its type needs
+            except (*options.ParseError, UnicodeDecodeError) as e:  # a reply unlike its type's layout
                 raise RemoteProtocolError(f"malformed reply {rep:#x} to option {opt}: {e}") from None
             if result is not None:
                 return result
@@ -558,15 +593,14 @@ class ClientHandshake:
 
     def _option_reply(self, opt: int, rep: int, data: bytes) -> OptionResult | None:
         if rep == Rep.SERVER:
-            (n,) = wire.U32.unpack_from(data, 0)
-            if n > len(data) - 4:
+            if len(data) < 4 or options.U32.parse(data) > len(data) - 4:
                 raise RemoteProtocolError("export name longer than its SERVER reply")
-            name = data[4 : 4 + n].decode()
-            self._exports.append((name, data[4 + n :].decode(errors="replace")))
+            server = options.SERVER_REPLY.parse(data)
+            self._exports.append((server.name.decode(), server.description.decode(errors="replace")))
             return None
         if rep == Rep.META_CONTEXT:
-            (cid,) = wire.U32.unpack_from(data, 0)
-            self._contexts.append((cid, data[4:].decode()))
+            ctx = options.META_CONTEXT_REPLY.parse(data)
+            self._contexts.append((ctx.id, ctx.name.decode()))
             return None
         if rep == Rep.INFO:
             self._info_reply(data)
@@ -581,10 +615,11 @@ class ClientHandshake:
         )
 
     def _info_reply(self, data: bytes) -> None:
-        (itype,) = wire.U16.unpack_from(data, 0)
+        itype = options.INFO_TYPE.parse(data)
         cur = self._export or ExportInfo(name=self._pending_name, size=0)
         if itype == Info.EXPORT:
-            _, size, flags = wire.INFO_EXPORT.unpack(data)
+            export = options.INFO_EXPORT.parse(data)
+            size, flags = export.size, export.flags
             if not flags & TransmissionFlag.HAS_FLAGS:
                 raise RemoteProtocolError("transmission flags without HAS_FLAGS")
             self._tflags = flags
@@ -597,12 +632,12 @@ class ClientHandshake:
                 max_block=cur.max_block,
             )
         elif itype == Info.NAME:
-            cur = _replace(cur, name=data[2:].decode())
+            cur = _replace(cur, name=options.INFO_TEXT.parse(data).text.decode())
         elif itype == Info.DESCRIPTION:
-            cur = _replace(cur, description=data[2:].decode(errors="replace"))
+            cur = _replace(cur, description=options.INFO_TEXT.parse(data).text.decode(errors="replace"))
         elif itype == Info.BLOCK_SIZE:
-            _, mn, pref, mx = wire.INFO_BLOCK_SIZE.unpack(data)
-            cur = _replace(cur, min_block=mn, pref_block=pref, max_block=mx)
+            sizes = options.INFO_BLOCK_SIZE.parse(data)
+            cur = _replace(cur, min_block=sizes.minimum, pref_block=sizes.preferred, max_block=sizes.maximum)
         self._export = cur
 
 

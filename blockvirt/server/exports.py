@@ -8,7 +8,6 @@ it through an `ExportView`, which applies the volume's access rules to that clie
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
@@ -49,10 +48,9 @@ class ExportRegistry:
         caps = vol.capabilities()
         rec = vol.record
         if vol.snapshot is not None:
-            description = f"blockvirt snapshot {vol.snapshot} of volume {rec.name} (read-only)"
+            description = snapshot_description(rec.name, vol.snapshot)
         else:
-            kind = "thick" if rec.thick else "thin"
-            description = f"blockvirt {kind} volume in pool {rec.pool}"
+            description = volume_description(rec.thick, rec.pool)
         return ExportInfo(
             name=vol.export_name,
             size=vol.size,
@@ -72,13 +70,36 @@ class ExportRegistry:
         )
 
 
+def volume_description(thick: bool, pool: str) -> str:
+    return f"blockvirt {'thick' if thick else 'thin'} volume in pool {pool}"
+
+
+def snapshot_description(volume: str, snapshot: str) -> str:
+    return f"blockvirt snapshot {snapshot} of volume {volume} (read-only)"
+
+
 class ExportView:
     """Implements nbd.handshake.ExportCatalog for one connection. `client` is who the session
-    knows the peer to be; it gains certificate names after STARTTLS."""
+    knows the peer to be; it gains certificate names after STARTTLS.
+
+    LIST needs names and descriptions only, and any client may send it before it is anyone
+    (no TLS, no access rule matched yet), so it opens no volume: records only, computed at
+    the first LIST and reused by the ones after it until the client's identity changes."""
 
     def __init__(self, registry: ExportRegistry, client: ClientIdentity) -> None:
         self.registry = registry
-        self.client = client
+        self._client = client
+        self._listing: list[tuple[str, str]] | None = None
+
+    @property
+    def client(self) -> ClientIdentity:
+        return self._client
+
+    @client.setter
+    def client(self, client: ClientIdentity) -> None:
+        """After STARTTLS the client has certificate names: rules are decided afresh."""
+        self._client = client
+        self._listing = None
 
     def access(self, volume: str) -> Access:
         """What this client may do with volume `volume` (and its snapshots), per its rules."""
@@ -101,16 +122,17 @@ class ExportView:
     def _granted(info: ExportInfo, access: Access) -> ExportInfo:
         return dataclasses.replace(info, read_only=True) if access is Access.READ_ONLY else info
 
-    def exports(self) -> Iterable[ExportInfo]:
-        volumes = self.registry.volumes
-        for rec in volumes.records():
-            access = self.access(rec.name)
-            if access is Access.DENIED:
-                continue
-            vol = self.registry.resolve(rec.name)
-            if vol is not None:
-                yield self._granted(self.registry.describe(vol), access)
-            for snap in volumes.snapshots(rec.name):
-                svol = self.registry.resolve(f"{rec.name}@{snap.name}")
-                if svol is not None:
-                    yield self.registry.describe(svol)
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of every export this client may open: each volume, then its
+        snapshots oldest first."""
+        if self._listing is None:
+            volumes = self.registry.volumes
+            out: list[tuple[str, str]] = []
+            for rec in volumes.records():
+                if self.access(rec.name) is Access.DENIED:
+                    continue
+                out.append((rec.name, volume_description(rec.thick, rec.pool)))
+                for snap in volumes.snapshots(rec.name):
+                    out.append((f"{rec.name}@{snap.name}", snapshot_description(rec.name, snap.name)))
+            self._listing = out
+        return self._listing

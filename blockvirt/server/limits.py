@@ -22,7 +22,9 @@ REFUSAL_REASONS = (REFUSED_TOTAL, REFUSED_PER_ADDRESS, REFUSED_SHUTTING_DOWN)
 TIMEOUT_HANDSHAKE = "handshake"
 TIMEOUT_REQUEST = "request"
 TIMEOUT_IDLE = "idle"
-TIMEOUT_PHASES = (TIMEOUT_HANDSHAKE, TIMEOUT_REQUEST, TIMEOUT_IDLE)
+#: The client left our replies unread (its socket full) for the request timeout.
+TIMEOUT_REPLY = "reply"
+TIMEOUT_PHASES = (TIMEOUT_HANDSHAKE, TIMEOUT_REQUEST, TIMEOUT_IDLE, TIMEOUT_REPLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,9 @@ class Limits:
     """What one NBD listener allows (serve flags; 0 turns a timeout off)."""
 
     max_connections: int = 1024
-    max_connections_per_address: int = 128
+    #: One hypervisor is one address: all its disks, each with multi-conn (nbdcopy opens 4
+    #: connections, qemu up to 16 with multi-conn), so half the total: 128 disks x 4.
+    max_connections_per_address: int = 512
     #: From connect to transmission, TLS handshake included.
     handshake_timeout: float = 30.0
     #: A request whose first byte is in must be complete (header and WRITE data) this long
@@ -40,9 +44,14 @@ class Limits:
     idle_timeout: float = 0.0
     max_inflight: int = 64
     max_inflight_bytes: int = 128 * MiB
+    #: READ/WRITE bytes in flight over all connections, replies that wait in the buffers of
+    #: clients that do not read them included; past it every connection stops reading.
+    max_inflight_bytes_total: int = 1024 * MiB
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_connections_per_address", "max_inflight", "max_inflight_bytes"):
+        names = ("max_connections", "max_connections_per_address", "max_inflight", "max_inflight_bytes",
+                 "max_inflight_bytes_total")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1")
         for name in ("handshake_timeout", "request_timeout", "idle_timeout"):
@@ -77,6 +86,34 @@ class Admission:
             self.per_address[address] = n
         else:
             del self.per_address[address]  # keep the map as small as the live set
+
+
+class ByteBudget:
+    """Bytes in flight over the whole process, against a limit. Taking never fails: callers
+    stop reading new requests while `exhausted`, and are woken once usage is back under
+    half the limit (hysteresis, so they do not flap)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used >= self.limit
+
+    @property
+    def available(self) -> bool:
+        """Low enough again for stopped readers to go on."""
+        return self.used < self.limit // 2
+
+    def take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "gave back more than was taken"
 
 
 @dataclass(slots=True)

@@ -8,11 +8,16 @@ import logging
 import ssl
 
 from blockvirt.nbd.handshake import TLSMode
+from blockvirt.server import memory
 from blockvirt.server.exports import ExportRegistry
-from blockvirt.server.limits import Admission, Limits, LogThrottle, SecurityCounters
+from blockvirt.server.limits import Admission, ByteBudget, Limits, LogThrottle, SecurityCounters
 from blockvirt.server.session import NbdSession
+from blockvirt.storage import buffers
 
 log = logging.getLogger("blockvirt.listener")
+
+#: Seconds with no bytes in flight before freed memory is handed back to the system.
+TRIM_AFTER_IDLE = 1.0
 
 
 class NbdServer:
@@ -38,6 +43,11 @@ class NbdServer:
         #: Floods (refusals, denials) log a line per second per kind, not one per event.
         self.log_throttle = LogThrottle()
         self.sessions: set[NbdSession] = set()
+        #: Bytes in flight over all sessions (`--max-inflight-bytes-total`).
+        self.budget = ByteBudget(self.limits.max_inflight_bytes_total)
+        self._budget_waiters: set[NbdSession] = set()
+        self._wake_pending = False
+        self._trim_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self._server: asyncio.Server | None = None
         self._ids = itertools.count(1)
@@ -46,6 +56,53 @@ class NbdServer:
     @property
     def handshake_timeout(self) -> float:
         return self.limits.handshake_timeout
+
+    # ------------------------------------------------------------ process-wide byte budget
+    def take_bytes(self, n: int) -> None:
+        self.budget.take(n)
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
+
+    def give_bytes(self, n: int) -> None:
+        budget = self.budget
+        budget.give(n)
+        loop = asyncio.get_running_loop()
+        if self._budget_waiters and budget.available and not self._wake_pending:
+            # Not from inside the caller's own bookkeeping: the next loop turn.
+            self._wake_pending = True
+            loop.call_soon(self._wake_waiters)
+        if budget.used == 0 and self._trim_timer is None:
+            self._trim_timer = loop.call_later(TRIM_AFTER_IDLE, self._trim)
+
+    def wait_for_bytes(self, session: NbdSession) -> None:
+        """`session` stopped reading because the budget is exhausted: wake it later."""
+        self._budget_waiters.add(session)
+
+    def _wake_waiters(self) -> None:
+        self._wake_pending = False
+        waiters = list(self._budget_waiters)
+        self._budget_waiters.clear()
+        for s in waiters:
+            if not self.budget.available:  # an earlier one took it all again
+                self._budget_waiters.add(s)
+                continue
+            s.budget_freed()
+
+    def _trim(self) -> None:
+        self._trim_timer = None
+        if self.budget.used == 0:
+            buffers.trim()  # first our pool of read buffers, then the C heap they freed
+            memory.trim()
+
+    def reap_closed(self, address: str) -> bool:
+        """Uncount connections from `address` whose clients already hung up (after a storm
+        their EOFs may still wait in the loop); True if any was."""
+        reaped = False
+        for s in list(self.sessions):
+            if s.address == address and s.peer_gone():
+                reaped = True
+        return reaped
 
     def next_session_id(self) -> int:
         return next(self._ids)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import sys
 from typing import TYPE_CHECKING, cast
@@ -41,6 +42,7 @@ from blockvirt.server.limits import (
     REFUSED_SHUTTING_DOWN,
     TIMEOUT_HANDSHAKE,
     TIMEOUT_IDLE,
+    TIMEOUT_REPLY,
     TIMEOUT_REQUEST,
 )
 from blockvirt.storage import buffers
@@ -56,6 +58,15 @@ log = logging.getLogger("blockvirt.session")
 _BATCH_BYTES = 256 * 1024
 #: Reply pieces at least this large are written on their own rather than joined.
 _BIG_PIECE = 64 * 1024
+#: Handshake options handled per event-loop turn: a pipelined flood must not hold the loop.
+_OPTIONS_PER_TURN = 8
+
+
+def socket_closed_by_peer(fd: int) -> bool:
+    """poll() without waiting: the peer hung up (FIN or RST) on `fd`. Reads nothing."""
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 def _emit(transport: asyncio.Transport, bufs: list[bytes | bytearray | memoryview], recycle: bool) -> None:
@@ -89,6 +100,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self.peer = ""
         self.address = ""  # the peer's IP address, without port
         self.view: ExportView | None = None
+        self._handshake_backlog = False  # options are buffered; the next turn goes on
         self._denied: set[str] = set()  # exports this session was refused (bounded by the catalog)
         self._admitted = False
         self.id = server.next_session_id()
@@ -96,6 +108,11 @@ class NbdSession(asyncio.BufferedProtocol):
         self.inflight = 0
         self.inflight_bytes = 0
         self._blocked = False  # not taking new requests (backpressure, DISC or shutdown)
+        self._ending = False  # DISC or shutdown: never unblocked again
+        #: Bytes of replies that went into the transport while the client was not reading:
+        #: still held (in the transport's buffer), so still charged to the server's budget.
+        self._parked = 0
+        self._reply_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._reading_paused = False
         self._closing = False
@@ -140,13 +157,15 @@ class NbdSession(asyncio.BufferedProtocol):
         self.address = str(addr) if addr is not None else self.peer
         server = self.server
         refusal = REFUSED_SHUTTING_DOWN if server.closing else server.admission.admit(self.address)
+        if refusal is not None and refusal != REFUSED_SHUTTING_DOWN and server.reap_closed(self.address):
+            refusal = server.admission.admit(self.address)  # closed peers made room
         if refusal is not None:
             self._refuse(refusal)
             return
         self._admitted = True
         server.sessions.add(self)
         self.view = server.registry.catalog(ClientIdentity(self.address))
-        self.conn = ServerConnection(self.view, tls=server.tls_mode)
+        self.conn = ServerConnection(self.view, tls=server.tls_mode, options_per_call=_OPTIONS_PER_TURN)
         transport.write(self.conn.data_to_send())
         self._handshake_timer = self.loop.call_later(server.limits.handshake_timeout, self._handshake_expired)
         log.debug("session %d: connected from %s", self.id, self.peer, extra=self._ids())
@@ -196,21 +215,32 @@ class NbdSession(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._update_reading()
+        timeout = self.server.limits.request_timeout
+        if timeout and self._reply_timer is None and not self._lost:
+            self._reply_timer = self.loop.call_later(timeout, self._replies_unread)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
+        self._give_parked()
         self._update_reading()
         if self.tx is not None and not self._blocked:
             self._pump()
+        elif self.tx is None and not self._handshake_backlog:
+            self._handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         if self.disp is not None:
             self.disp.abandon()  # requests waiting for QoS: nobody wants their answer
-        for timer in (self._handshake_timer, self._request_timer, self._idle_timer):
+        for timer in (self._handshake_timer, self._request_timer, self._idle_timer, self._reply_timer):
             if timer is not None:
                 timer.cancel()
-        self._handshake_timer = self._request_timer = self._idle_timer = None
+        self._handshake_timer = self._request_timer = self._idle_timer = self._reply_timer = None
+        self._give_parked()
+        self._release_admission()  # a closed connection no longer counts, however long it drains
         if not self._closing:
             self._closing = True
             self.server.track(self.loop.create_task(self._finish()))
@@ -222,11 +252,17 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         try:
             while True:
+                if self._write_paused:
+                    # The client is not reading our replies: answering more options would
+                    # only pile them up here. resume_writing() goes on.
+                    return
                 ev = conn.next_event()
                 out = conn.data_to_send()
                 if out:
                     transport.write(out)
                 if ev is None:
+                    if conn.handshake.backlog:
+                        self._handshake_later()
                     return
                 if isinstance(ev, Negotiated):
                     self._negotiated(ev)
@@ -258,6 +294,20 @@ class NbdSession(asyncio.BufferedProtocol):
                 extra=self._ids(),
             )
             self._close(abort=True)
+
+    def _handshake_later(self) -> None:
+        """More options are buffered: stop reading and go on at the next loop turn, so a
+        pipelined flood shares the loop with everyone else."""
+        self._handshake_backlog = True
+        self._update_reading()
+        self.loop.call_soon(self._handshake_turn)
+
+    def _handshake_turn(self) -> None:
+        self._handshake_backlog = False
+        if self._lost or self._closing:
+            return
+        self._update_reading()
+        self._handshake()
 
     def _access_denied(self, ev: AccessDenied) -> None:
         # Counted and logged once per export and session: a client's SET_META_CONTEXT, INFO
@@ -387,6 +437,16 @@ class NbdSession(asyncio.BufferedProtocol):
         self._timed_out(TIMEOUT_REQUEST, f"request not received within {timeout:g}s")
         self._close(abort=True)
 
+    def _replies_unread(self) -> None:
+        """The client has not read our replies for the request timeout: it holds memory
+        (and the server's byte budget) for nothing."""
+        self._reply_timer = None
+        if not self._write_paused or self._closing or self._lost:
+            return
+        timeout = self.server.limits.request_timeout
+        self._timed_out(TIMEOUT_REPLY, f"replies left unread for {timeout:g}s")
+        self._close(abort=True)
+
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self._closing or self._lost:
@@ -417,6 +477,13 @@ class NbdSession(asyncio.BufferedProtocol):
             # Also stop while the client is not reading its replies: every request answered
             # now would pile its reply up in the transport's buffer.
             while not self._blocked and not self._write_paused:
+                if self.server.budget.exhausted:
+                    # The whole server holds as much as it may: take nothing new (not even
+                    # a request answered inline, its reply is memory too) until it frees.
+                    self._blocked = True
+                    self.server.wait_for_bytes(self)
+                    self._update_reading()
+                    return
                 try:
                     cmd = tx.next_event()
                 except ProtocolError as e:
@@ -429,7 +496,7 @@ class NbdSession(asyncio.BufferedProtocol):
                     return
                 self._partial_since = None  # a request is complete
                 if type(cmd) is DiscCmd:
-                    self._blocked = True
+                    self._blocked = self._ending = True
                     self._update_reading()
                     self.server.track(self.loop.create_task(self._disconnect()))
                     return
@@ -463,11 +530,17 @@ class NbdSession(asyncio.BufferedProtocol):
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
         self.inflight += 1
         self.inflight_bytes += nbytes
+        if nbytes:
+            self.server.take_bytes(nbytes)
         task = self.loop.create_task(self._run(cmd, nbytes))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         if self.inflight >= self.max_inflight or self.inflight_bytes >= self.max_inflight_bytes:
             self._blocked = True
+            self._update_reading()
+        elif self.server.budget.exhausted:
+            self._blocked = True
+            self.server.wait_for_bytes(self)
             self._update_reading()
 
     async def _run(self, cmd: Command, nbytes: int) -> None:
@@ -486,22 +559,47 @@ class NbdSession(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and not self._lost:
             _emit(transport, out, self._recycle)
+        if nbytes:
+            if self._write_paused and not self._lost:
+                self._parked += nbytes  # its reply waits in the transport: still held
+            else:
+                self.server.give_bytes(nbytes)
         if (
             self._blocked
             and not self._closing
+            and not self._ending
             and self.inflight < self.max_inflight // 2
             and self.inflight_bytes < self.max_inflight_bytes // 2
         ):
+            if self.server.budget.exhausted:
+                self.server.wait_for_bytes(self)
+                return
             self._blocked = False
             self._update_reading()
             if not self._lost:
                 self._pump()
 
+    def _give_parked(self) -> None:
+        if self._parked:
+            self.server.give_bytes(self._parked)
+            self._parked = 0
+
+    def budget_freed(self) -> None:
+        """The server's byte budget is low again (see NbdServer.give_bytes): read on, unless
+        this session's own limits still hold it (its own replies will release it)."""
+        if not self._blocked or self._closing or self._ending or self._lost or self.tx is None:
+            return
+        if self.inflight >= self.max_inflight // 2 or self.inflight_bytes >= self.max_inflight_bytes // 2:
+            return
+        self._blocked = False
+        self._update_reading()
+        self._pump()
+
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or self._lost:
             return
-        want_pause = self._blocked or self._write_paused
+        want_pause = self._blocked or self._write_paused or self._handshake_backlog
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -535,11 +633,29 @@ class NbdSession(asyncio.BufferedProtocol):
         if self._closing:
             return
         self._closing = True
-        self._blocked = True
+        self._blocked = self._ending = True
         self._update_reading()
         await self._drain_and_flush()
         self._close()
         await self._finish()
+
+    def _release_admission(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.server.admission.release(self.address)
+
+    def peer_gone(self) -> bool:
+        """Whether the client closed its end though we have not seen it yet (its EOF or RST
+        is still queued behind other work); then the connection is aborted and uncounted."""
+        transport = self.transport
+        if transport is None or self._lost or not self._admitted:
+            return False
+        sock = transport.get_extra_info("socket")
+        if not transport.is_closing() and (sock is None or not socket_closed_by_peer(sock.fileno())):
+            return False
+        self._release_admission()
+        transport.abort()
+        return True
 
     def _close(self, abort: bool = False) -> None:
         transport = self.transport
@@ -559,9 +675,7 @@ class NbdSession(asyncio.BufferedProtocol):
             self.volume.users -= 1
             self.volume = None
         self.server.sessions.discard(self)
-        if self._admitted:
-            self._admitted = False
-            self.server.admission.release(self.address)
+        self._release_admission()
         if not self.closed.done():
             self.closed.set_result(None)
         log.debug("session %d: closed", self.id, extra=extra)

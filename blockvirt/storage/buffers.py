@@ -36,6 +36,13 @@ def put(buf: bytearray) -> None:
         _pooled_bytes += n
 
 
+def trim() -> None:
+    """Give the pooled buffers back (the data path is idle: the next burst reallocates)."""
+    global _pooled_bytes
+    _pool.clear()
+    _pooled_bytes = 0
+
+
 def zero(view: memoryview) -> None:
     """Fill a (possibly recycled) buffer region with zeros."""
     n = len(view)

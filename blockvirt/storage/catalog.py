@@ -9,6 +9,7 @@ atomic together go through `transaction()`, which yields a `Txn` with the named 
 from __future__ import annotations
 
 import contextlib
+import fractions
 import json
 import os
 import re
@@ -637,10 +638,15 @@ def parse_size(text: str | int) -> int:
     """'512M', '10G', '1T', '1.5G', '4096' -> bytes (binary units)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    m = _SIZE_RE.match(str(text))
+    raw = str(text)
+    m = _SIZE_RE.match(raw) if len(raw) <= 64 else None
     if not m:
-        raise CatalogError("invalid", f"invalid size {text!r}: use a number with an optional unit K, M, G, T")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
-        raise CatalogError("invalid", f"invalid size {text!r}: not a whole number of bytes")
+        shown = raw if len(raw) <= 64 else raw[:64] + "..."
+        raise CatalogError(
+            "invalid", f"invalid size {shown!r}: use a number with an optional unit K, M, G, T"
+        )
+    # Exact arithmetic: no float rounding, no OverflowError on a 400-digit number.
+    value = fractions.Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value.denominator != 1:
+        raise CatalogError("invalid", f"invalid size {raw!r}: not a whole number of bytes")
     return int(value)

@@ -82,11 +82,12 @@ async def test_address_rule_admits_one_source_and_refuses_the_other(server: Bloc
 
     with pytest.raises(NbdClientError) as e:
         await opens(server, "addr1", A1)
-    assert e.value.reply == Rep.ERR_POLICY
-    assert "access to export 'addr1' is denied" in str(e.value)
+    assert e.value.reply == Rep.ERR_UNKNOWN  # as if it did not exist (spec §3.7)
+    assert "no export named 'addr1' for this client" in str(e.value)
     with pytest.raises(NbdClientError) as e:
         await NbdClient.info(server.uri("addr1"), local_host=A1)
-    assert e.value.reply == Rep.ERR_POLICY
+    assert e.value.reply == Rep.ERR_UNKNOWN
+    assert "access to export 'addr1' denied" in server.log()  # the real reason, server-side
     # One per refused session (the first tried SET_META_CONTEXT, then GO: one attempt).
     assert denied_total(server, "addr1") == before + 2
 
@@ -135,15 +136,16 @@ async def test_snapshot_exports_follow_the_volume_rules(server: BlockvirtServer)
     add_rule(server, "snapacl", "address", "127.0.0.2")
     with pytest.raises(NbdClientError) as e:
         await opens(server, "snapacl@s1", A1)
-    assert e.value.reply == Rep.ERR_POLICY
+    assert e.value.reply == Rep.ERR_UNKNOWN
     async with await opens(server, "snapacl@s1", A2) as c:
         assert c.export.read_only
     seen1 = [n for n, _ in await list_exports(server.nbd_host, server.nbd_port, local_host=A1)]
     assert "snapacl@s1" not in seen1
 
 
-def test_unknown_exports_stay_unknown(server: BlockvirtServer) -> None:
-    """A denial is ERR_POLICY only for exports that exist: others are still ERR_UNKNOWN."""
+def test_denied_and_unknown_exports_look_the_same(server: BlockvirtServer) -> None:
+    """A refused client cannot probe names: a denied export, a missing snapshot of it and a
+    name that does not exist get the same reply."""
     server.create_volume("unk", MiB)
     add_rule(server, "unk", "address", "127.0.0.2")
 
@@ -156,7 +158,7 @@ def test_unknown_exports_stay_unknown(server: BlockvirtServer) -> None:
 
     assert asyncio.run(go("unk@nosnap")) == Rep.ERR_UNKNOWN
     assert asyncio.run(go("nothere")) == Rep.ERR_UNKNOWN
-    assert asyncio.run(go("unk")) == Rep.ERR_POLICY
+    assert asyncio.run(go("unk")) == Rep.ERR_UNKNOWN
 
 
 def _raw(server: BlockvirtServer, local: str) -> socket.socket:

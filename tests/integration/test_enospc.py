@@ -3,7 +3,6 @@ once space is freed. The small pool is a size-limited tmpfs (needs root to mount
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from blockvirt.client import NbdClient, NbdClientError
 from blockvirt.nbd.constants import Errno
 from blockvirt.testing import BlockvirtServer
+from tests.needs import need_root
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.root
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def small_pool(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    need_root("mounting a tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True, timeout=30)

@@ -20,6 +20,7 @@ import pytest
 from blockvirt.cli.client import ApiError
 from blockvirt.client import NbdClient
 from blockvirt.testing import BlockvirtServer
+from tests.needs import missing, need_root
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -305,13 +306,12 @@ async def test_refusals(server: BlockvirtServer, tmp_path: Path) -> None:
 
 
 async def test_migrate_into_full_pool_is_refused(server: BlockvirtServer, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+    need_root("mounting a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
     rc = os.system(f"mount -t tmpfs -o size=4m tmpfs {small} 2>/dev/null")
     if rc != 0:
-        pytest.skip("cannot mount tmpfs here")
+        missing("cannot mount tmpfs here")
     try:
         server.api.post("/api/v1/pools", {"name": "small", "path": str(small / "p")})
         uri = server.create_volume("big", 16 * MiB)

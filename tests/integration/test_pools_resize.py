@@ -108,7 +108,7 @@ def test_pool_create_errors(server: BlockvirtServer, tmp_path: Path) -> None:
         server.api.post(
             "/api/v1/pools", {"name": "p4", "path": str(tmp_path / "p4"), "settings": {"nope": 1}}
         )
-    assert ei.value.status == 400 and "unknown pool setting" in ei.value.message
+    assert ei.value.status == 400 and "unknown field(s): 'nope' in 'settings'" in ei.value.message
     with pytest.raises(ApiError) as ei:
         server.api.post("/api/v1/pools", {"name": "p5", "path": str(tmp_path / "p5"), "settings": [1]})
     assert ei.value.status == 400

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from blockvirt.testing import BlockvirtServer
+from tests.needs import missing, need_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The project's shared notes and tools sit beside the clone (../shared), also in CI.
@@ -29,9 +30,7 @@ MiB = 1024 * KiB
 
 
 def _missing(what: str) -> None:
-    if os.environ.get("BLOCKVIRT_REQUIRE_INTEROP") == "1":
-        pytest.fail(f"{what} (BLOCKVIRT_REQUIRE_INTEROP=1)", pytrace=False)
-    pytest.skip(what)
+    missing(what)
 
 
 def need(*tools: str) -> None:
@@ -56,9 +55,9 @@ def need_nbdsh() -> None:
 
 
 def need_root_fuse() -> None:
-    """FUSE and loop mounts need root (not a missing tool: always a skip), /dev/fuse and loop devices."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (FUSE and loop mounts)")
+    """FUSE and loop mounts need root, /dev/fuse and loop devices (a skip on a developer's
+    machine; under BLOCKVIRT_REQUIRE_INTEROP=1 a failure, like a missing tool)."""
+    need_root("FUSE and loop mounts")
     for dev in ("/dev/fuse", "/dev/loop-control"):
         if not os.path.exists(dev):
             _missing(f"{dev} is missing")

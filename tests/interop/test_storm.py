@@ -1,7 +1,7 @@
 """A connection storm: 300 initiators on one volume at once, each a full GO handshake and a read.
 
 They connect from 300 loopback addresses (127.0.1.1 ...), as 300 hosts would: one address
-may hold at most 128 connections by default (serve --max-connections-per-address)."""
+may hold at most 512 connections by default (serve --max-connections-per-address)."""
 
 from __future__ import annotations
 

@@ -2,13 +2,17 @@
 
 Each vector is one connection. The client's bytes (c2s steps) go into a
 `blockvirt.nbd.ServerConnection`; once GO or EXPORT_NAME selects an export, its commands are
-validated and executed by the real `Dispatcher` over a `MemoryNode`, as a session does. Every
+validated and executed by the real `Dispatcher` over a storage node, as a session does. Every
 byte the server sends must equal the s2c steps, in order, and nothing more; the events the
 codec reports, whether the connection ended, how often each export was flushed and what it
 contains afterwards must match `expect`. See protocol/README.md for the format.
 
 Each vector runs twice: with every c2s step delivered whole, and one byte at a time (so
-every message is also parsed from partial reads).
+every message is also parsed from partial reads); and over three nodes: the in-memory one, the
+raw file driver (`RawFileNode` on a sparse file), and a copy-on-write chain (`ChainNode`: the
+vector's initial data in a base layer, an empty writable head above it), each built from the
+storage classes as they are. A vector's device knobs (`fast_zero`, `sparse_reads`) are applied
+by a filter above a real node; everything else is the node's own behaviour.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +52,12 @@ from blockvirt.nbd.events import (
 )
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.server.dispatch import Dispatcher
+from blockvirt.storage.backends.cowfile.chain import ChainNode
+from blockvirt.storage.backends.cowfile.layer import Layer
 from blockvirt.storage.drivers.memory import BLOCK, MemoryNode
-from blockvirt.storage.node import Segment, StorageError
+from blockvirt.storage.drivers.raw import RawFileNode
+from blockvirt.storage.fileio import REAL
+from blockvirt.storage.node import BlockNode, FilterNode, Segment, StorageError
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTOR_DIR = ROOT / "protocol" / "vectors"
@@ -60,8 +69,9 @@ SPARSE_READ_MIN = 256 * 1024
 WHOLE_PIECE = 1024 * 1024
 BYTEWISE_LIMIT = 64 * 1024
 
-#: Vectors the server does not pass yet, with the reason (strict: fixing one makes its test fail).
-KNOWN_FAILURES: dict[str, str] = {}
+#: (vector, node) pairs the server does not pass yet, with the reason (strict: fixing one makes
+#: its test fail, so the entry goes).
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 _COMMAND_NAMES: dict[type[Command], str] = {
     ReadCmd: "READ",
@@ -113,10 +123,44 @@ class VectorNode(MemoryNode):
         return await super().read_sparse(offset, length)
 
 
+class RealNode(FilterNode):
+    """A real storage node with the vector's device knobs on top, counting flushes."""
+
+    def __init__(self, child: BlockNode, *, fast_zero: bool, sparse_reads: bool) -> None:
+        super().__init__(child)
+        self.fast_zero = fast_zero
+        self.sparse_reads = sparse_reads
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await super().flush()
+
+    async def fast_zero_possible(self) -> bool:
+        return self.fast_zero  # the vector describes the device
+
+    def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        if self.sparse_reads:
+            return super().read_sparse_nowait(offset, length)
+        data = self.read_nowait(offset, length)  # a device that never reports holes
+        return None if data is None else [(offset, length, data)]
+
+    async def read_sparse(self, offset: int, length: int) -> Sequence[Segment]:
+        if self.sparse_reads:
+            return await super().read_sparse(offset, length)
+        return [(offset, length, await self.read(offset, length))]
+
+    async def contents(self, offset: int, length: int) -> bytes:
+        return bytes(await self.read(offset, length))
+
+
+NODE_KINDS = ("memory", "raw", "chain")
+
+
 @dataclass
 class Volume:
     info: ExportInfo
-    node: VectorNode
+    node: VectorNode | RealNode
     access: str = "full"
 
 
@@ -137,19 +181,58 @@ class Catalog:
             return dataclasses.replace(vol.info, read_only=True)
         return vol.info
 
-    def exports(self) -> Iterable[ExportInfo]:
-        return [v.info for v in self.volumes.values() if v.access != "denied"]
+    def listing(self) -> Iterable[tuple[str, str]]:
+        return [(v.info.name, v.info.description) for v in self.volumes.values() if v.access != "denied"]
 
 
-async def make_volume(spec: dict[str, Any]) -> Volume:
-    node = VectorNode(
-        spec["size"],
-        read_only=spec.get("read_only", False),
-        fast_zero=spec.get("fast_zero", True),
-        sparse_reads=spec.get("sparse_reads", False),
-    )
+async def _initial_data(node: BlockNode, spec: dict[str, Any]) -> None:
     for item in spec.get("data", []):
         await node.write(item["offset"], bytes.fromhex(item["hex"]))
+    await node.flush()
+
+
+async def raw_node(spec: dict[str, Any], where: Path) -> BlockNode:
+    """A sparse raw file holding the vector's data, opened as the export wants it."""
+    path = str(where / f"{uuid.uuid4().hex}.raw")
+    RawFileNode.create(path, spec["size"])
+    writer = RawFileNode(path)
+    await _initial_data(writer, spec)
+    await writer.close()
+    return RawFileNode(path, read_only=spec.get("read_only", False))
+
+
+async def chain_node(spec: dict[str, Any], where: Path) -> BlockNode:
+    """Two layers: a base with the vector's data (read-only now, as a snapshot's layer is)
+    and an empty head that takes the writes; reads of old data go down the chain."""
+    size, pool = spec["size"], str(where)
+    base_id, head_id = uuid.uuid4().hex, uuid.uuid4().hex
+    Layer.create(REAL, pool, base_id, size)
+    base = Layer.open(REAL, pool, base_id, size, writable=True)
+    await _initial_data(ChainNode([base], size, writable=True), spec)
+    base.close()
+    Layer.create(REAL, pool, head_id, size)
+    head = Layer.open(REAL, pool, head_id, size, writable=True)
+    base = Layer.open(REAL, pool, base_id, size, writable=False)
+    return ChainNode([head, base], size, writable=not spec.get("read_only", False))
+
+
+async def make_volume(spec: dict[str, Any], kind: str = "memory", where: Path | None = None) -> Volume:
+    node: VectorNode | RealNode
+    if kind == "memory":
+        node = VectorNode(
+            spec["size"],
+            read_only=spec.get("read_only", False),
+            fast_zero=spec.get("fast_zero", True),
+            sparse_reads=spec.get("sparse_reads", False),
+        )
+        await _initial_data(node, spec)
+        node.flushes = 0
+    else:
+        assert where is not None
+        real = await (raw_node if kind == "raw" else chain_node)(spec, where)
+        node = RealNode(
+            real, fast_zero=spec.get("fast_zero", True), sparse_reads=spec.get("sparse_reads", False)
+        )
     caps = node.capabilities()  # flags and block sizes come from capabilities, as in the registry
     info = ExportInfo(
         name=spec["name"],
@@ -292,8 +375,10 @@ def hexdiff(want: bytes, got: bytes) -> str:
     )
 
 
-async def run_vector(vector: dict[str, Any], bytewise: bool) -> Server:
-    volumes = [await make_volume(e) for e in vector["exports"]]
+async def run_vector(
+    vector: dict[str, Any], bytewise: bool, kind: str = "memory", where: Path | None = None
+) -> Server:
+    volumes = [await make_volume(e, kind, where) for e in vector["exports"]]
     server = Server(Catalog(volumes))
     for i, step in enumerate(vector["steps"]):
         data = step_bytes(step)
@@ -322,29 +407,44 @@ def vector_id(path: Path) -> str:
 def vector_params() -> list[Any]:
     out = []
     for path in VECTORS:
-        reason = KNOWN_FAILURES.get(vector_id(path))
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        out.append(pytest.param(path, id=vector_id(path), marks=marks))
+        for kind in NODE_KINDS:
+            reason = KNOWN_FAILURES.get((vector_id(path), kind))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            out.append(pytest.param(path, kind, id=f"{vector_id(path)}-{kind}", marks=marks))
     return out
 
 
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for every real node (chain layers get their I/O threads per directory)."""
+    return tmp_path_factory.mktemp("golden-pool")
+
+
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
-@pytest.mark.parametrize("path", vector_params())
-async def test_vector(path: Path, bytewise: bool) -> None:
+@pytest.mark.parametrize(("path", "kind"), vector_params())
+async def test_vector(path: Path, bytewise: bool, kind: str, pool_dir: Path) -> None:
     vector = load(path)
-    server = await run_vector(vector, bytewise)
-    expect = vector["expect"]
-    assert server.events == expect["events"]
-    assert server.closed == expect["closed"]
+    server = await run_vector(vector, bytewise, kind, pool_dir)
     nodes = {name: vol.node for name, vol in server.catalog.volumes.items()}
-    for name, n in expect.get("flushes", {}).items():
-        assert nodes[name].flushes == n, f"export {name!r} flushed {nodes[name].flushes} times, want {n}"
-    for item in expect.get("data", []):
-        want = bytes.fromhex(item["hex"])
-        off = item["offset"]
-        assert bytes(nodes[item["export"]].data[off : off + len(want)]) == want, (
-            f"contents of {item['export']!r}"
-        )
+    try:
+        expect = vector["expect"]
+        assert server.events == expect["events"]
+        assert server.closed == expect["closed"]
+        for name, n in expect.get("flushes", {}).items():
+            assert nodes[name].flushes == n, f"export {name!r} flushed {nodes[name].flushes} times, want {n}"
+        for item in expect.get("data", []):
+            want = bytes.fromhex(item["hex"])
+            off = item["offset"]
+            node = nodes[item["export"]]
+            got = (
+                bytes(node.data[off : off + len(want)])
+                if isinstance(node, VectorNode)
+                else (await node.contents(off, len(want)))
+            )
+            assert got == want, f"contents of {item['export']!r}"
+    finally:
+        for node in nodes.values():
+            await node.close()
 
 
 # ---------------------------------------------------------------- the corpus itself

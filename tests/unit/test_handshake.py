@@ -25,7 +25,9 @@ from blockvirt.nbd.exceptions import LocalProtocolError, RemoteProtocolError
 from blockvirt.nbd.handshake import (
     _TRANSITIONS,
     CONTEXT_IDS,
+    MAX_LISTS,
     MAX_META_QUERIES,
+    MAX_OPTIONS,
     Input,
     ServerHandshake,
     State,
@@ -241,23 +243,42 @@ def test_empty_name_looks_up_the_default_export() -> None:
 # ---------------------------------------------------------------- LIST / ABORT / unknown
 
 
-def test_denied_export_is_hidden_and_refused_with_err_policy() -> None:
-    """The catalog says 'secret' exists but this client may not open it (spec §3.7)."""
+def test_denied_export_is_hidden_and_answered_as_unknown() -> None:
+    """The catalog says 'secret' exists but this client may not open it (spec §3.7): the
+    client gets what a name that does not exist gets; the event tells the server why."""
     pair = NbdPair()
     _, res = pair.option(Opt.LIST)
     assert "secret" not in [n for n, _ in res.exports]
     for info in (True, False):
         events, res = pair.go("secret", info=info)
-        assert res.reply == Rep.ERR_POLICY and res.message == "access to export 'secret' is denied"
+        assert res.reply == Rep.ERR_UNKNOWN and res.message == "no export named 'secret' for this client"
         assert events == [AccessDenied(Opt.INFO if info else Opt.GO, "secret", "denied by the test catalog")]
     pair.option(Opt.STRUCTURED_REPLY)
     for list_only in (True, False):
         events, res = pair.meta("secret", [BASE_ALLOCATION], list_only=list_only)
-        assert res.reply == Rep.ERR_POLICY and res.contexts == ()
+        assert res.reply == Rep.ERR_UNKNOWN and res.contexts == ()
         assert len(events) == 1 and isinstance(events[0], AccessDenied) and not events[0].closed
     # Haggling goes on: an open export still works, with no context left from the refusal.
     neg = pair.negotiate("disk", contexts=())
     assert neg.export.name == "disk" and neg.contexts == {}
+
+
+@pytest.mark.parametrize("opt", [Opt.INFO, Opt.GO, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT])
+def test_denied_and_unknown_are_the_same_bytes(opt: Opt) -> None:
+    """A denied client cannot tell a name it may not open from one that does not exist."""
+    catalog = FakeCatalog(ExportInfo("secret", 4096), denied=("secret",))
+    answers = []
+    for name in ("secret", "nosuch"):
+        conn = raw_server(catalog)
+        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            send_option(conn, Opt.STRUCTURED_REPLY)
+            payload = option_payload_meta(name, [BASE_ALLOCATION])
+        else:
+            payload = option_payload_info(name, [Info.NAME])
+        _, replies = send_option(conn, opt, payload)
+        answers.append([(r, p.replace(name.encode(), b"NAME")) for _, r, p in replies])
+    assert answers[0] == answers[1]
+    assert answers[0][0][0] == Rep.ERR_UNKNOWN
 
 
 def test_export_name_of_a_denied_export_closes() -> None:
@@ -328,6 +349,57 @@ def test_several_options_in_one_read() -> None:
     replies = parse_option_replies(conn.data_to_send())
     assert [o for o, _, _ in replies][:2] == [Opt.STRUCTURED_REPLY, 99]
     assert replies[-1] == (Opt.GO, Rep.ACK, b"")
+
+
+# ---------------------------------------------------------------- floods
+
+
+def test_more_than_max_options_is_a_violation() -> None:
+    conn = raw_server()
+    conn.receive_data(wire.option(Opt.STRUCTURED_REPLY) * MAX_OPTIONS)
+    assert conn.next_event() is None
+    assert len(parse_option_replies(conn.data_to_send())) == MAX_OPTIONS
+    conn.receive_data(wire.option(Opt.STRUCTURED_REPLY))
+    with pytest.raises(RemoteProtocolError, match="options in one handshake"):
+        conn.next_event()
+    assert conn.handshake.state is State.CLOSED
+
+
+def test_more_than_max_lists_is_a_violation() -> None:
+    conn = raw_server()
+    conn.receive_data(wire.option(Opt.LIST) * (MAX_LISTS + 1))
+    with pytest.raises(RemoteProtocolError, match="LIST options"):
+        conn.next_event()
+    replies = parse_option_replies(conn.data_to_send())
+    assert sum(r == Rep.ACK for _, r, _ in replies) == MAX_LISTS
+
+
+def test_options_per_call_leaves_a_backlog_and_goes_on() -> None:
+    conn = ServerConnection(default_catalog(), options_per_call=3)
+    conn.data_to_send()
+    conn.receive_data(
+        CLIENT_FLAGS + wire.option(Opt.LIST) * 7 + wire.option(Opt.GO, option_payload_info("disk"))
+    )
+    acks = []
+    calls = 0
+    while True:
+        calls += 1
+        ev = conn.next_event()
+        acks += [r for _, r, _ in parse_option_replies(conn.data_to_send()) if r == Rep.ACK]
+        if ev is not None:
+            break
+        assert conn.handshake.backlog, "None without a backlog: nothing more would be parsed"
+    assert isinstance(ev, Negotiated)
+    assert calls == 3 and len(acks) == 8  # 3 + 3 + (1 LIST and the GO)
+    assert not conn.handshake.backlog
+
+
+def test_no_backlog_when_waiting_for_data() -> None:
+    conn = ServerConnection(default_catalog(), options_per_call=3)
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + wire.option(Opt.LIST) * 3 + wire.option(Opt.LIST)[:5])
+    assert conn.next_event() is None and not conn.handshake.backlog
+    assert len(parse_option_replies(conn.data_to_send())) == 3 * 4  # 3 exports + ACK, each
 
 
 # ---------------------------------------------------------------- EXPORT_NAME
@@ -803,3 +875,44 @@ def test_client_cannot_send_two_options_at_once() -> None:
     pair.client.handshake.send_option(Opt.LIST)
     with pytest.raises(LocalProtocolError):
         pair.client.handshake.send_option(Opt.LIST)
+
+
+# ---------------------------------------------------------------- the option body formats
+
+
+@pytest.mark.parametrize(
+    ("fmt", "value"),
+    [
+        ("INFO_REQUEST", {"name": b"disk", "infos": [3, 1, 2]}),
+        ("META_CONTEXT_REQUEST", {"name": b"disk", "queries": [b"base:allocation", b"qemu:"]}),
+        ("SERVER_REPLY", {"name": b"disk", "description": b"a disk"}),
+        ("META_CONTEXT_REPLY", {"id": 7, "name": b"base:allocation"}),
+        ("INFO_EXPORT", {"type": 0, "size": 1 << 40, "flags": 0x0DED}),
+        ("INFO_BLOCK_SIZE", {"type": 3, "minimum": 1, "preferred": 4096, "maximum": 1 << 25}),
+    ],
+)
+def test_option_formats_round_trip_and_match_the_spec_layout(fmt: str, value: dict[str, object]) -> None:
+    from blockvirt.nbd import options
+
+    c = getattr(options, fmt)
+    raw = c.build(value)
+    parsed = c.parse(raw)
+    assert {k: parsed[k] for k in value} == value
+    if fmt == "INFO_REQUEST":
+        assert raw == option_payload_info("disk", [3, 1, 2])  # the layout the tests write by hand
+    if fmt == "META_CONTEXT_REQUEST":
+        assert raw == option_payload_meta("disk", ["base:allocation", "qemu:"])
+
+
+def test_option_formats_refuse_bodies_cut_short() -> None:
+    """The server relies on this: a string or a count that runs past the data is an error."""
+    import io
+
+    from blockvirt.nbd import options
+
+    with pytest.raises(options.ParseError):
+        options.STRING.parse_stream(io.BytesIO(wire.U32.pack(20) + b"base:"))
+    with pytest.raises(options.ParseError):
+        options.INFO_REQUEST.parse(option_payload_info("disk", [1, 2])[:-1])
+    with pytest.raises(options.ParseError):
+        options.INFO_REQUEST.parse(option_payload_info("disk", [1]) + b"x")

@@ -453,3 +453,30 @@ def test_a_leaf_moved_into_a_group_starts_level_with_its_siblings() -> None:
     sim.run(12)
     assert near(sim.rate("x", 8, 12), 4000 / 3.5, 0.05), sim.rate("x", 8, 12)
     assert near(sim.windows("y", 7, 8)[0], 4000 * 2.5 / 3.5, 0.10)  # at once, no catching up
+
+
+# ---------------------------------------------------------------- calibration's cost model
+
+from blockvirt.qos.calibrate import S0_MAX, S0_MIN, cost_model  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("fixed_s", "per_byte_s", "s0"),
+    [
+        (100e-6, 1e-9, 100_000),  # an SSD: 100 us per request, 1 GB/s
+        (8e-3, 1 / 150e6, 1_200_000),  # a disk: 8 ms seek, 150 MB/s
+        (20e-6, 1 / 3e9, 60_000),  # NVMe
+    ],
+)
+def test_cost_model_recovers_a_known_device(fixed_s: float, per_byte_s: float, s0: int) -> None:
+    """A device whose request of n bytes takes fixed + n * per_byte: S0 = fixed / per_byte."""
+    rate = lambda n: 1 / (fixed_s + n * per_byte_s)  # noqa: E731
+    got = cost_model(rate(4096), rate(1 << 20))
+    assert abs(got - s0) <= 0.01 * s0, got
+
+
+def test_cost_model_clamps_only_at_the_edges() -> None:
+    assert cost_model(1000.0, 1000.0) == S0_MAX  # size costs nothing: all per request
+    assert cost_model(1000.0, 1001.0) == S0_MAX  # large faster than small: noise, same
+    assert cost_model(1e6, 1e6 / 256) == S0_MIN  # all per byte, no fixed cost
+    assert S0_MIN < cost_model(10_000.0, 900.0) < S0_MAX

@@ -210,3 +210,60 @@ def test_public_error_hides_file_names() -> None:
     assert public_error(e) == "No space left on device"
     assert public_error(ValueError("bad thing")) == "bad thing"
     assert public_error(RuntimeError()) == "RuntimeError"
+
+
+# ---------------------------------------------------------------- API: cross-site guards
+
+from blockvirt.api.guard import content_type_ok, host_allowed, origin_allowed  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        ("127.0.0.1:9810", True),
+        ("localhost:9810", True),
+        ("LocalHost:9810", True),
+        ("[::1]:9810", True),
+        ("127.0.0.2:9810", True),
+        ("127.0.0.1:9811", False),
+        ("127.0.0.1", False),  # port 80 is not ours
+        ("evil.example:9810", False),
+        ("localhost.evil.example:9810", False),
+        ("user@localhost:9810", False),
+        ("", False),
+        (None, False),
+        ("localhost:99999", False),
+    ],
+)
+def test_host_allowed_on_a_tokenless_api(host: str | None, ok: bool) -> None:
+    assert host_allowed(host, 9810, loopback_only=True) is ok
+    assert host_allowed(host, 9810, loopback_only=False)  # with a token any name is fine
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "ok"),
+    [
+        (None, "127.0.0.1:9810", True),
+        ("http://127.0.0.1:9810", "127.0.0.1:9810", True),
+        ("http://localhost:9810", "localhost:9810", True),
+        ("http://evil.example", "127.0.0.1:9810", False),
+        ("http://127.0.0.1:9811", "127.0.0.1:9810", False),
+        ("null", "127.0.0.1:9810", False),
+        ("http://localhost:9810", "127.0.0.1:9810", False),  # another origin, though the same machine
+        ("https://api.example", "api.example:443", True),
+        ("http://api.example", "api.example", True),
+        ("file://", "127.0.0.1:9810", False),
+    ],
+)
+def test_origin_must_be_the_api_itself(origin: str | None, host: str, ok: bool) -> None:
+    assert origin_allowed(origin, host) is ok
+
+
+def test_bodies_must_be_json() -> None:
+    assert content_type_ok("POST", "application/json", True)
+    assert not content_type_ok("POST", "text/plain", True)
+    assert not content_type_ok("POST", "application/octet-stream", False)  # no body: still JSON
+    assert not content_type_ok("PATCH", "application/x-www-form-urlencoded", True)
+    assert content_type_ok("GET", "application/octet-stream", False)
+    assert not content_type_ok("DELETE", "text/plain", True)
+    assert content_type_ok("DELETE", "application/octet-stream", False)

@@ -79,8 +79,8 @@ class FuzzCatalog:
             return ExportDenied(name, "fuzz")
         return {"disk": self.disk, "ro": self.ro}.get(name)
 
-    def exports(self) -> Iterable[ExportInfo]:
-        return [self.disk, self.ro]
+    def listing(self) -> Iterable[tuple[str, str]]:
+        return [(e.name, e.description) for e in (self.disk, self.ro)]
 
 
 # ---------------------------------------------------------------- server, handshake

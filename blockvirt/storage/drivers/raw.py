@@ -178,17 +178,23 @@ class RawFileNode(BlockNode):
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._punch_ok = False
-        try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            chunk = bytes(min(length, 1 << 20))
-            end = offset + length
-            while offset < end:
-                n = min(len(chunk), end - offset)
-                self._pwrite(offset, chunk[:n], 0)
-                offset += n
+        if self.thick:
+            # Preallocated: ZERO_RANGE keeps the blocks allocated (unwritten), and every block
+            # of a thick file reports as data whatever SEEK_DATA says of unwritten ones.
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        # Thin and not punching (NO_HOLE): write real zeros. ZERO_RANGE would leave unwritten
+        # extents, which SEEK_DATA skips: block status would call allocated blocks holes.
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self._pwrite(offset, chunk[:n], 0)
+            offset += n
 
     async def zero(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
         try:
