@@ -77,6 +77,8 @@ class ServiceConfig:
     api_limits: ApiLimits = field(default_factory=ApiLimits)
     #: Test facility: pools' devices can be made to fail or slow down (/api/v1/debug/faults).
     fault_injection: bool = False
+    #: This node's name among the nodes sharing an RBD pool (default: the host name).
+    node_name: str | None = None
 
 
 class ConfigError(Exception):
@@ -99,13 +101,18 @@ def api_token(cfg: ServiceConfig) -> str | None:
 
 
 def build_storage(
-    data_dir: str, *, io: FileIO = REAL, warn_depth: int = 16, metrics: bool = True
+    data_dir: str,
+    *,
+    io: FileIO = REAL,
+    warn_depth: int = 16,
+    metrics: bool = True,
+    node_name: str | None = None,
 ) -> tuple[VolumeManager, JobManager]:
     """Storage with its backends and the job manager, wired (no QoS, no NBD: the service adds
     those; tests and tools that want storage alone use this)."""
     catalog = Catalog(data_dir)
     jobs = JobManager(catalog)
-    vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics)
+    vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics, node_name=node_name)
     vm.add_backend(FileBackend(catalog, vm, io=io))
     rbd = _rbd_backend(vm)
     if rbd is not None:
@@ -138,6 +145,9 @@ class _Disconnect(NoEvents):
     async def disconnect(self, volume: str) -> None:
         await self.nbd.disconnect_volume(volume)
 
+    async def evict(self, volume: str) -> None:
+        self.nbd.abort_volume(volume)
+
 
 class Service:
     def __init__(self, config: ServiceConfig) -> None:
@@ -159,7 +169,7 @@ class Service:
         if cfg.fault_injection:
             log.warning("fault injection is on: /api/v1/debug/faults can break pools on purpose")
         self.volumes, self.jobs = build_storage(
-            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics
+            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics, node_name=cfg.node_name
         )
         self.qos = QosManager(self.volumes)
         self.qos.load()
@@ -198,6 +208,9 @@ class Service:
         server = cast(asyncio.Server | None, site._server)
         port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else cfg.api_port
         self.api_url = f"http://{cfg.api_host}:{port}"
+        # What the other nodes of a shared pool publish of us (heartbeats carry it).
+        self.volumes.node.nbd = self.nbd.address
+        self.volumes.node.api = self.api_url
         log.info("API and /metrics on %s", self.api_url)
         if cfg.ready_file:
             info = {"nbd": self.nbd.address, "api": self.api_url, "pid": os.getpid()}

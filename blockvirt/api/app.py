@@ -15,11 +15,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from blockvirt.api import cluster as cluster_api
 from blockvirt.api import debug as debug_api
 from blockvirt.api import qos as qos_api
 from blockvirt.api import server as api_server
 from blockvirt.api import views
 from blockvirt.api.auth import auth_middleware
+from blockvirt.api.forward import forward_middleware
 from blockvirt.api.guard import guard_middleware
 from blockvirt.api.keys import JOBS, QOS, VOLUMES
 from blockvirt.api.request import body as _body
@@ -361,6 +363,7 @@ def build_app(
         errors_middleware,  # every answer below is JSON, a crash included
         guard_middleware(loopback_only=token is None),
         schema_middleware,
+        forward_middleware,  # tree edits of a volume another node serves go to that node
     ]
     if token is not None:
         middlewares.insert(3, auth_middleware(token))  # before the body is even read
@@ -407,5 +410,6 @@ def build_app(
     app.router.add_delete("/api/v1/pools/{name}", delete_pool)
     app.router.add_get("/metrics", metrics)
     qos_api.add_routes(app)
+    cluster_api.add_routes(app)
     debug_api.add_routes(app, fault_io)
     return app

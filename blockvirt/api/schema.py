@@ -74,6 +74,8 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
         "read_only": Field("bool"),
     },
     ("POST", "/api/v1/jobs/{id}/cancel"): {},
+    ("POST", "/api/v1/volumes/{name}/move"): {"node": Field("string", required=True), "wait": Field("bool")},
+    ("POST", "/api/v1/nodes/{node}/drain"): {},
     ("POST", "/api/v1/pools"): {
         "name": Field("string", required=True),
         "path": _STR,  # a file pool; or:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from blockvirt.cli import jobs, pools, qos
+from blockvirt.cli import jobs, nodes, pools, qos
 from blockvirt.cli.client import ApiClient, ApiError
 from blockvirt.cli.common import (
     DEFAULT_API_URL,
@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--data-dir", default="./blockvirt-data", help="data directory (default %(default)s)")
+    serve.add_argument(
+        "--node-name",
+        metavar="NAME",
+        help="this node's name among the nodes sharing an RBD pool (default: the host name)",
+    )
     serve.add_argument("--nbd", default="127.0.0.1:10809", metavar="HOST:PORT", help="NBD listen address")
     serve.add_argument(
         "--api",
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("clear", help="remove every rule: the volume is open to everyone again")
     _common(a, top=False)
     a.add_argument("name")
+    nodes.add_move(vsub)
     vf = vsub.add_parser("flatten", help="copy shared data in so the volume stands alone (a job)")
     _common(vf, top=False)
     vf.add_argument("name")
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pools.add_parser(sub)
     qos.add_parser(sub)
+    nodes.add_parser(sub)
     return parser
 
 
@@ -281,8 +288,13 @@ def _serve(args: argparse.Namespace) -> int:
     from blockvirt.server.limits import Limits
     from blockvirt.server.tls import TLSConfigError
     from blockvirt.service import ConfigError, Service, ServiceConfig, parse_hostport
+    from blockvirt.storage.catalog import NAME_RE
 
     try:
+        if args.node_name is not None and not NAME_RE.fullmatch(args.node_name):
+            raise ValueError(
+                f"invalid node name {args.node_name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+            )
         nbd_host, nbd_port = parse_hostport(args.nbd, "--nbd")
         api_host, api_port = parse_hostport(args.api_listen, "--api")
         limits = Limits(
@@ -321,6 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_token_file=args.api_token_file,
         limits=limits,
         api_limits=api_limits,
+        node_name=args.node_name,
     )
     try:
         asyncio.run(Service(cfg).run())
@@ -402,6 +415,8 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
         _emit(args, info, human)
     elif action == "acl":
         return _acl(args, api)
+    elif action == "move":
+        return nodes.run_move(args, api)
     elif action == "flatten":
         job = api.post(f"/api/v1/volumes/{_q(args.name)}/flatten", {})
         if args.wait:
@@ -412,7 +427,7 @@ def _volume(args: argparse.Namespace, api: ApiClient) -> int:
     else:
         raise UsageError(
             "blockvirt volume: choose an action: "
-            "create, list, info, stats, delete, resize, reset, clone, flatten, acl"
+            "create, list, info, stats, delete, resize, reset, clone, flatten, acl, move"
         )
     return EXIT_OK
 
@@ -603,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return jobs.run_migrate(args, api)
         if args.command == "qos":
             return qos.run(args, api)
+        if args.command == "node":
+            return nodes.run(args, api)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
         return _fail(as_json, EXIT_USAGE, "usage", str(e))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import urllib.parse
 from types import TracebackType
 
@@ -22,6 +23,9 @@ from blockvirt.nbd.exceptions import RemoteProtocolError
 from blockvirt.nbd.transmission import ClientTransmission
 
 __all__ = ["NbdClient", "NbdClientError", "list_exports", "parse_uri"]
+
+#: How a node of a cluster says another one serves the export (docs/cluster.md).
+_SERVED_AT = re.compile(r"is served by node \S+ at (\S+)")
 
 
 class NbdClientError(Exception):
@@ -132,7 +136,15 @@ class NbdClient:
         structured: bool = True,
         contexts: tuple[str, ...] = (BASE_ALLOCATION,),
         local_host: str | None = None,
+        fallbacks: tuple[str, ...] = (),
     ) -> NbdClient:
+        """Open an export. With `fallbacks` (more nbd:// URIs of the same export on other
+        nodes of a cluster), a node that cannot be reached or says another node serves the
+        export is skipped: the node it names is tried next, then the others in turn."""
+        if fallbacks:
+            return await cls._connect_any(
+                uri_or_host, fallbacks, structured=structured, contexts=contexts, local_host=local_host
+            )
         if uri_or_host.startswith("nbd://"):
             host, p, name = parse_uri(uri_or_host)
         else:
@@ -162,6 +174,34 @@ class NbdClient:
             raise
         tx = link.conn.start_transmission(sr)
         return cls(link, res.export, tx, selected)
+
+    @classmethod
+    async def _connect_any(
+        cls,
+        first: str,
+        fallbacks: tuple[str, ...],
+        *,
+        structured: bool,
+        contexts: tuple[str, ...],
+        local_host: str | None,
+    ) -> NbdClient:
+        queue = [first, *fallbacks]
+        tried: list[str] = []
+        errors: list[str] = []
+        while queue:
+            uri = queue.pop(0)
+            if uri in tried:
+                continue
+            tried.append(uri)
+            try:
+                return await cls.connect(uri, structured=structured, contexts=contexts, local_host=local_host)
+            except (OSError, NbdClientError) as e:
+                errors.append(f"{uri}: {e}")
+                m = _SERVED_AT.search(str(e))
+                if m is not None:  # go where the node said the export is served
+                    _, _, name = parse_uri(uri)
+                    queue.insert(0, f"nbd://{m.group(1)}/{name}")
+        raise NbdClientError("no node could open the export: " + "; ".join(errors))
 
     @staticmethod
     async def info(uri: str, *, local_host: str | None = None) -> ExportInfo:

@@ -39,10 +39,13 @@ class ExportInfo:
 class ExportDenied:
     """An `ExportCatalog`'s answer for an export that exists but this client may not open.
 
-    `reason` is for the server's log only; the client is told nothing but "access denied"."""
+    `reason` is for the server's log only; the client is told nothing but "access denied".
+    With `elsewhere` (the export is served by another node of a cluster, not refused), the
+    client is told that message instead: where to go."""
 
     name: str
     reason: str = ""
+    elsewhere: str | None = None
 
 
 # ---------------------------------------------------------------- server role: handshake
@@ -84,6 +87,8 @@ class AccessDenied:
     export: str
     reason: str
     closed: bool = False
+    #: Not a refusal but a redirection: another node serves the export (the message says).
+    elsewhere: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

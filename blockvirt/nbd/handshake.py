@@ -355,8 +355,9 @@ class ServerHandshake:
         return OptionRefused(opt, int(rep), message)
 
     def _deny(self, opt: int, denied: ExportDenied) -> AccessDenied:
-        self._reply(opt, Rep.ERR_UNKNOWN, wire.utf8_prefix(not_found_message(denied.name), MAX_STRING))
-        return AccessDenied(opt, denied.name, denied.reason)
+        message = denied.elsewhere if denied.elsewhere is not None else not_found_message(denied.name)
+        self._reply(opt, Rep.ERR_UNKNOWN, wire.utf8_prefix(message, MAX_STRING))
+        return AccessDenied(opt, denied.name, denied.reason, elsewhere=denied.elsewhere)
 
     def _option(self, opt: int, data: bytes) -> ServerHandshakeEvent | None:
         self.machine.fire(Input.OPTION)
@@ -416,7 +417,9 @@ class ServerHandshake:
         export = None if name is None or tls_needed or self.shutting_down else self.catalog.lookup(name)
         if isinstance(export, ExportDenied):
             self.machine.fire(Input.ABORT)
-            return AccessDenied(Opt.EXPORT_NAME, export.name, export.reason, closed=True)
+            return AccessDenied(
+                Opt.EXPORT_NAME, export.name, export.reason, closed=True, elsewhere=export.elsewhere
+            )
         if export is None:
             self.machine.fire(Input.ABORT)
             why = "TLS required" if tls_needed else f"no export named {name!r}"

@@ -400,6 +400,9 @@ class QosManager:
     async def disconnect(self, volume: str) -> None:
         """Nothing: QoS holds no connections (a StorageEvents listener)."""
 
+    async def evict(self, volume: str) -> None:
+        """Nothing: the sessions' waiting requests go with their connections."""
+
     async def background(self, pool_name: str, nbytes: int) -> None:
         """Admission for background copies (migration) in a pool: the background class."""
         pool = self.pools.get(pool_name)

@@ -109,10 +109,15 @@ class ExportView:
         # Decide before opening anything: a refused client must not make us open a volume.
         if not self.registry.exists(name):
             return None
-        access = self.access(name.partition("@")[0])
+        volume, at, _ = name.partition("@")
+        access = self.access(volume)
         if access is Access.DENIED:
             who = self.client.describe() or "no client certificate"
             return ExportDenied(name, f"no access rule matches {self.client.address or '?'} ({who})")
+        if not at:  # a snapshot is immutable: any node may serve it beside the owner
+            elsewhere = self.registry.volumes.served_elsewhere(volume)
+            if elsewhere is not None:
+                return ExportDenied(name, elsewhere, elsewhere=elsewhere)
         vol = self.registry.resolve(name)
         if vol is None:
             return None

@@ -136,6 +136,14 @@ class NbdServer:
         if sessions:
             await asyncio.gather(*(s.shutdown() for s in sessions))
 
+    def abort_volume(self, name: str) -> None:
+        """Cut every session on volume `name` at once (this node no longer serves it): the
+        transports close, requests still in flight are never answered."""
+        for s in list(self.sessions):
+            head = s.volume is not None and s.volume.volume == name and s.volume.snapshot is None
+            if head and s.transport is not None:
+                s.transport.abort()
+
     async def stop(self, deadline: float = 10.0) -> None:
         """Stop accepting, let sessions finish in-flight work and flush, then cut the rest."""
         self.closing = True

@@ -315,6 +315,9 @@ class NbdSession(asyncio.BufferedProtocol):
         if ev.export in self._denied:
             return
         self._denied.add(ev.export)
+        if ev.elsewhere is not None:  # not refused: served by another node of the cluster
+            log.info("session %d (%s): %s", self.id, self.peer, ev.elsewhere, extra=self._ids())
+            return
         volume = ev.export.partition("@")[0]
         self.server.counters.denied(volume)
         held = self.server.log_throttle.allow(f"denied:{self.address}:{ev.export}", self.loop.time())

@@ -114,6 +114,18 @@ class DeleteResult:
     note: str | None = None
 
 
+@dataclass
+class NodeIdentity:
+    """This node as the other nodes of a cluster see it (the service fills in the addresses
+    once it has bound them)."""
+
+    name: str
+    #: host:port where clients reach this node's NBD server.
+    nbd: str = ""
+    #: This node's management API URL.
+    api: str = ""
+
+
 @dataclass(frozen=True)
 class MoveHooks:
     """What the job moving a volume between pools gives the backend doing it."""
@@ -161,6 +173,17 @@ class BackendHost(Protocol):
 
     def pool_records(self) -> list[PoolRecord]:
         """Every pool the node knows (a backend attaches those of its kind at start)."""
+
+    @property
+    def node(self) -> NodeIdentity:
+        """Who this node is (for the backends that share their pools with other nodes)."""
+
+    def head(self, name: str) -> Export:
+        """The volume's head export, opened if need be."""
+
+    async def evict(self, volume: str, reason: str) -> None:
+        """Stop serving the volume's head now: its sessions are cut (requests in flight are
+        not answered) and its export is closed. For a volume this node lost or handed off."""
 
 
 class VolumeBackend(Protocol):
@@ -214,6 +237,25 @@ class VolumeBackend(Protocol):
 
     def failed(self, node: BlockNode) -> str | None:
         """Why an open node refuses writes (a failed commit), or None."""
+
+    def served_elsewhere(self, volume: str) -> str | None:
+        """Another node of the pool's cluster serves the volume: the message saying which and
+        where (clients are sent there); None if this node may serve it."""
+
+    def owner_api(self, volume: str) -> str | None:
+        """The management API URL of the live peer serving the volume, if another node does
+        (tree edits must happen there: it holds the image's lock)."""
+
+    # ------------------------------------------------------------ several nodes
+    def cluster_view(self) -> list[dict[str, Any]]:
+        """Per shared pool: its nodes, their liveness, the volumes each serves (none for
+        storage that belongs to this node alone)."""
+
+    async def want(self, volume: str, node: str) -> None:
+        """A planned move of the volume to another node of its pool's cluster."""
+
+    def live_nodes(self, pool: str) -> list[str]:
+        """The live nodes of the pool's cluster (this one included)."""
 
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None

@@ -28,6 +28,10 @@ class StorageEvents(Protocol):
     async def disconnect(self, volume: str) -> None:
         """End every session on the volume's head cleanly (an edit must not run under them)."""
 
+    async def evict(self, volume: str) -> None:
+        """Cut every session on the volume's head at once, answering nothing more (this node
+        no longer serves it: the client must reconnect to the node that does)."""
+
 
 class NoEvents:
     """Nobody listens (tests and tools that use storage alone)."""
@@ -45,6 +49,9 @@ class NoEvents:
         pass
 
     async def disconnect(self, volume: str) -> None:
+        pass
+
+    async def evict(self, volume: str) -> None:
         pass
 
 
@@ -73,3 +80,7 @@ class Fanout:
     async def disconnect(self, volume: str) -> None:
         for x in self.listeners:
             await x.disconnect(volume)
+
+    async def evict(self, volume: str) -> None:
+        for x in self.listeners:
+            await x.evict(volume)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from blockvirt.storage.backend import (
     DeleteResult,
+    NodeIdentity,
     SnapshotInfo,
     SnapshotRecord,
     VolumeBackend,
@@ -55,8 +57,10 @@ class VolumeManager:
         *,
         warn_depth: int = WARN_CHAIN_DEPTH,
         metrics: bool = True,
+        node_name: str | None = None,
     ) -> None:
         self.catalog = catalog
+        self.node = NodeIdentity(node_name or socket.gethostname())
         self.jobs = jobs
         self.events = Fanout([])
         self.warn_depth = warn_depth
@@ -151,6 +155,41 @@ class VolumeManager:
         if self.record(vol) is None:
             return False
         return not at or self.snapshot(vol, snap) is not None
+
+    def served_elsewhere(self, name: str) -> str | None:
+        """Why this node must not serve volume `name` (another node of its cluster does, and
+        where), or None."""
+        located = self._find(name)
+        return None if located is None else located[0].served_elsewhere(name)
+
+    def owner_api(self, name: str) -> str | None:
+        located = self._find(name)
+        return None if located is None else located[0].owner_api(name)
+
+    # ------------------------------------------------------------ several nodes
+    def cluster_view(self) -> list[dict[str, Any]]:
+        return [c for b in self.backends.values() for c in b.cluster_view()]
+
+    async def move(self, name: str, node: str) -> None:
+        """Ask the volume's owner to hand it to `node` (a planned move, no data copied)."""
+        if node == self.node.name and self.served_elsewhere(name) is None:
+            return
+        await self.backend_of(name).want(name, node)
+
+    async def drain_node(self, node: str) -> list[tuple[str, str]]:
+        """Move every volume `node` serves to the other live nodes of its pool, in turn.
+        Returns (volume, new node) pairs."""
+        moves: list[tuple[str, str]] = []
+        for cluster in self.cluster_view():
+            others = [n["name"] for n in cluster["nodes"] if n["alive"] and n["name"] != node]
+            mine: list[str] = next((n["volumes"] for n in cluster["nodes"] if n["name"] == node), [])
+            if mine and not others:
+                raise CatalogError("conflict", f"pool {cluster['pool']!r} has no other live node to move to")
+            for i, volume in enumerate(mine):
+                target = others[i % len(others)]
+                await self.backend_of(volume).want(volume, target)
+                moves.append((volume, target))
+        return moves
 
     # ------------------------------------------------------------ exports
     def volume(self, name: str) -> Export | None:
@@ -414,6 +453,14 @@ class VolumeManager:
             e.record = rec
             self.exports_cache.rebind(e, target)
             source.release(old)
+
+    async def evict(self, volume: str, reason: str) -> None:
+        """Stop serving the volume's head now (BackendHost): cut its sessions, close it."""
+        log.warning("volume %s: no longer served here: %s", volume, reason, extra={"volume": volume})
+        await self.events.evict(volume)
+        head = self.exports_cache.get(volume)
+        if head is not None:
+            self.exports_cache.close(head)
 
     def unretire(self, name: str) -> None:
         """The retired copy is deleted (or the switch never happened)."""

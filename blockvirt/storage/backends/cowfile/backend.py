@@ -229,6 +229,21 @@ class FileBackend:
     def failed(self, node: BlockNode) -> str | None:
         return node.failed if isinstance(node, ChainNode) else None
 
+    def served_elsewhere(self, volume: str) -> str | None:
+        return None  # a file pool belongs to this node alone
+
+    def owner_api(self, volume: str) -> str | None:
+        return None
+
+    def cluster_view(self) -> list[dict[str, Any]]:
+        return []
+
+    async def want(self, volume: str, node: str) -> None:
+        raise CatalogError("conflict", f"volume {volume!r} is in a file pool: only this node can serve it")
+
+    def live_nodes(self, pool: str) -> list[str]:
+        return []
+
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None
     ) -> list[tuple[int, int]]:

@@ -45,7 +45,9 @@ from blockvirt.storage.backends.rbd.catalog import (
 from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.members import HEARTBEAT, Members
 from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
+from blockvirt.storage.backends.rbd.ownership import Ownership, ServedElsewhere, owners, take_lock
 from blockvirt.storage.backends.rbd.pool import RbdPool
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
 from blockvirt.storage.export import Export
@@ -102,6 +104,11 @@ class PoolState:
     space: Space | None = None
     #: Cached allocation per volume: (whole tree, head alone, chain depth).
     figures: dict[str, VolumeFigures] = field(default_factory=dict)
+    #: The pool's other nodes, and who serves which volume (docs/cluster.md).
+    members: Members | None = None
+    own: Ownership | None = None
+    #: A fencing of this node's Ceph client is being handled.
+    recovering: bool = False
 
     @property
     def ready(self) -> bool:
@@ -206,7 +213,23 @@ class RbdBackend:
             await conn.close()
             raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
         st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
+        await self._join(st)
         await self._refresh(st)
+
+    async def _join(self, st: PoolState) -> None:
+        """Heartbeat in the pool and take part in who serves what."""
+        assert st.conn is not None and st.catalog is not None
+        node = self.host.node
+        members = Members(st.conn, node.name, lambda: {"nbd": self.host.node.nbd, "api": self.host.node.api})
+        members.on_fenced = lambda: self._spawn(self._recover(st))
+        try:
+            await members.beat()
+        except (CephError, StorageError) as e:
+            raise CatalogError("unavailable", f"cannot join the pool's member list: {e}") from None
+        st.members = members
+        st.own = Ownership(st.catalog, node.name, members.alive, lambda n: _address(members, n))
+        members.start()
+        self._spawn(self._sync_loop(st))
 
     async def attach(self, rec: PoolRecord) -> None:
         """A new RBD pool (pool create --rbd): reachable and usable now, or CatalogError."""
@@ -234,8 +257,172 @@ class RbdBackend:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         for st in self.pools.values():
+            if st.members is not None:
+                await st.members.close()
+                await st.members.leave()
+            if st.own is not None:
+                for volume in st.own.mine():  # a clean stop frees its volumes at once
+                    try:
+                        await st.own.hand_to(volume, None)
+                    except (CatalogError, CephError, StorageError) as e:
+                        log.debug("freeing %s: %s", volume, e)
             if st.conn is not None:
                 await st.conn.close()
+
+    # ------------------------------------------------------------ the cluster
+    async def _sync_loop(self, st: PoolState) -> None:
+        """Keep up with the other nodes: the catalog (volumes made or changed elsewhere) and
+        the planned moves asked of this node."""
+        while not self._closing:
+            await asyncio.sleep(HEARTBEAT)
+            if not st.ready or st.recovering:
+                continue
+            try:
+                await self._sync(st)
+            except (CatalogError, CephError, StorageError) as e:
+                log.debug("pool %s: sync: %s", st.rec.name, e)
+
+    async def _sync(self, st: PoolState) -> None:
+        _, catalog = st.require()
+        if await catalog.doc.version() != catalog.version:
+            await catalog.load()
+        assert st.own is not None
+        for volume, o in owners(catalog.items).items():
+            if o.node == self.host.node.name and o.target not in (None, o.node):
+                await self._hand_off(st, volume, o.target)
+        # A head we serve whose record names another node: it was taken from us (we were
+        # presumed dead): our lock is broken and our client fenced; stop at once.
+        for e in self.host.exports():
+            if e.snapshot is None and isinstance(e.base, RbdNode) and e.base.opened is not None:
+                holder = st.own.owner(e.volume)
+                if self._find(e.volume) is st and holder is not None and holder.node != self.host.node.name:
+                    await self.host.evict(e.volume, f"node {holder.node} took it over")
+
+    async def _hand_off(self, st: PoolState, volume: str, target: str) -> None:
+        """A planned move: hold the volume's requests, make them durable, release the lock,
+        give the record to `target`, cut our sessions (clients reconnect to it)."""
+        assert st.own is not None
+        head = next((e for e in self.host.exports() if e.volume == volume and e.snapshot is None), None)
+        started = time.monotonic()
+        if head is None or not isinstance(head.base, RbdNode):
+            await st.own.hand_to(volume, target)
+            return
+        node = head.base
+        async with head.drained():
+            img = node.opened
+            if img is not None:
+                await img.flush()
+                await node.close()  # releases the exclusive lock
+            node.failed = f"moved to node {target}"
+            await st.own.hand_to(volume, target)
+            await self.host.evict(volume, f"moved to node {target}")
+        log.info(
+            "volume %s handed to node %s in %.1f ms", volume, target, (time.monotonic() - started) * 1000,
+            extra={"volume": volume},
+        )  # fmt: skip
+
+    def _lost(self, st: PoolState, volume: str, e: RbdError) -> None:
+        """An op on an owned head failed with EBLOCKLISTED or EROFS: another node took the
+        volume (this one was presumed dead). Stop serving it; if the whole client was fenced,
+        every volume of the pool goes and a fresh client replaces it."""
+        log.warning("volume %s: lost (%s)", volume, e, extra={"volume": volume})
+        if st.own is not None:
+            st.own.changes["lost"] += 1
+        self._spawn(self.host.evict(volume, f"lost: {e}"))
+        if e.fenced:
+            self._spawn(self._recover(st))
+
+    async def _recover(self, st: PoolState) -> None:
+        """This node's Ceph client was fenced: stop serving every volume of the pool, then
+        come back with a fresh client (a new address, not blocklisted). Volumes other nodes
+        took stay theirs; the others this node may serve again when asked."""
+        if st.recovering or st.conn is None:
+            return
+        st.recovering = True
+        try:
+            log.warning("pool %s: this node's Ceph client was fenced; stopping its volumes", st.rec.name)
+            if st.own is not None:
+                st.own.changes["fenced"] += 1
+            for e in list(self.host.exports()):
+                if e.snapshot is None and isinstance(e.base, RbdNode) and self._find(e.volume) is st:
+                    e.base.failed = "this node was fenced"
+                    await self.host.evict(e.volume, "this node was fenced")
+            if st.members is not None:
+                await st.members.close()
+            await st.conn.reconnect()
+            assert st.catalog is not None
+            await st.catalog.load()
+            await self._join(st)
+            log.warning("pool %s: back with a fresh Ceph client", st.rec.name)
+        except (CephError, StorageError, CatalogError) as e:
+            st.error = f"fenced, and could not reconnect: {e}"
+            log.error("pool %s: %s", st.rec.name, st.error)
+            self._spawn(self._retry(st))
+        finally:
+            st.recovering = False
+
+    def served_elsewhere(self, volume: str) -> str | None:
+        st = self._find(volume)
+        if st is None or st.own is None or st.members is None:
+            return None
+        o = st.own.elsewhere(volume)
+        if o is None:
+            return None
+        address = _address(st.members, o.node)
+        where = f" at {address}" if address else ""
+        return f"volume {volume!r} is served by node {o.node}{where}"
+
+    def owner_api(self, volume: str) -> str | None:
+        st = self._find(volume)
+        if st is None or st.own is None or st.members is None:
+            return None
+        o = st.own.elsewhere(volume)
+        info = st.members.nodes.get(o.node) if o is not None else None
+        return info.api if info is not None and info.api else None
+
+    def cluster_view(self) -> list[dict[str, Any]]:
+        """Per pool: its nodes, their liveness, and the volumes each one serves."""
+        out: list[dict[str, Any]] = []
+        for st in self.pools.values():
+            if st.members is None or st.catalog is None:
+                out.append({"pool": st.rec.name, "error": st.error or "not attached", "nodes": []})
+                continue
+            served: dict[str, list[str]] = {}
+            for volume, o in owners(st.catalog.items).items():
+                served.setdefault(o.node, []).append(volume)
+            nodes = []
+            for name in sorted(set(st.members.nodes) | set(served)):
+                info = st.members.nodes.get(name)
+                age = st.members.age(name)
+                nodes.append(
+                    {
+                        "name": name,
+                        "me": name == self.host.node.name,
+                        "nbd": info.nbd if info else "",
+                        "api": info.api if info else "",
+                        "alive": st.members.alive(name),
+                        "heartbeat_age": round(age, 3) if age is not None else None,
+                        "volumes": sorted(served.get(name, [])),
+                    }
+                )
+            counters = dict(st.own.changes) if st.own is not None else {}
+            out.append({"pool": st.rec.name, "nodes": nodes, "changes": counters})
+        return out
+
+    async def want(self, volume: str, node: str) -> None:
+        """Ask for a planned move of the volume to `node` (its owner hands it over)."""
+        st = self._state(volume)
+        if st.own is None or st.members is None:
+            raise CatalogError("unavailable", f"pool {st.rec.name!r} is not reachable")
+        if node not in st.members.nodes or not st.members.alive(node):
+            raise CatalogError("not-found", f"no live node named {node!r} serves pool {st.rec.name!r}")
+        await st.own.want(volume, node)
+
+    def live_nodes(self, pool: str) -> list[str]:
+        st = self.pools.get(pool)
+        if st is None or st.members is None:
+            return []
+        return sorted(n for n in st.members.nodes if st.members.alive(n))
 
     # ------------------------------------------------------------ figures (cached)
     async def _figures_loop(self) -> None:
@@ -457,11 +644,42 @@ class RbdBackend:
             assert snap is not None
             size = snap.size
 
-        async def opener() -> AsyncImage:
-            return await images.open(volume.name, snapshot=snapshot)
-
         label = volume.name if snapshot is None else f"{volume.name}@{snapshot}"
-        return RbdNode(opener, size, writable=snapshot is None, thick=volume.thick, label=label)
+        if snapshot is not None:  # immutable: any node may read it beside the owner
+
+            async def read_only() -> AsyncImage:
+                return await images.open(volume.name, snapshot=snapshot)
+
+            return RbdNode(read_only, size, writable=False, thick=volume.thick, label=label)
+
+        async def owner() -> AsyncImage:
+            return await self._take(st, volume.name)
+
+        def lost(e: RbdError) -> None:
+            self._lost(st, volume.name, e)
+
+        return RbdNode(owner, size, writable=True, thick=volume.thick, label=label, on_lost=lost)
+
+    async def _take(self, st: PoolState, name: str) -> AsyncImage:
+        """Become the volume's owner and hold its lock (fencing a presumed-dead holder)."""
+        images, _ = st.require()
+        if st.own is not None:
+            try:
+                await st.own.claim(name)
+            except ServedElsewhere as e:
+                # Accepted in the second before this node learned who serves it: never serve
+                # beside the owner. The sessions go; on reconnecting, the client is told where.
+                self._spawn(self.host.evict(name, e.message))
+                raise StorageError(errno.EROFS, e.message) from None
+        img = await images.open(name)
+        try:
+            fenced = await take_lock(img)
+        except BaseException:
+            await img.close()
+            raise
+        if fenced and st.own is not None:
+            log.warning("volume %s: taken over from a fenced holder (%s)", name, ", ".join(fenced))
+        return img
 
     def release(self, node: BlockNode) -> None:
         assert isinstance(node, RbdNode)
@@ -784,3 +1002,8 @@ async def _remove_quietly(images: RbdPool, name: str) -> None:
 
 
 __all__ = ["RBD_BACKEND", "RbdBackend", "acl_key"]
+
+
+def _address(members: Members, node: str) -> str:
+    info = members.nodes.get(node)
+    return info.nbd if info is not None else ""

@@ -12,10 +12,12 @@ writes real zeros so the space stays allocated.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable, Sequence
 
+from blockvirt.storage.backends.rbd.errors import RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
-from blockvirt.storage.node import HOLE, BlockNode, Buffer, Capabilities
+from blockvirt.storage.node import HOLE, BlockNode, Buffer, Capabilities, StorageError
 
 #: At most this many bytes are mapped per block-status request (clients ask again): librbd's
 #: exact diff costs about 13 ms per GiB of allocated data.
@@ -34,8 +36,12 @@ class RbdNode(BlockNode):
         writable: bool,
         thick: bool,
         label: str,
+        on_lost: Callable[[RbdError], None] | None = None,
     ) -> None:
         self._opener = opener
+        #: Told when an op fails because this node may no longer write the image (fenced, or
+        #: its lock taken): the backend stops serving it.
+        self._on_lost = on_lost
         self._opening: asyncio.Task[AsyncImage] | None = None
         self._image: AsyncImage | None = None
         self._size = size
@@ -47,6 +53,8 @@ class RbdNode(BlockNode):
 
     # ------------------------------------------------------------ image
     async def image(self) -> AsyncImage:
+        if self.failed is not None:
+            raise StorageError(errno.ESHUTDOWN, f"{self.label}: {self.failed}")
         if self._image is not None:
             return self._image
         if self._opening is None:
@@ -76,14 +84,36 @@ class RbdNode(BlockNode):
     def capabilities(self) -> Capabilities:
         return Capabilities(writable=self.writable, can_cache=False)
 
+    def lost(self, e: RbdError) -> None:
+        """An op failed: if it says this node may no longer write, stop and tell the backend."""
+        if e.lock_lost and self.failed is None:
+            self.failed = f"this node lost the volume ({e})"
+            if self._on_lost is not None:
+                self._on_lost(e)
+
     # ------------------------------------------------------------ I/O
     async def read(self, offset: int, length: int) -> Buffer:
-        return await (await self.image()).read(offset, length)
+        try:
+            return await (await self.image()).read(offset, length)
+        except RbdError as e:
+            self.lost(e)
+            raise
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        await (await self.image()).write(data, offset, fua)
+        try:
+            await (await self.image()).write(data, offset, fua)
+        except RbdError as e:
+            self.lost(e)
+            raise
 
     async def zero(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
+        try:
+            await self._zero(offset, length, may_trim)
+        except RbdError as e:
+            self.lost(e)
+            raise
+
+    async def _zero(self, offset: int, length: int, may_trim: bool) -> None:
         img = await self.image()
         if may_trim and not self.thick:
             await img.write_zeroes(offset, length)
@@ -104,7 +134,11 @@ class RbdNode(BlockNode):
 
     async def flush(self) -> None:
         if self.writable and self._image is not None:
-            await self._image.flush()
+            try:
+                await self._image.flush()
+            except RbdError as e:
+                self.lost(e)
+                raise
 
     async def block_status(self, offset: int, length: int) -> Sequence[tuple[int, int]]:
         length = min(length, BLOCK_STATUS_SPAN, self._size - offset)

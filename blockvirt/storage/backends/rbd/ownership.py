@@ -1,0 +1,172 @@
+"""Who serves each volume of an RBD pool, and how a node takes one safely (docs/cluster.md).
+
+The record `owner/<volume>` in the pool's catalog says which node serves the volume (and, for
+a planned move, which node should). It routes clients and is changed only with a version
+check, so two nodes racing for a volume cannot both win it. What makes serving safe is the
+image's exclusive lock: the owner holds it in managed mode (another client's writes fail),
+and taking it from a node presumed dead breaks it, which blocklists that node's Ceph client
+before this node writes a byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blockvirt.storage.backends.rbd.catalog import Changes, RbdCatalog
+from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.catalog import CatalogError
+
+log = logging.getLogger("blockvirt.cluster")
+
+
+def owner_key(volume: str) -> str:
+    return f"owner/{volume}"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    node: str
+    epoch: int
+    #: Where a planned move should take it (volume move, node drain), or None.
+    target: str | None = None
+
+
+def read_owner(items: dict[str, Any], volume: str) -> Owner | None:
+    raw = items.get(owner_key(volume))
+    if not isinstance(raw, dict) or not raw.get("node"):
+        return None
+    return Owner(str(raw["node"]), int(raw.get("epoch", 0)), raw.get("target"))
+
+
+def owners(items: dict[str, Any]) -> dict[str, Owner]:
+    """volume -> its owner, for every owned volume."""
+    out = {}
+    for key in items:
+        if key.startswith("owner/"):
+            o = read_owner(items, key[6:])
+            if o is not None:
+                out[key[6:]] = o
+    return out
+
+
+class ServedElsewhere(CatalogError):
+    """The volume is served by a live peer: this node must not serve it."""
+
+    def __init__(self, volume: str, node: str, address: str) -> None:
+        where = f" at {address}" if address else ""
+        super().__init__("conflict", f"volume {volume!r} is served by node {node}{where}")
+        self.node = node
+        self.address = address
+
+
+class Ownership:
+    """One pool's ownership records, as this node uses them."""
+
+    def __init__(
+        self,
+        catalog: RbdCatalog,
+        me: str,
+        alive: Callable[[str], bool],
+        address_of: Callable[[str], str],
+    ) -> None:
+        self.catalog = catalog
+        self.me = me
+        self.alive = alive
+        self.address_of = address_of
+        #: Counters for metrics: volumes taken, released (handed off), lost (fenced).
+        self.changes = {"taken": 0, "released": 0, "lost": 0, "fenced": 0}
+
+    def owner(self, volume: str) -> Owner | None:
+        return read_owner(self.catalog.items, volume)
+
+    def elsewhere(self, volume: str) -> Owner | None:
+        """The live peer serving the volume, if one does (from the cached catalog)."""
+        o = self.owner(volume)
+        if o is None or o.node == self.me or not self.alive(o.node):
+            return None
+        return o
+
+    def mine(self) -> list[str]:
+        return sorted(v for v, o in owners(self.catalog.items).items() if o.node == self.me)
+
+    async def claim(self, volume: str) -> Owner:
+        """Make this node the volume's owner in the catalog: it was free, ours, or its owner
+        is presumed dead. Raises ServedElsewhere if a live peer has it (even one asked to
+        hand it to us: it does so itself, releasing its lock first)."""
+        claimed: list[Owner] = []
+        changed = [False]
+
+        def fn(items: dict[str, Any]) -> Changes:
+            claimed.clear()
+            current = read_owner(items, volume)
+            if current is not None and current.node == self.me:
+                claimed.append(current)
+                changed[0] = False
+                return Changes()
+            if current is not None and self.alive(current.node):
+                raise ServedElsewhere(volume, current.node, self.address_of(current.node))
+            epoch = (current.epoch if current is not None else 0) + 1
+            claimed.append(Owner(self.me, epoch))
+            changed[0] = True
+            return Changes(set={owner_key(volume): {"node": self.me, "epoch": epoch, "target": None}})
+
+        await self.catalog.mutate(fn)
+        if changed[0]:
+            self.changes["taken"] += 1
+        return claimed[0]
+
+    async def hand_to(self, volume: str, node: str | None) -> None:
+        """Give the volume up (our lock is released already): to `node`, or to nobody."""
+
+        def fn(items: dict[str, Any]) -> Changes:
+            current = read_owner(items, volume)
+            if current is None or current.node != self.me:
+                return Changes()  # not ours any more: nothing to hand over
+            if node is None:
+                return Changes(remove=[owner_key(volume)])
+            return Changes(
+                set={owner_key(volume): {"node": node, "epoch": current.epoch + 1, "target": None}}
+            )
+
+        await self.catalog.mutate(fn)
+        self.changes["released"] += 1
+
+    async def want(self, volume: str, node: str) -> None:
+        """Ask the volume's owner to hand it to `node` (a planned move); a free volume is
+        simply given to `node`."""
+
+        def fn(items: dict[str, Any]) -> Changes:
+            current = read_owner(items, volume)
+            if current is None or not self.alive(current.node):
+                epoch = (current.epoch if current is not None else 0) + 1
+                return Changes(set={owner_key(volume): {"node": node, "epoch": epoch, "target": None}})
+            if current.node == node:
+                return Changes()
+            return Changes(
+                set={owner_key(volume): {"node": current.node, "epoch": current.epoch, "target": node}}
+            )
+
+        await self.catalog.mutate(fn)
+
+    async def forget(self, volume: str) -> None:
+        """The volume is gone: its record goes with it."""
+        await self.catalog.mutate(
+            lambda items: Changes(remove=[k for k in [owner_key(volume)] if k in items])
+        )
+
+
+async def take_lock(img: AsyncImage) -> list[str]:
+    """Hold the image's exclusive lock; a holder that is not us is fenced first (lock_break
+    blocklists its Ceph client and waits for the newest OSD map). Returns who was fenced.
+    Call it only once the catalog says we own the volume: the holder is presumed dead."""
+    fenced: list[str] = []
+    if not await img.is_lock_owner():
+        for holder in await img.lock_owners():
+            await img.lock_break(holder)
+            fenced.append(holder.owner)
+            log.warning("image %s: broke the lock of %s (fenced it)", img.name, holder.owner)
+        await img.lock_acquire(exclusive=True)
+    return fenced
