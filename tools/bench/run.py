@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -257,6 +258,8 @@ class Options:
     start_timeout: float
     blockvirt_args: tuple[str, ...] = ()
     baseline: Path | None = None
+    #: With --rbd: (ceph.conf, pool) of the throwaway Ceph every server's disk lives in.
+    ceph: tuple[str, str] | None = None
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -293,10 +296,21 @@ def start_nbdkit(server: Server, opts: Options) -> None:
 
 
 def start_qemu_nbd(server: Server, opts: Options) -> None:
-    img = backing_file(server.name, opts)
     port = free_port()
     argv = ["qemu-nbd", "-f", "raw", "-x", EXPORT, "-b", HOST, "-p", str(port)]
-    spawn(server, [*argv, "-t", "-e", "16", "--cache=writeback", str(img)], opts)
+    if opts.ceph is not None:
+        # qemu's own rbd driver on an image of the same Ceph; cache=none keeps librbd's cache
+        # off, as blockvirt keeps it (a completed write is on the OSDs: same durability).
+        conf, pool = opts.ceph
+        image = f"qemu-{server.name}"
+        subprocess.run(
+            ["rbd", "-c", conf, "create", f"{pool}/{image}", "--size", f"{opts.size // (1 << 20)}M"],
+            check=True, capture_output=True, timeout=opts.start_timeout,
+        )  # fmt: skip
+        spawn(server, [*argv, "-t", "-e", "16", "--cache=none", f"rbd:{pool}/{image}:conf={conf}"], opts)
+    else:
+        img = backing_file(server.name, opts)
+        spawn(server, [*argv, "-t", "-e", "16", "--cache=writeback", str(img)], opts)
     server.uri = f"nbd://{HOST}:{port}/{EXPORT}"
     wait_for(f"qemu-nbd port {port}", lambda: port_open(port), server.alive, opts.start_timeout)
 
@@ -384,6 +398,27 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
         server.alive,
         opts.start_timeout,
     )
+    where = ["--thick"]
+    if opts.ceph is not None:  # the volume lives on an RBD pool of the throwaway Ceph
+        conf, pool = opts.ceph
+        attach = [
+            opts.python,
+            "-m",
+            "blockvirt",
+            "pool",
+            "create",
+            "ceph",
+            "--rbd",
+            pool,
+            "--ceph-conf",
+            conf,
+        ]
+        cp = subprocess.run(
+            [*attach, "--api", api_url], cwd=root, env=env, capture_output=True, text=True, timeout=60
+        )
+        if cp.returncode != 0:
+            raise ServerError(f"'pool create --rbd' failed: {(cp.stdout + cp.stderr).strip()[-500:]}")
+        where = ["--pool", "ceph"]  # thin: the fill writes every byte anyway
     create = [
         opts.python,
         "-m",
@@ -393,7 +428,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
         EXPORT,
         "--size",
         size_arg(opts.size),
-        "--thick",
+        *where,
         "--api",
         api_url,
     ]
@@ -654,6 +689,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"also run blockvirt from this source tree as {BASELINE!r} (e.g. a `git worktree` of "
         "an older commit), interleaved with the rest",
     )
+    p.add_argument(
+        "--rbd",
+        action="store_true",
+        help="every disk on a throwaway one-node Ceph (tests/cephcluster.py): blockvirt on an RBD "
+        "pool against qemu-nbd's rbd driver (servers default to blockvirt,qemu-nbd; size to 256M)",
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument(
@@ -693,6 +734,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="do not sync(2) before each run (sync keeps earlier writes' writeback out of the next run)",
     )
     args = p.parse_args(argv)
+    if args.rbd:
+        argv_list = list(argv or sys.argv[1:])
+        if not any(a.startswith("--servers") for a in argv_list):
+            args.servers = ["blockvirt", "qemu-nbd"]
+        if not any(a.startswith("--size") for a in argv_list):
+            args.size = 256 << 20
+        bad_rbd = [s for s in args.servers if s not in ("blockvirt", "qemu-nbd", BASELINE)]
+        if bad_rbd:
+            p.error(f"--rbd runs blockvirt and qemu-nbd only, not {bad_rbd}")
     bad = [s for s in args.servers if s not in ALL_SERVERS]
     if bad or not args.servers:
         p.error(f"unknown servers {bad}; choose from {','.join(ALL_SERVERS)}")
@@ -835,10 +885,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = [Server(name) for name in args.servers]
     t_start = time.time()
 
-    with tempfile.TemporaryDirectory(prefix="blockvirt-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="blockvirt-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         logdir = args.log_dir or workdir / "logs"
         logdir.mkdir(parents=True, exist_ok=True)
+        ceph: tuple[str, str] | None = None
+        if args.rbd:
+            cluster = _ceph_cluster(workdir, args.size * (len(servers) + 1))
+            stack.callback(cluster.stop)
+            cluster.start()
+            cluster.create_pool("bench")
+            ceph = (str(cluster.conf_path), "bench")
+            log(f"[ceph] up in {cluster.timings['start']:.1f}s ({cluster.conf_path})")
         opts = Options(
             args.size,
             workdir,
@@ -847,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.start_timeout,
             tuple(args.blockvirt_arg),
             args.baseline,
+            ceph,
         )
         try:
             start_all(servers, opts)
@@ -894,6 +953,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {args.json}")
     return 1 if failed_runs or any(s.error for s in servers) else 0
+
+
+def _ceph_cluster(workdir: Path, data_bytes: int) -> Any:
+    """tests/cephcluster.py's throwaway Ceph (stdlib only), loaded by path."""
+    path = REPO_ROOT / "tests" / "cephcluster.py"
+    spec = importlib.util.spec_from_file_location("blockvirt_bench_ceph", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CephCluster(parent_dir=workdir, osd_bytes=max(4 << 30, 2 * data_bytes))
 
 
 def environment() -> dict[str, Any]:
