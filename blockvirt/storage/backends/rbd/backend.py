@@ -45,7 +45,7 @@ from blockvirt.storage.backends.rbd.catalog import (
 from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
-from blockvirt.storage.backends.rbd.members import HEARTBEAT, Members
+from blockvirt.storage.backends.rbd.members import HEARTBEAT, DuplicateNode, Members
 from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
 from blockvirt.storage.backends.rbd.ownership import Ownership, ServedElsewhere, owners, take_lock
 from blockvirt.storage.backends.rbd.pool import RbdPool
@@ -222,8 +222,11 @@ class RbdBackend:
         node = self.host.node
         members = Members(st.conn, node.name, lambda: {"nbd": self.host.node.nbd, "api": self.host.node.api})
         members.on_fenced = lambda: self._spawn(self._recover(st))
+        members.on_duplicate = lambda why: self._spawn(self._duplicate(st, why))
         try:
-            await members.beat()
+            await members.join()
+        except DuplicateNode as e:
+            raise CatalogError("conflict", str(e)) from None
         except (CephError, StorageError) as e:
             raise CatalogError("unavailable", f"cannot join the pool's member list: {e}") from None
         st.members = members
@@ -360,6 +363,15 @@ class RbdBackend:
             self._spawn(self._retry(st))
         finally:
             st.recovering = False
+
+    async def _duplicate(self, st: PoolState, why: str) -> None:
+        """Another process uses this node's name in the pool: stop serving its volumes and
+        report the pool unusable (the operator gives each node its own --node-name)."""
+        st.error = why
+        for e in list(self.host.exports()):
+            if e.snapshot is None and isinstance(e.base, RbdNode) and self._find(e.volume) is st:
+                e.base.failed = why
+                await self.host.evict(e.volume, why)
 
     def served_elsewhere(self, volume: str) -> str | None:
         st = self._find(volume)

@@ -169,7 +169,7 @@ class RbdCatalog:
         def fn(items: dict[str, Any]) -> Changes:
             prefix = f"snap/{name}/"
             gone = [k for k in items if k.startswith(prefix)]
-            gone += [k for k in (vol_key(name), acl_key(name), qos_key(name)) if k in items]
+            gone += [k for k in (vol_key(name), acl_key(name), qos_key(name), f"owner/{name}") if k in items]
             return Changes(remove=gone)
 
         await self.mutate(fn)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,10 @@ def _info(name: str, raw: dict[str, Any]) -> NodeInfo:
     )
 
 
+class DuplicateNode(Exception):
+    """Two processes use one node name in a pool: ownership would be meaningless."""
+
+
 class Members:
     """This node's heartbeat in one pool, and its view of the pool's other nodes."""
 
@@ -99,9 +104,13 @@ class Members:
         self.nodes: dict[str, NodeInfo] = {}
         self._beat = 0
         self._started = time.time()
+        #: Tells this process's heartbeats from another process's under the same name.
+        self.incarnation = uuid.uuid4().hex
         self._task: asyncio.Task[None] | None = None
         #: Called when a heartbeat fails because this client was fenced.
         self.on_fenced: Callable[[], None] | None = None
+        #: Called (with why) when another process heartbeats under this node's name.
+        self.on_duplicate: Callable[[str], None] | None = None
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -115,15 +124,45 @@ class Members:
             except asyncio.CancelledError:
                 pass
 
+    async def join(self) -> None:
+        """Check no live process already heartbeats under our name (its counter moves), then
+        send our first heartbeat. After a crash our old key stays: it does not move."""
+        key = f"node/{self.me}"
+        before = await self.doc.get(key)
+        if isinstance(before, dict):
+            await asyncio.sleep(self.heartbeat * 1.5)
+            after = await self.doc.get(key)
+            if isinstance(after, dict) and after.get("beat") != before.get("beat"):
+                raise DuplicateNode(
+                    f"node {self.me!r} is alive in this pool already (its NBD address: "
+                    f"{after.get('nbd') or '?'}): give each node its own --node-name"
+                )
+        await self.beat()
+
     async def beat(self) -> None:
-        """Bump our counter, then read everyone's."""
+        """Bump our counter, then read everyone's. Raises DuplicateNode if another live
+        process writes heartbeats under our name (two nodes must not share one)."""
+        key = f"node/{self.me}"
+        if self._beat:
+            last = await self.doc.get(key)
+            if isinstance(last, dict) and last.get("incarnation") not in (None, self.incarnation):
+                raise DuplicateNode(
+                    f"another process heartbeats as node {self.me!r} in this pool "
+                    f"(its NBD address: {last.get('nbd') or '?'}): give each node its own --node-name"
+                )
         self._beat += 1
         try:
             client = self.conn.client_address()
         except CephError:
             client = ""
-        record = {**self.identity(), "client": client, "beat": self._beat, "started": self._started}
-        await self.doc.update(set={f"node/{self.me}": record})
+        record = {
+            **self.identity(),
+            "client": client,
+            "beat": self._beat,
+            "started": self._started,
+            "incarnation": self.incarnation,
+        }
+        await self.doc.update(set={key: record})
         await self.refresh()
 
     async def refresh(self) -> None:
@@ -152,6 +191,12 @@ class Members:
             except CephError as e:
                 self.last_error = str(e)
                 log.warning("heartbeat failed: %s", e)
+            except DuplicateNode as e:
+                self.last_error = str(e)
+                log.error("%s", e)
+                if self.on_duplicate is not None:
+                    self.on_duplicate(str(e))
+                return  # stop heartbeating: the pool is unusable for this node
             await asyncio.sleep(self.heartbeat)
 
     async def leave(self) -> None:
