@@ -194,6 +194,15 @@ class FileBackend:
     def failed(self, node: BlockNode) -> str | None:
         return node.failed if isinstance(node, ChainNode) else None
 
+    def snapshot_ancestors(self, volume: str, snapshot: str | None) -> list[str]:
+        top = self._snap(volume, snapshot).layer if snapshot is not None else self._row(volume).head
+        names: dict[str, list[str]] = {}
+        for s in self.catalog.snapshots(volume):
+            names.setdefault(s.layer, []).append(s.name)
+        # The top layer is the point itself: only the layers below it are older.
+        older = [n for r in self.catalog.chain(top)[1:] for n in names.get(r.id, ())]
+        return older[::-1]
+
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None
     ) -> list[tuple[int, int]]:
