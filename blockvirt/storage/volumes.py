@@ -347,6 +347,22 @@ class VolumeManager:
         """Snapshots older than `snap` (None: the head) on its branch, oldest first."""
         return self.backend_of(name).snapshot_ancestors(name, snap)
 
+    async def snapshot_diff(self, name: str, since: str, until: str | None = None) -> dict[str, Any]:
+        """What may differ between snapshot `since` and snapshot `until` (None: the head
+        now): byte ranges in order, and their total."""
+        backend, rec = self.locate(name)
+        self._require_snap(backend, name, since)
+        if until is not None:
+            self._require_snap(backend, name, until)
+        extents = await backend.changed_extents(rec, since, until)
+        return {
+            "volume": name,
+            "since": since,
+            "until": until,
+            "extents": [{"offset": off, "length": ln} for off, ln in extents],
+            "changed_bytes": sum(ln for _, ln in extents),
+        }
+
     async def snapshot_delete(self, name: str, snap: str) -> DeleteResult:
         """Forget the snapshot; what its data becomes is the backend's business (merged away
         by a job, or kept while branches share it)."""

@@ -214,10 +214,8 @@ class FileBackend:
         if base not in ids or base == top:
             if base == top:
                 return []
-            raise CatalogError(
-                "invalid",
-                f"snapshot {since!r} is not an older point of {until or volume.name!r}'s branch",
-            )
+            point = volume.name if until is None else f"{volume.name}@{until}"
+            raise CatalogError("invalid", f"snapshot {since!r} is not an older point of {point}'s branch")
         above = chain[: ids.index(base)]
         top_size, base_size = chain[0].size, chain[ids.index(base)].size
         nblocks = -(-top_size // BLOCK)
