@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from blockvirt.storage import executor
 from blockvirt.storage.backend import VolumeBackend, VolumeRecord
 from blockvirt.storage.catalog import CatalogError
 from blockvirt.storage.export import Export
@@ -128,30 +129,32 @@ class ChangeTracking:
         """Ask the backend for `view`'s answer; changes made meanwhile are added to it."""
         export = view.export
         generation = view.generation
-        fresh = ExtentSet()
+        marks = ExtentSet()
         filt = self._filters.get(export)
         if filt is not None:
-            filt.sets.append(fresh)  # from now on, before storage is asked
+            filt.sets.append(marks)  # from now on, before storage is asked
         try:
-            backend, rec = self.locate(export.volume)
-            extents = await backend.changed_extents(rec, view.since, export.snapshot)
-        except CatalogError as e:
-            log.warning(
-                "changes of %s since %s: %s; everything counts as changed",
-                export.export_name,
-                view.since,
-                e.message,
-                extra={"volume": export.volume},
-            )
-            extents = [(0, EVERYTHING)]
-        except BaseException:
+            try:
+                backend, rec = self.locate(export.volume)
+                extents = await backend.changed_extents(rec, view.since, export.snapshot)
+            except CatalogError as e:
+                log.warning(
+                    "changes of %s since %s: %s; everything counts as changed",
+                    export.export_name,
+                    view.since,
+                    e.message,
+                    extra={"volume": export.volume},
+                )
+                extents = [(0, EVERYTHING)]
+            answer = await executor.run(ExtentSet, extents)  # many extents take a while
+        finally:
             if filt is not None:
-                filt.sets.remove(fresh)
-            raise
+                filt.sets.remove(marks)
         if view.generation != generation:  # an edit made this answer stale already
-            if filt is not None:
-                filt.sets.remove(fresh)
             return
-        for offset, length in extents:
-            fresh.add(offset, length)
-        view.extents = fresh
+        # No await from here on: `answer` takes the marks' place in one step.
+        for offset, length in marks.ranges():
+            answer.add(offset, length)
+        if filt is not None:
+            filt.sets.append(answer)
+        view.extents = answer
