@@ -51,7 +51,9 @@ class ExportRegistry:
         """What answers a session's qemu:dirty-bitmap contexts (None if it selected none)."""
         return SessionBitmaps.select(self.volumes.changes, vol, contexts)
 
-    def describe(self, vol: Export) -> ExportInfo:
+    def describe(self, vol: Export, *, contexts: bool = True) -> ExportInfo:
+        """What the export advertises; without `contexts` (LIST shows names only) its
+        metadata contexts are not looked up."""
         caps = vol.capabilities()
         rec = vol.record
         if vol.snapshot is not None:
@@ -74,7 +76,7 @@ class ExportRegistry:
             min_block=caps.min_block,
             pref_block=caps.pref_block,
             max_block=caps.max_block,
-            contexts=self.contexts(vol, caps.can_extents),
+            contexts=self.contexts(vol, caps.can_extents) if contexts else (),
         )
 
     def contexts(self, vol: Export, can_extents: bool) -> tuple[str, ...]:
@@ -122,8 +124,8 @@ class ExportView:
                 continue
             vol = self.registry.resolve(rec.name)
             if vol is not None:
-                yield self._granted(self.registry.describe(vol), access)
+                yield self._granted(self.registry.describe(vol, contexts=False), access)
             for snap in volumes.snapshots(rec.name):
                 svol = self.registry.resolve(f"{rec.name}@{snap.name}")
                 if svol is not None:
-                    yield self.registry.describe(svol)
+                    yield self.registry.describe(svol, contexts=False)
