@@ -160,8 +160,8 @@ def test_an_increment_after_kill_9_under_writes_is_complete(tmp_path: Path) -> N
         while writer.flushes < flushes + 3:  # flushed writes since b1, and more unflushed
             writer.join(0.05)
         server.kill()
-        writer.finish()
-        assert writer.error is not None  # it was cut off
+        writer.join(30)  # its next request fails: it was cut off mid-writes
+        assert not writer.is_alive() and writer.error is not None
         server = BlockvirtServer(tmp_path / "data").start()
         # What survived the crash since b1 (the flushed writes at least) is in b2, and the
         # increment must carry all of it.
