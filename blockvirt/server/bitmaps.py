@@ -10,6 +10,7 @@ answered from it for the span asked only, in at most MAX_EXTENTS extents.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from blockvirt.nbd.constants import DirtyState
 from blockvirt.nbd.contexts import dirty_bitmap_name
@@ -21,6 +22,8 @@ from blockvirt.storage.export import Export
 MAX_EXTENTS = 16384
 
 _DIRTY = int(DirtyState.DIRTY)
+
+log = logging.getLogger("blockvirt.bitmaps")
 
 
 class SessionBitmaps:
@@ -63,4 +66,7 @@ class SessionBitmaps:
         async with self._lock:
             views, self._views = self._views, {}
         for view in views.values():
-            await self.tracking.release(view)
+            try:
+                await self.tracking.release(view)
+            except Exception:  # the session must still end: log, and release the others
+                log.exception("releasing the changes of %s since %s", self.export.export_name, view.since)
