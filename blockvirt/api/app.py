@@ -216,6 +216,14 @@ async def revert_snapshot(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+async def diff_snapshot(request: web.Request) -> web.Response:
+    """What changed from snapshot {snap} to snapshot `until` (absent: the head now)."""
+    name = _volume_name(request)
+    until = request.query.get("until")
+    out = await request.app[VOLUMES].snapshot_diff(name, request.match_info["snap"], until or None)
+    return web.json_response(out)
+
+
 async def delete_snapshot(request: web.Request) -> web.Response:
     name, snap = request.match_info["name"], request.match_info["snap"]
     result = await request.app[VOLUMES].snapshot_delete(name, snap)
@@ -400,6 +408,7 @@ def build_app(
     app.router.add_post("/api/v1/volumes/{name}/snapshots", create_snapshot)
     app.router.add_post("/api/v1/volumes/{name}/snapshots/{snap}/revert", revert_snapshot)
     app.router.add_delete("/api/v1/volumes/{name}/snapshots/{snap}", delete_snapshot)
+    app.router.add_get("/api/v1/volumes/{name}/snapshots/{snap}/diff", diff_snapshot)
     app.router.add_get("/api/v1/jobs", list_jobs)
     app.router.add_get("/api/v1/jobs/{id}", get_job)
     app.router.add_post("/api/v1/jobs/{id}/cancel", cancel_job)

@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     sl = ssub.add_parser("list", help="show a volume's snapshot tree")
     _common(sl, top=False)
     sl.add_argument("volume")
+    sd = ssub.add_parser("diff", help="what changed between two snapshots, or since one (incremental backup)")
+    _common(sd, top=False)
+    sd.add_argument("volume")
+    sd.add_argument("since", help="the older snapshot")
+    sd.add_argument("until", nargs="?", help="the newer snapshot (default: the volume now)")
 
     jobs.add_parsers(sub)
 
@@ -522,14 +527,34 @@ def _tree(snaps: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if lines else "no snapshots"
 
 
+def _snapshot_diff(args: argparse.Namespace, api: ApiClient) -> int:
+    path = f"/api/v1/volumes/{_q(args.volume)}/snapshots/{_q(args.since)}/diff"
+    if args.until:
+        path += f"?until={_q(args.until)}"
+    out = api.get(path)
+    extents = out["extents"]
+    to = f"{args.volume}@{args.until}" if args.until else f"{args.volume} now"
+    total = out["changed_bytes"]
+    lines = [f"{'OFFSET':>16}  {'LENGTH':>14}"] if extents else []
+    lines += [f"{e['offset']:>16}  {e['length']:>14}" for e in extents]
+    lines.append(
+        f"{args.volume}@{args.since} -> {to}: {len(extents)} extent(s), "
+        f"{_human_size(total)} ({total} bytes) changed"
+    )
+    _emit(args, out, "\n".join(lines))
+    return EXIT_OK
+
+
 def _snapshot(args: argparse.Namespace, api: ApiClient) -> int:
     action = args.action
     if action == "list":
         snaps = api.get(f"/api/v1/volumes/{_q(args.volume)}/snapshots")["snapshots"]
         _emit(args, snaps, _tree(snaps))
         return EXIT_OK
+    if action == "diff":
+        return _snapshot_diff(args, api)
     if action not in ("create", "revert", "delete"):
-        raise UsageError("blockvirt snapshot: choose an action: create, list, revert, delete")
+        raise UsageError("blockvirt snapshot: choose an action: create, list, revert, delete, diff")
     base = f"/api/v1/volumes/{_q(args.volume)}/snapshots"
     if action == "create":
         out = api.post(base, {"name": args.snapshot})

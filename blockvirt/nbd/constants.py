@@ -162,3 +162,11 @@ class BlockState(IntFlag):
 
 BASE_ALLOCATION = "base:allocation"
 QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
+#: qemu's registered namespace: `qemu:dirty-bitmap:NAME` contexts (we name them after snapshots).
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+
+
+class DirtyState(IntFlag):
+    """Flags of a qemu:dirty-bitmap:NAME metadata context (qemu's docs/interop/nbd.rst)."""
+
+    DIRTY = 1 << 0

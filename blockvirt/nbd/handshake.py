@@ -232,21 +232,34 @@ def _parse_meta(data: bytes) -> _Parsed:
 
 #: Stable per-connection ids for the contexts we know (ids are opaque to clients).
 CONTEXT_IDS: dict[str, int] = {BASE_ALLOCATION: 1, "qemu:allocation-depth": 2}
+#: Contexts without a fixed id (qemu:dirty-bitmap:NAME) get the next free one from here.
+FIRST_DYNAMIC_CONTEXT_ID = 3
+
+
+def _context_id(name: str, taken: Iterable[int]) -> int:
+    """The id SET_META_CONTEXT gives `name`: its fixed one, else the lowest free dynamic id."""
+    fixed = CONTEXT_IDS.get(name)
+    if fixed is not None:
+        return fixed
+    used = set(taken)
+    cid = FIRST_DYNAMIC_CONTEXT_ID
+    while cid in used:
+        cid += 1
+    return cid
 
 
 def _match_contexts(available: Iterable[str], queries: tuple[str, ...], listing: bool) -> list[str]:
-    """Contexts selected by `queries`: exact names; in LIST also 'ns:' prefixes and no query."""
+    """Contexts selected by `queries`: exact names; in LIST also 'ns:' prefixes and no query.
+    In the export's order whatever the queries' order, as qemu-nbd answers."""
     avail = list(available)
     if listing and not queries:
         return avail
-    out: list[str] = []
+    chosen: set[str] = set()
     for q in queries:
         for name in avail:
-            if name in out:
-                continue
             if name == q or (listing and q.endswith(":") and name.startswith(q)):
-                out.append(name)
-    return out
+                chosen.add(name)
+    return [name for name in avail if name in chosen]
 
 
 class ServerHandshake:
@@ -483,7 +496,7 @@ class ServerHandshake:
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)
         selected: dict[int, str] = {}
         for name in chosen:
-            cid = CONTEXT_IDS.get(name, 0) if setting else 0
+            cid = _context_id(name, selected) if setting else 0
             selected[cid] = name
             self._reply(
                 opt, Rep.META_CONTEXT, options.META_CONTEXT_REPLY.build({"id": cid, "name": name.encode()})

@@ -38,6 +38,7 @@ from blockvirt.storage.stats import Latency, VolumeStats
 
 if TYPE_CHECKING:
     from blockvirt.qos.manager import VolumeQos
+    from blockvirt.server.bitmaps import SessionBitmaps
 
 log = logging.getLogger("blockvirt.dispatch")
 
@@ -82,8 +83,11 @@ class Dispatcher:
         contexts: dict[int, str],
         stats: VolumeStats | None = None,
         qos: VolumeQos | None = None,
+        bitmaps: SessionBitmaps | None = None,
     ) -> None:
         self.node = node
+        #: The qemu:dirty-bitmap contexts among `contexts` (None: none selected).
+        self.bitmaps = bitmaps
         #: Storage I/O control of the volume (None: no QoS at all).
         self.qos = qos
         #: Cookies admitted by QoS in try_now that then went the slow way (not charged twice).
@@ -361,17 +365,28 @@ class Dispatcher:
             self.unflushed = True
             self._dirtied += 1
 
-    async def _block_status(self, cmd: Command) -> dict[int, Sequence[tuple[int, int]]]:
+    async def close(self) -> None:
+        """The session ended: release what its contexts hold."""
+        if self.bitmaps is not None:
+            await self.bitmaps.close()
+
+    async def _allocation(self, cmd: Command) -> list[tuple[int, int]]:
         extents = merge_extents(await self.node.block_status(cmd.offset, cmd.length))
         if not extents:  # nodes must answer at least one byte; be safe
             extents = [(min(cmd.length, max(self.size, self.node.size) - cmd.offset), 0)]
         if cmd.flags & _REQ_ONE:
             ln, fl = extents[0]
             extents = [(min(ln, cmd.length), fl)]
+        return extents
+
+    async def _block_status(self, cmd: Command) -> dict[int, Sequence[tuple[int, int]]]:
         out: dict[int, Sequence[tuple[int, int]]] = {}
+        bitmaps = self.bitmaps
         for cid, name in self.contexts.items():
             if name == BASE_ALLOCATION:
-                out[cid] = extents
+                out[cid] = await self._allocation(cmd)
+            elif bitmaps is not None and cid in bitmaps:
+                out[cid] = await bitmaps.extents(cid, cmd.offset, cmd.length, bool(cmd.flags & _REQ_ONE))
             elif name == QEMU_ALLOCATION_DEPTH:
                 dext = merge_extents(await self.node.allocation_depth(cmd.offset, cmd.length))
                 if not dext:

@@ -11,8 +11,10 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
+from blockvirt.nbd.contexts import dirty_bitmap_context
 from blockvirt.nbd.events import ExportDenied, ExportInfo
 from blockvirt.server.acl import Access, ClientIdentity, Rule, decide
+from blockvirt.server.bitmaps import SessionBitmaps
 from blockvirt.storage.export import Export
 from blockvirt.storage.volumes import VolumeManager
 
@@ -44,7 +46,13 @@ class ExportRegistry:
         """The volume's QoS handle (a snapshot export is charged to its volume)."""
         return None if self.qos is None else self.qos.volume_qos(vol.volume)
 
-    def describe(self, vol: Export) -> ExportInfo:
+    def bitmaps(self, vol: Export, contexts: dict[int, str]) -> SessionBitmaps | None:
+        """What answers a session's qemu:dirty-bitmap contexts (None if it selected none)."""
+        return SessionBitmaps.select(self.volumes.changes, vol, contexts)
+
+    def describe(self, vol: Export, *, contexts: bool = True) -> ExportInfo:
+        """What the export advertises; without `contexts` (LIST shows names only) its
+        metadata contexts are not looked up."""
         caps = vol.capabilities()
         rec = vol.record
         if vol.snapshot is not None:
@@ -66,8 +74,15 @@ class ExportRegistry:
             min_block=caps.min_block,
             pref_block=caps.pref_block,
             max_block=caps.max_block,
-            contexts=(BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH) if caps.can_extents else (),
+            contexts=self.contexts(vol, caps.can_extents) if contexts else (),
         )
+
+    def contexts(self, vol: Export, can_extents: bool) -> tuple[str, ...]:
+        """The metadata contexts of an export: allocation if its node maps extents, and one
+        qemu:dirty-bitmap:S per older snapshot S of its branch (what changed since S)."""
+        allocation = (BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH) if can_extents else ()
+        older = self.volumes.snapshot_ancestors(vol.volume, vol.snapshot)
+        return (*allocation, *(dirty_bitmap_context(s) for s in older))
 
 
 def volume_description(thick: bool, pool: str) -> str:

@@ -390,6 +390,7 @@ class NbdSession(asyncio.BufferedProtocol):
             ev.contexts,
             vol.stats,
             self.server.registry.qos_for(vol),
+            self.server.registry.bitmaps(vol, ev.contexts),
         )
         log.info(
             "session %d (%s): opened export %r%s",
@@ -674,6 +675,8 @@ class NbdSession(asyncio.BufferedProtocol):
             return
         await self._drain_and_flush()
         extra = self._ids()
+        if self.disp is not None:
+            await self.disp.close()
         if self.volume is not None:
             self.volume.users -= 1
             self.volume = None

@@ -257,6 +257,11 @@ class VolumeBackend(Protocol):
     def live_nodes(self, pool: str) -> list[str]:
         """The live nodes of the pool's cluster (this one included)."""
 
+    def snapshot_ancestors(self, volume: str, snapshot: str | None) -> list[str]:
+        """The volume's snapshots that are older points of the branch of `snapshot` (None:
+        the head), oldest first: the `since` that `changed_extents(volume, since, snapshot)`
+        accepts. Cheap (the NBD handshake lists them as metadata contexts)."""
+
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None
     ) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from blockvirt.storage.catalog import (
     validate_name,
     validate_size,
 )
+from blockvirt.storage.changes import ChangeTracking
 from blockvirt.storage.events import Fanout, StorageEvents
 from blockvirt.storage.export import Export
 from blockvirt.storage.opened import OpenExports
@@ -72,6 +73,8 @@ class VolumeManager:
         #: Serialises tree edits, and the commit steps of backends' background work.
         self.tree_lock = asyncio.Lock()
         self.pools = Pools(catalog, self.backend_of_pool, jobs, self.events)
+        #: What changed in open exports since older snapshots (qemu:dirty-bitmap contexts).
+        self.changes = ChangeTracking(self.locate)
 
     def listen(self, listener: StorageEvents) -> None:
         """Add a listener (the service wires QoS and the NBD server)."""
@@ -327,6 +330,7 @@ class VolumeManager:
                         "they would keep using the old size; disconnect them first",
                     )
             new = await backend.resize(rec, size, head, force=force)
+            self.changes.invalidate(name)  # a grown range counts as changed
             verb = "grew" if size > old else "shrank"
             log.info("volume %s: %s from %d to %d bytes", name, verb, old, size, extra={"volume": name})
         return old, new
@@ -379,7 +383,28 @@ class VolumeManager:
                 await self.events.disconnect(name)
             self._refuse_busy(name)
             await backend.revert(rec, snap, head)
+            self.changes.invalidate(name)
         return {"volume": name, "reverted_to": snap}
+
+    def snapshot_ancestors(self, name: str, snap: str | None = None) -> list[str]:
+        """Snapshots older than `snap` (None: the head) on its branch, oldest first."""
+        return self.backend_of(name).snapshot_ancestors(name, snap)
+
+    async def snapshot_diff(self, name: str, since: str, until: str | None = None) -> dict[str, Any]:
+        """What may differ between snapshot `since` and snapshot `until` (None: the head
+        now): byte ranges in order, and their total."""
+        backend, rec = self.locate(name)
+        self._require_snap(backend, name, since)
+        if until is not None:
+            self._require_snap(backend, name, until)
+        extents = await backend.changed_extents(rec, since, until)
+        return {
+            "volume": name,
+            "since": since,
+            "until": until,
+            "extents": [{"offset": off, "length": ln} for off, ln in extents],
+            "changed_bytes": sum(ln for _, ln in extents),
+        }
 
     async def snapshot_delete(self, name: str, snap: str) -> DeleteResult:
         """Forget the snapshot; what its data becomes is the backend's business (merged away

@@ -72,6 +72,7 @@ def expected_tables() -> dict[str, Table]:
         "ReplyType": from_enum("NBD_REPLY_TYPE_", c.ReplyType),
         "ReplyFlag": from_enum("NBD_REPLY_FLAG_", c.ReplyFlag),
         "BlockState": from_enum("NBD_STATE_", c.BlockState),
+        "DirtyState": from_enum("NBD_STATE_", c.DirtyState),
         "context ids": dict(CONTEXT_IDS),
         "limits": {
             "MAX_STRING": c.MAX_STRING,

@@ -33,7 +33,7 @@ from blockvirt.storage.backend import (
 from blockvirt.storage.backends.cowfile import diff, gc, merge, relocate
 from blockvirt.storage.backends.cowfile.chain import ChainNode
 from blockvirt.storage.backends.cowfile.layer import Layer, remove_layer_files
-from blockvirt.storage.backends.cowfile.layer_map import BLOCK, FULL_PAGE, PAGE_BLOCKS
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK, FULL_PAGE
 from blockvirt.storage.backends.cowfile.registry import LayerRegistry
 from blockvirt.storage.backends.cowfile.state import FileState
 from blockvirt.storage.catalog import (
@@ -244,6 +244,15 @@ class FileBackend:
     def live_nodes(self, pool: str) -> list[str]:
         return []
 
+    def snapshot_ancestors(self, volume: str, snapshot: str | None) -> list[str]:
+        top = self._snap(volume, snapshot).layer if snapshot is not None else self._row(volume).head
+        names: dict[str, list[str]] = {}
+        for s in self.catalog.snapshots(volume):
+            names.setdefault(s.layer, []).append(s.name)
+        # The top layer is the point itself: only the layers below it are older.
+        older = [n for r in self.catalog.chain(top)[1:] for n in names.get(r.id, ())]
+        return older[::-1]
+
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None
     ) -> list[tuple[int, int]]:
@@ -255,32 +264,17 @@ class FileBackend:
         if base not in ids or base == top:
             if base == top:
                 return []
-            raise CatalogError(
-                "invalid",
-                f"snapshot {since!r} is not an older point of {until or volume.name!r}'s branch",
-            )
+            point = volume.name if until is None else f"{volume.name}@{until}"
+            raise CatalogError("invalid", f"snapshot {since!r} is not an older point of {point}'s branch")
         above = chain[: ids.index(base)]
         top_size, base_size = chain[0].size, chain[ids.index(base)].size
-        nblocks = -(-top_size // BLOCK)
         layers = [self.st.layers.acquire(r) for r in above]
         try:
-            pages = diff.changed_pages([lay.map for lay in layers], nblocks)
+            tables = [diff.table(lay.map) for lay in layers]
         finally:
             self.st.layers.release_all(layers)
-        if top_size > base_size:  # grown since: all of it counts as changed
-            grown = {}
-            first = base_size // BLOCK
-            for b0 in range(first // PAGE_BLOCKS * PAGE_BLOCKS, nblocks, PAGE_BLOCKS):
-                page = b0 // PAGE_BLOCKS
-                lo, hi = max(first, b0), min(nblocks, b0 + PAGE_BLOCKS)
-                grown[page] = ((1 << (hi - lo)) - 1) << (lo - b0)
-            for page, bits in grown.items():
-                pages[page] = pages.get(page, 0) | bits
-        out = []
-        for first, count in diff.runs(pages):
-            start = first * BLOCK
-            out.append((start, min(count * BLOCK, top_size - start)))
-        return out
+        # Off the loop: a volume of many TiB with many extents takes a while to walk.
+        return await executor.run(diff.changed_extents, tables, top_size, base_size)
 
     # ------------------------------------------------------------ I/O
     def open(self, volume: VolumeRecord, snapshot: str | None) -> BlockNode:

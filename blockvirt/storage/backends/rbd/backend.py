@@ -607,6 +607,12 @@ class RbdBackend:
             cur = snap.parent if snap is not None else None
         return out
 
+    def snapshot_ancestors(self, volume: str, snapshot: str | None) -> list[str]:
+        st = self._find(volume)
+        if st is None or st.catalog is None:
+            return []
+        return self._ancestors(st.catalog, volume, snapshot)[::-1]
+
     async def changed_extents(
         self, volume: VolumeRecord, since: str, until: str | None = None
     ) -> list[tuple[int, int]]:
