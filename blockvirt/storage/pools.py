@@ -172,10 +172,12 @@ class Pools:
                     "conflict", f"pool path {path!r} is not empty: use a new or empty directory"
                 )
         self.events.check_pool_settings(name, checked)
+        made = _missing_dirs(full)
         try:
             rec = self.catalog.add_pool(name, full)
-        except OSError as e:
-            raise CatalogError("invalid", f"cannot create pool directory {path!r}: {e.strerror}") from None
+        except BaseException:
+            _remove_empty(made)  # the directories this call made, and only if still empty
+            raise
         if checked != PoolSettings():
             self.catalog.set_pool_settings(name, checked.to_dict())
         self.events.pool_changed(name)
@@ -291,3 +293,23 @@ def _holds(outer: str, inner: str) -> bool:
     """Whether directory `outer` is `inner` or one of its parents, by name or for real."""
     pairs = ((os.path.abspath(outer), os.path.abspath(inner)), (pooldirs.real(outer), pooldirs.real(inner)))
     return any((i.rstrip(os.sep) + os.sep).startswith(o.rstrip(os.sep) + os.sep) for o, i in pairs)
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not os.path.lexists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return  # not empty (or not ours any more): neither are its parents

@@ -1,6 +1,6 @@
 """Pool directories as the filesystem sees them: symlinks must not let two pools share (or
 nest in) one directory, a restart must never sweep away a pool's layers because another pool
-reaches the same directory."""
+reaches the same directory, and a refused `pool create` leaves no directory behind."""
 
 from __future__ import annotations
 
@@ -146,3 +146,20 @@ def test_start_removes_stale_copies_only_where_the_real_ones_are_whole(tmp_path:
         assert layer_files(tmp_path / "P1") == by_volume["a"]
         assert f"not removing {layer_b}.data" in server.log()
         assert asyncio.run(read(server.uri("a"), 4096)) == b"a" * 4096
+
+
+def test_failed_pool_create_leaves_no_directory(tmp_path: Path) -> None:
+    with BlockvirtServer(tmp_path / "data") as server:
+        assert server.cli("pool", "create", "P1", "--path", str(tmp_path / "P1")).returncode == 0
+        # The catalog refuses the name after the directories were made: all of them go...
+        msg = cli_fails(server, "pool", "create", "P1", "--path", str(tmp_path / "new" / "deeper"))
+        assert "already exists" in msg
+        assert not (tmp_path / "new").exists()
+        # ...but never a directory the call did not make.
+        (tmp_path / "mine").mkdir()
+        assert "already exists" in cli_fails(server, "pool", "create", "P1", "--path", str(tmp_path / "mine"))
+        assert (tmp_path / "mine").is_dir()
+        (tmp_path / "keep").mkdir()
+        msg = cli_fails(server, "pool", "create", "P1", "--path", str(tmp_path / "keep" / "made"))
+        assert "already exists" in msg
+        assert (tmp_path / "keep").is_dir() and not (tmp_path / "keep" / "made").exists()
