@@ -108,9 +108,13 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
         # Children first: a garbage layer may be the parent of another.
         while ids:
             leaves = [i for i in ids if not any(layers[j].parent == i for j in ids)]
-            if not leaves:  # garbage layers in a cycle: none is live, all of them go
+            cycle = not leaves
+            if cycle:  # garbage layers in a cycle: none is live, all of them go
                 leaves = sorted(ids)
             with cat.transaction() as t:
+                if cycle:  # each is the other's parent: no delete would pass the foreign key
+                    for i in leaves:
+                        t.set_layer_parent(i, None)
                 for i in leaves:
                     t.delete_layer(i)
             for i in leaves:
