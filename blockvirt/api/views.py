@@ -13,7 +13,8 @@ def volume_info(vm: VolumeManager, jobs: JobHost, name: str) -> dict[str, Any]:
     backend, rec = vm.locate(name)
     head = vm.exports_cache.get(name)
     figures = backend.figures(name, head.base if head is not None else None)
-    failed = backend.failed(head.base) if head is not None else None
+    # A failed commit of the open head, or damage seen without opening (layers gone).
+    failed = (backend.failed(head.base) if head is not None else None) or figures.error
     snaps = backend.snapshots(name)
     job = jobs.busy(name)
     return {

@@ -24,6 +24,10 @@ from blockvirt.storage.work import CANCELLABLE, JobKind, JobState
 
 log = logging.getLogger("blockvirt.jobs")
 
+#: Samples of progress (for the rate) are kept at least this far apart (seconds); jobs may
+#: report far more often (a stream reports every run of blocks it copies).
+SAMPLE_EVERY = 0.1
+
 RUNNING, DONE, FAILED, CANCELLED = JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
 
 
@@ -55,7 +59,12 @@ class Job:
         if total is not None:
             self.total = total
         self.done = done
-        self._samples.append((time.monotonic() if now is None else now, done))
+        t = time.monotonic() if now is None else now
+        s = self._samples
+        if len(s) >= 2 and t - s[-2][0] < SAMPLE_EVERY:
+            s[-1] = (t, done)  # the newest sample moves along: the kept ones span seconds
+        else:
+            s.append((t, done))
 
     def checkpoint(self) -> None:
         if self._save is not None:

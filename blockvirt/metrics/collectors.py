@@ -91,7 +91,8 @@ class VolumeCollector(Collector):
         )
         failed = GaugeMetricFamily(
             "blockvirt_volume_failed",
-            "1 when a failed commit made the volume refuse writes until it is reset",
+            "1 when a failed commit made the volume refuse writes until it is reset, or its "
+            "storage is damaged (layers missing) so it cannot be opened",
             labels=["volume"],
         )
 
@@ -124,8 +125,9 @@ class VolumeCollector(Collector):
             vol = exports.get(rec.name)
             traffic(rec.name, vol.stats if vol is not None else empty)
             conns.add_metric([rec.name], vol.users if vol is not None else 0)
-            failed.add_metric([rec.name], 1 if vol is not None and vm.failed(vol) else 0)
             figures = vm.figures(rec.name)
+            broken = (vol is not None and vm.failed(vol)) or figures.error is not None
+            failed.add_metric([rec.name], 1 if broken else 0)
             size.add_metric([rec.name], vol.size if vol is not None else rec.size)
             depth.add_metric([rec.name], figures.chain_depth)
             alloc.add_metric([rec.name], figures.allocated)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from blockvirt.nbd.connection import ClientConnection, ServerConnection
-from blockvirt.nbd.events import ExportDenied, ExportInfo
+from blockvirt.nbd.events import ExportDenied, ExportInfo, ExportUnavailable
 from blockvirt.nbd.handshake import ExportCatalog, TLSMode
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ExportCatalog",
     "ExportDenied",
     "ExportInfo",
+    "ExportUnavailable",
     "ServerConnection",
     "TLSMode",
 ]

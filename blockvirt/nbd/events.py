@@ -48,6 +48,16 @@ class ExportDenied:
     elsewhere: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ExportUnavailable:
+    """An `ExportCatalog`'s answer for an export this client may open but that cannot be
+    opened now (its storage is damaged). `reason` is told to the client, so it names no
+    server path; the details go to the server's log."""
+
+    name: str
+    reason: str
+
+
 # ---------------------------------------------------------------- server role: handshake
 
 

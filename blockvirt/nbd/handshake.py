@@ -34,6 +34,7 @@ from blockvirt.nbd.events import (
     AccessDenied,
     ExportDenied,
     ExportInfo,
+    ExportUnavailable,
     Negotiated,
     OptionRefused,
     OptionResult,
@@ -114,9 +115,10 @@ class ExportCatalog(Protocol):
     """What a server connection may see. Implemented by the export registry, one view per
     client: the view applies that client's access rules."""
 
-    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | ExportUnavailable | None:
         """The export as this client may use it (read-only if that is all it is granted),
-        `ExportDenied` if it exists but this client may not open it, None if unknown."""
+        `ExportDenied` if it exists but this client may not open it, `ExportUnavailable` if
+        it may but the export cannot be opened, None if unknown."""
         ...
 
     def listing(self) -> Iterable[tuple[str, str]]:
@@ -433,6 +435,9 @@ class ServerHandshake:
             return AccessDenied(
                 Opt.EXPORT_NAME, export.name, export.reason, closed=True, elsewhere=export.elsewhere
             )
+        if isinstance(export, ExportUnavailable):
+            self.machine.fire(Input.ABORT)
+            return Aborted(export.reason)
         if export is None:
             self.machine.fire(Input.ABORT)
             why = "TLS required" if tls_needed else f"no export named {name!r}"
@@ -454,6 +459,9 @@ class ServerHandshake:
         export = self.catalog.lookup(p.name)
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
+        if isinstance(export, ExportUnavailable):
+            # "Not available" is ERR_UNKNOWN's meaning; the message says why.
+            return self._refuse(opt, Rep.ERR_UNKNOWN, export.reason)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         flags = transmission_flags(export, self.structured)
@@ -491,6 +499,9 @@ class ServerHandshake:
         export = self.catalog.lookup(p.name)
         if isinstance(export, ExportDenied):
             return self._deny(opt, export)
+        if isinstance(export, ExportUnavailable):
+            # "Not available" is ERR_UNKNOWN's meaning; the message says why.
+            return self._refuse(opt, Rep.ERR_UNKNOWN, export.reason)
         if export is None:
             return self._refuse(opt, Rep.ERR_UNKNOWN, not_found_message(p.name))
         chosen = _match_contexts(export.contexts, p.queries, listing=not setting)

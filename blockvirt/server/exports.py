@@ -8,18 +8,25 @@ it through an `ExportView`, which applies the volume's access rules to that clie
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from blockvirt.nbd.constants import BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH
 from blockvirt.nbd.contexts import dirty_bitmap_context
-from blockvirt.nbd.events import ExportDenied, ExportInfo
+from blockvirt.nbd.events import ExportDenied, ExportInfo, ExportUnavailable
 from blockvirt.server.acl import Access, ClientIdentity, Rule, decide
 from blockvirt.server.bitmaps import SessionBitmaps
+from blockvirt.server.limits import LogThrottle
+from blockvirt.storage.catalog import CatalogError
 from blockvirt.storage.export import Export
+from blockvirt.storage.node import StorageError
 from blockvirt.storage.volumes import VolumeManager
 
 if TYPE_CHECKING:
     from blockvirt.qos.manager import QosManager, VolumeQos
+
+log = logging.getLogger("blockvirt.exports")
 
 
 class ExportRegistry:
@@ -27,6 +34,7 @@ class ExportRegistry:
         self.volumes = volumes
         #: Storage I/O control (None: no QoS at all).
         self.qos = qos
+        self._log_throttle = LogThrottle(interval=10.0)
 
     def catalog(self, client: ClientIdentity | None = None) -> ExportView:
         """The view one client gets: the volumes' access rules applied to `client`."""
@@ -41,6 +49,21 @@ class ExportRegistry:
 
     def resolve(self, name: str) -> Export | None:
         return self.volumes.volume(name)
+
+    def open(self, name: str) -> Export | ExportUnavailable | None:
+        """The open export, or why it cannot be opened: a volume whose layers are damaged must
+        cost its own clients a clear refusal, never the session or anyone else's."""
+        try:
+            return self.resolve(name)
+        except Exception as e:  # whatever the backend raises: the handshake must go on
+            held = self._log_throttle.allow(name, time.monotonic())
+            if held is not None:
+                more = f" ({held} more since the last report)" if held else ""
+                expected = isinstance(e, OSError | CatalogError | StorageError)  # no traceback for those
+                log.warning("export %r cannot be opened: %s%s", name, e, more, exc_info=not expected)
+            # The client learns that it is broken, not where: paths stay in the log.
+            why = f"export {name!r} is unavailable: its storage could not be opened (see the server log)"
+            return ExportUnavailable(name, why)
 
     def qos_for(self, vol: Export) -> VolumeQos | None:
         """The volume's QoS handle (a snapshot export is charged to its volume)."""
@@ -120,7 +143,7 @@ class ExportView:
         """What this client may do with volume `volume` (and its snapshots), per its rules."""
         return decide(self.registry.rules(volume), self.client)
 
-    def lookup(self, name: str) -> ExportInfo | ExportDenied | None:
+    def lookup(self, name: str) -> ExportInfo | ExportDenied | ExportUnavailable | None:
         # Decide before opening anything: a refused client must not make us open a volume.
         if not self.registry.exists(name):
             return None
@@ -133,9 +156,9 @@ class ExportView:
             elsewhere = self.registry.volumes.served_elsewhere(volume)
             if elsewhere is not None:
                 return ExportDenied(name, elsewhere, elsewhere=elsewhere)
-        vol = self.registry.resolve(name)
-        if vol is None:
-            return None
+        vol = self.registry.open(name)
+        if vol is None or isinstance(vol, ExportUnavailable):
+            return vol
         return self._granted(self.registry.describe(vol), access)
 
     @staticmethod

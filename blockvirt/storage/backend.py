@@ -77,6 +77,9 @@ class VolumeFigures:
     head_allocated: int
     #: How many layers a read may have to look through (1: no ancestors).
     chain_depth: int
+    #: Why the volume cannot be opened (its storage is damaged: layer records or files are
+    #: gone), if the backend can tell without opening it; None if nothing is known wrong.
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +236,8 @@ class VolumeBackend(Protocol):
         """The snapshots with their tree parents and space (may ask the storage: not cheap)."""
 
     def figures(self, volume: str, node: BlockNode | None) -> VolumeFigures:
-        """Space and depth; `node` is the volume's open head, if it is open."""
+        """Space and depth; `node` is the volume's open head, if it is open. Damaged storage
+        is reported in `error`, never raised: one broken volume must not fail a listing."""
 
     def failed(self, node: BlockNode) -> str | None:
         """Why an open node refuses writes (a failed commit), or None."""

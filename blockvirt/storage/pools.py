@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from blockvirt.storage import pooldirs
 from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, PoolRecord, validate_name
 from blockvirt.storage.events import StorageEvents
 from blockvirt.storage.work import JobHost
@@ -149,17 +150,17 @@ class Pools:
         return PoolSettings.from_dict(self.require(name).settings)
 
     def create(self, name: str, path: str, settings: dict[str, Any] | None = None) -> PoolRecord:
-        """A file pool in a new or empty directory."""
+        """A file pool in a new or empty directory that no other pool reaches (symlinks and
+        bind mounts included: see pooldirs)."""
         validate_name(name, "pool")
         if not isinstance(path, str) or not path or "\0" in path:
             raise CatalogError("invalid", "pool path must be a non-empty directory path")
         full = os.path.abspath(path)
         checked = PoolSettings().updated(settings or {})
-        data_dir = self.catalog.data_dir
-        if _nested(full, data_dir) and not full.startswith(data_dir + os.sep):
+        if _holds(full, self.catalog.data_dir):
             raise CatalogError("conflict", f"path {path!r} is or holds the data directory")
         for other in self.catalog.pools():
-            if other.path and _nested(full, other.path):
+            if other.path and pooldirs.overlap(full, other.path):
                 raise CatalogError(
                     "conflict", f"path {path!r} overlaps pool {other.name!r}: pools may not nest"
                 )
@@ -171,10 +172,12 @@ class Pools:
                     "conflict", f"pool path {path!r} is not empty: use a new or empty directory"
                 )
         self.events.check_pool_settings(name, checked)
+        made = _missing_dirs(full)
         try:
             rec = self.catalog.add_pool(name, full)
-        except OSError as e:
-            raise CatalogError("invalid", f"cannot create pool directory {path!r}: {e.strerror}") from None
+        except BaseException:
+            _remove_empty(made)  # the directories this call made, and only if still empty
+            raise
         if checked != PoolSettings():
             self.catalog.set_pool_settings(name, checked.to_dict())
         self.events.pool_changed(name)
@@ -286,7 +289,27 @@ class Pools:
                     extra={"pool": name})  # fmt: skip
 
 
-def _nested(a: str, b: str) -> bool:
-    """Whether one of two absolute paths is the other or inside it."""
-    a, b = a.rstrip(os.sep) + os.sep, b.rstrip(os.sep) + os.sep
-    return a.startswith(b) or b.startswith(a)
+def _holds(outer: str, inner: str) -> bool:
+    """Whether directory `outer` is `inner` or one of its parents, by name or for real."""
+    pairs = ((os.path.abspath(outer), os.path.abspath(inner)), (pooldirs.real(outer), pooldirs.real(inner)))
+    return any((i.rstrip(os.sep) + os.sep).startswith(o.rstrip(os.sep) + os.sep) for o, i in pairs)
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not os.path.lexists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return  # not empty (or not ours any more): neither are its parents

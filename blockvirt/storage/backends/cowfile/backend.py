@@ -30,7 +30,7 @@ from blockvirt.storage.backend import (
     VolumeFigures,
     VolumeRecord,
 )
-from blockvirt.storage.backends.cowfile import diff, gc, merge, relocate
+from blockvirt.storage.backends.cowfile import diff, gc, health, merge, relocate
 from blockvirt.storage.backends.cowfile.chain import ChainNode
 from blockvirt.storage.backends.cowfile.layer import Layer, remove_layer_files
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, FULL_PAGE
@@ -101,6 +101,8 @@ class FileBackend:
         self.io = io
         self.st = FileState(catalog, io, LayerRegistry(catalog, io), host, host.tree_lock)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Volumes whose layers were last seen damaged, and why (to log a change once).
+        self._damaged: dict[str, str] = {}
 
     # ------------------------------------------------------------ life
     async def start(self) -> None:
@@ -219,12 +221,27 @@ class FileBackend:
     def figures(self, volume: str, node: BlockNode | None) -> VolumeFigures:
         row = self._row(volume)
         snaps = self.catalog.snapshots(volume)
+        depth, error = health.inspect(self.st, row.head, [s.layer for s in snaps])
+        self._note_damage(volume, error)
         if isinstance(node, ChainNode):
             head, depth = node.head.allocated_bytes(), len(node.layers)
         else:
-            head, depth = self.st.layer_allocated(row.head), len(self.catalog.chain(row.head))
+            head = self.st.layer_allocated(row.head)
         allocated = head + sum(self.st.layer_allocated(s.layer) for s in snaps)
-        return VolumeFigures(allocated, head, depth)
+        return VolumeFigures(allocated, head, depth, error)
+
+    def _note_damage(self, volume: str, error: str | None) -> None:
+        """Log when a volume is first seen damaged (and when it is whole again), not at every
+        look: figures are asked at every scrape."""
+        before = self._damaged.get(volume)
+        if error == before:
+            return
+        if error is None:
+            del self._damaged[volume]
+            log.info("volume %s: its layers are whole again", volume, extra={"volume": volume})
+        else:
+            self._damaged[volume] = error
+            log.warning("volume %s cannot be opened: %s", volume, error, extra={"volume": volume})
 
     def failed(self, node: BlockNode) -> str | None:
         return node.failed if isinstance(node, ChainNode) else None
@@ -336,6 +353,7 @@ class FileBackend:
     async def delete(self, volume: VolumeRecord) -> None:
         with self.catalog.transaction() as t:
             t.delete_volume(volume.name)
+        self._damaged.pop(volume.name, None)
         await gc.collect(self.st, start_merges=True)
 
     async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:

@@ -1,7 +1,8 @@
 """Offline consistency check of a data directory (`blockvirt check`).
 
 Damage (exit status 1): catalog rows pointing at missing layers or files, unreadable layer
-headers, chains with cycles, DATA and ZERO set at once.
+headers, chains with cycles, DATA and ZERO set at once, missing pool directories, two pools on
+one directory (through a symlink: their files are not looked at for leaks, nor removed).
 Not damage, but reported: files no catalog row owns (leaks, e.g. from a crash during a
 create), layers nothing references any more, torn journal tails (an interrupted commit, which
 replay ignores) and map entries past a layer's size (an interrupted resize). `--repair`
@@ -16,6 +17,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockvirt.storage import pooldirs
 from blockvirt.storage.backends.cowfile import layout
 from blockvirt.storage.backends.cowfile.layer import LAYER_FILE_RE, layer_paths
 from blockvirt.storage.backends.cowfile.layer_map import CLUSTER_BLOCKS
@@ -106,9 +108,13 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
         # Children first: a garbage layer may be the parent of another.
         while ids:
             leaves = [i for i in ids if not any(layers[j].parent == i for j in ids)]
-            if not leaves:  # garbage layers in a cycle: none is live, all of them go
+            cycle = not leaves
+            if cycle:  # garbage layers in a cycle: none is live, all of them go
                 leaves = sorted(ids)
             with cat.transaction() as t:
+                if cycle:  # each is the other's parent: no delete would pass the foreign key
+                    for i in leaves:
+                        t.set_layer_parent(i, None)
                 for i in leaves:
                     t.delete_layer(i)
             for i in leaves:
@@ -118,11 +124,25 @@ def _check(cat: Catalog, report: Report, repair: bool, io: FileIO) -> None:
                 ids.discard(i)
     # Files in pools that no layer owns.
     known = {os.path.basename(p) for r in layers.values() for p in layer_paths(cat.layer_dir(r), r.id)}
-    for pool in cat.pools():
+    pools = cat.pools()
+    shared = pooldirs.shared(pools)
+    for pool in pools:
         if pool.backend != FILE_BACKEND:
             continue
         if not os.path.isdir(pool.path):
             report.damage.append(f"pool {pool.name}: directory {pool.path} missing")
+            continue
+        if pool.name in shared:
+            # Each pool would take the other's files for strangers: nothing is removed here
+            # until an operator gives each pool its own directory.
+            others = shared[pool.name]
+            if all(pool.name < o for o in others):  # reported once, by the first of them
+                names = ", ".join([pool.name, *others])
+                report.damage.append(
+                    f"pools {names} share one directory ({pooldirs.real(pool.path)}): give each "
+                    "pool its own directory (move the files of each pool's layers there and fix "
+                    "the path), or nothing is safe from the orphan sweep"
+                )
             continue
         for entry in sorted(os.listdir(pool.path)):
             if entry in known:

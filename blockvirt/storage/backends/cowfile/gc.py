@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 
+from blockvirt.storage import pooldirs
 from blockvirt.storage.backends.cowfile import stream as streaming
-from blockvirt.storage.backends.cowfile.layer import LAYER_FILE_RE
+from blockvirt.storage.backends.cowfile.layer import LAYER_FILE_RE, layer_paths
 from blockvirt.storage.backends.cowfile.state import FileState
 from blockvirt.storage.catalog import FILE_BACKEND, LayerRecord
 from blockvirt.storage.work import JobKind, JobView
@@ -109,9 +110,21 @@ def _commit_is_cheaper(st: FileState, parent: LayerRecord, child: LayerRecord) -
 
 def remove_orphan_files(st: FileState) -> None:
     """At start (blocking): remove layer files the catalog does not place in their pool (left
-    by a crash during a create or a migration). Nothing else runs yet."""
-    for prec in st.catalog.pools():
-        if prec.backend != FILE_BACKEND:
+    by a crash during a create or a migration). Nothing else runs yet.
+
+    Never a file another pool may need: a directory two pools share (through a symlink) is
+    left alone, and a copy of a layer the catalog places in another pool goes only if that
+    pool's own files of it are there, in another directory. Otherwise the sweep refuses,
+    and says so: `blockvirt check` tells what to do."""
+    pools = [p for p in st.catalog.pools() if p.backend == FILE_BACKEND]
+    dirs = {p.name: pooldirs.identity(p.path) for p in pools}
+    shared = pooldirs.shared(pools)
+    for prec in pools:
+        if prec.name in shared:
+            log.error(
+                "pool %s shares its directory %s with pool(s) %s: not removing any file from it "
+                "(run blockvirt check)", prec.name, prec.path, ", ".join(shared[prec.name]),
+            )  # fmt: skip
             continue
         try:
             entries = os.listdir(prec.path)
@@ -121,6 +134,24 @@ def remove_orphan_files(st: FileState) -> None:
             if not LAYER_FILE_RE.fullmatch(entry):
                 continue
             rec = st.catalog.layer(entry[:32])
-            if rec is None or rec.pool != prec.name:
-                st.io.unlink(os.path.join(prec.path, entry))
-                log.info("removed orphan file %s from pool %s", entry, prec.name)
+            if rec is not None and rec.pool == prec.name:
+                continue
+            if rec is not None and not _held_elsewhere(st, rec, dirs, dirs[prec.name]):
+                log.error(
+                    "pool %s: not removing %s: the catalog places layer %s in pool %s, whose own "
+                    "files of it are missing (this may be the only copy; run blockvirt check)",
+                    prec.name, entry, rec.id, rec.pool,
+                )  # fmt: skip
+                continue
+            st.io.unlink(os.path.join(prec.path, entry))
+            log.info("removed orphan file %s from pool %s", entry, prec.name)
+
+
+def _held_elsewhere(
+    st: FileState, rec: LayerRecord, dirs: dict[str, pooldirs.DirId | None], here: pooldirs.DirId | None
+) -> bool:
+    """Whether the layer's files are whole in its own pool's directory, which is not `here`."""
+    own = dirs.get(rec.pool)
+    if own is None or own == here:
+        return False
+    return all(os.path.isfile(p) for p in layer_paths(st.catalog.layer_dir(rec), rec.id))

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
-from blockvirt.storage import executor
+from blockvirt.storage import executor, pooldirs
 from blockvirt.storage.backend import MoveHooks
 from blockvirt.storage.backends.cowfile import copy as cp
 from blockvirt.storage.backends.cowfile.chain import ChainNode
@@ -57,7 +57,8 @@ PROVISIONING = (None, "thick", "thin")
 def check(
     st: FileState, name: str, target: PoolRecord, layers: list[LayerRecord], provisioning: str | None
 ) -> None:
-    """Refuse a move that cannot fit (before the job starts)."""
+    """Refuse a move that cannot fit, or that cannot be done (before the job starts)."""
+    _refuse_shared_directory(st, target, layers)
     need = sum(st.layer_allocated(lr.id) for lr in layers)
     if provisioning == "thick":
         need += sum(lr.size for lr in layers if lr.parent is None)
@@ -66,6 +67,18 @@ def check(
         raise CatalogError(
             "no-space", f"pool {target.name!r} has {fs[2]} bytes free; moving {name!r} needs about {need}"
         )
+
+
+def _refuse_shared_directory(st: FileState, target: PoolRecord, layers: list[LayerRecord]) -> None:
+    """Two pools on one directory (through a symlink): the move's first step, which removes
+    stale copies in the target, would remove the very files it is about to copy."""
+    here = pooldirs.identity(target.path)
+    for lr in layers:
+        if here is not None and pooldirs.identity(st.catalog.layer_dir(lr)) == here:
+            raise CatalogError(
+                "conflict",
+                f"pools {lr.pool!r} and {target.name!r} share one directory: nothing can move between them",
+            )
 
 
 def _same_fs(st: FileState, move: list[LayerRecord], target: PoolRecord) -> bool:
@@ -105,6 +118,7 @@ async def run(st: FileState, ctx: WorkContext, hooks: MoveHooks) -> None:
         raise CatalogError("conflict", "some layers are already in the target pool")
     ids = [r.id for r in layer_recs]
     provisioning = params.get("provisioning")
+    _refuse_shared_directory(st, target, layer_recs)  # checked again: symlinks change
     # Stale copies from an interrupted attempt: the catalog says they are not live.
     await executor.run(_remove_copies, st.io, target.path, ids)
 

@@ -43,10 +43,18 @@ def pages_to_copy(sources: Sequence[Layer], npages: int) -> list[int]:
 
 
 Notify = Callable[[int, int, bool], None]
+#: Called with the number of blocks just brought in: progress within a 16 MiB page, which
+#: may be all there is of a small volume (a rate needs more than one step).
+Moved = Callable[[int], None]
 
 
 async def stream_page(
-    target: Layer, sources: Sequence[Layer], page: int, keep_zeros: bool, notify: Notify | None = None
+    target: Layer,
+    sources: Sequence[Layer],
+    page: int,
+    keep_zeros: bool,
+    notify: Notify | None = None,
+    moved_blocks: Moved | None = None,
 ) -> int:
     """Copy one 16 MiB page's worth; returns the number of blocks copied or zeroed."""
     tdata, tzero = target.map.page_bits(page)
@@ -66,10 +74,16 @@ async def stream_page(
         for i, n in _runs(want_data):
             first = base_block + i
             data = await _read(src, first << BLOCK_SHIFT, n * BLOCK)
-            moved += _put(target, first, n, data, notify)
+            put = _put(target, first, n, data, notify)
+            moved += put
+            if moved_blocks is not None:
+                moved_blocks(put)
         if keep_zeros and want_zero:
             for i, n in _runs(want_zero):
-                moved += _put(target, base_block + i, n, None, notify)
+                put = _put(target, base_block + i, n, None, notify)
+                moved += put
+                if moved_blocks is not None:
+                    moved_blocks(put)
     return moved
 
 
@@ -121,16 +135,28 @@ async def stream(
     `on_progress(done, total)` counts bytes of blocks brought into the target."""
     npages = -(-target.map.nblocks // PAGE_BLOCKS)
     pages = [p for p in pages_to_copy(sources, npages) if p >= start_page]
-    total = blocks_to_bring(target, sources, pages) * BLOCK
-    done = 0
+    total = blocks_to_bring(target, sources, pages, keep_zeros=keep_zeros) * BLOCK
+    moved_blocks = _counter(total, on_progress)
     for k, page in enumerate(pages):
-        done += await stream_page(target, sources, page, keep_zeros, notify) * BLOCK
-        if on_progress is not None:
-            on_progress(min(done, total), total)
+        await stream_page(target, sources, page, keep_zeros, notify, moved_blocks)
         if checkpoint is not None and (k + 1) % checkpoint_every == 0:
             await target.commit()
             await _maybe_await(checkpoint(page + 1))
     await target.commit()
+
+
+def _counter(total: int, on_progress: Callable[[int, int], object] | None) -> Moved:
+    """Blocks moved -> `on_progress(bytes done, total bytes)`, told the total at once."""
+    done = 0
+
+    def moved_blocks(n: int) -> None:
+        nonlocal done
+        done += n * BLOCK
+        if on_progress is not None:
+            on_progress(min(done, total), total)
+
+    moved_blocks(0)
+    return moved_blocks
 
 
 async def _maybe_await(value: object) -> None:
@@ -138,7 +164,7 @@ async def _maybe_await(value: object) -> None:
         await value  # type: ignore[misc]
 
 
-async def overlay_page(target: Layer, source: Layer, page: int) -> int:
+async def overlay_page(target: Layer, source: Layer, page: int, moved_blocks: Moved | None = None) -> int:
     """Commit direction: copy every block `source` holds (DATA or ZERO) over `target`.
 
     Used to merge a small immutable child into its parent; only blocks the child holds are
@@ -154,6 +180,8 @@ async def overlay_page(target: Layer, source: Layer, page: int) -> int:
         if not target.map.all_data:
             target.map.set_data(first, n)
         moved += n
+        if moved_blocks is not None:
+            moved_blocks(n)
     for i, n in _runs(szero):
         first = base_block + i
         if target.map.all_data:
@@ -161,6 +189,8 @@ async def overlay_page(target: Layer, source: Layer, page: int) -> int:
         else:
             target.map.set_zero(first, n)
         moved += n
+        if moved_blocks is not None:
+            moved_blocks(n)
     return moved
 
 
@@ -176,31 +206,37 @@ async def overlay(
     """`on_progress(done, total)` counts bytes of blocks laid over the target."""
     pages = [p for p in sorted(source.map.pages) if p >= start_page]
     total = sum(sum(map(int.bit_count, source.map.page_bits(p))) for p in pages) * BLOCK
-    done = 0
+    moved_blocks = _counter(total, on_progress)
     for k, page in enumerate(pages):
-        done += await overlay_page(target, source, page) * BLOCK
-        if on_progress is not None:
-            on_progress(min(done, total), total)
+        await overlay_page(target, source, page, moved_blocks)
         if checkpoint is not None and (k + 1) % checkpoint_every == 0:
             await target.commit()
             await _maybe_await(checkpoint(page + 1))
     await target.commit()
 
 
-def blocks_to_bring(target: Layer, sources: Sequence[Layer], pages: Sequence[int]) -> int:
-    """Blocks of `pages` that some source holds and the target does not: what a stream moves
-    at most (its progress total)."""
+def blocks_to_bring(
+    target: Layer, sources: Sequence[Layer], pages: Sequence[int], *, keep_zeros: bool = True
+) -> int:
+    """Blocks of `pages` a stream brings into the target (its progress total): what the
+    first source that holds each block holds there, where the target holds nothing, within
+    the target's size, and ZERO blocks only if the stream keeps zeros (as stream_page)."""
+    nblocks = target.map.nblocks
     total = 0
     for page in pages:
-        if any(s.map.all_data for s in sources):
-            held = FULL_PAGE
-        else:
-            held = 0
-            for s in sources:
-                d, z = s.map.page_bits(page)
-                held |= d | z
         td, tz = target.map.page_bits(page)
-        total += (held & ~(td | tz)).bit_count()
+        remaining = FULL_PAGE & ~(td | tz)
+        base_block = page * PAGE_BLOCKS
+        if base_block + PAGE_BLOCKS > nblocks:
+            remaining &= (1 << max(0, nblocks - base_block)) - 1
+        for s in sources:
+            if not remaining:
+                break
+            d, z = s.map.page_bits(page)
+            total += (d & remaining).bit_count()
+            if keep_zeros:
+                total += (z & remaining).bit_count()
+            remaining &= ~(d | z)
     return total
 
 
