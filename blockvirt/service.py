@@ -32,6 +32,7 @@ from blockvirt.storage.backend import VolumeBackend
 from blockvirt.storage.backends.cowfile.backend import FileBackend
 from blockvirt.storage.backends.cowfile.check import Report
 from blockvirt.storage.backends.cowfile.check import check_data_dir as check_file_pools
+from blockvirt.storage.backends.rbd.tuning import RbdTuning
 from blockvirt.storage.catalog import Catalog
 from blockvirt.storage.events import NoEvents
 from blockvirt.storage.faults import FaultyFileIO
@@ -39,6 +40,8 @@ from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.service")
+
+__all__ = ["ConfigError", "RbdTuning", "Service", "ServiceConfig", "build_storage", "check_data_dir"]
 
 DEFAULT_DATA_DIR = "./blockvirt-data"
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -73,6 +76,8 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     #: Test facility: pools' devices can be made to fail or slow down (/api/v1/debug/faults).
     fault_injection: bool = False
+    #: RBD pools: connect and op timeouts, retry and figures intervals.
+    rbd: RbdTuning = field(default_factory=RbdTuning)
 
 
 class ConfigError(Exception):
@@ -95,7 +100,12 @@ def api_token(cfg: ServiceConfig) -> str | None:
 
 
 def build_storage(
-    data_dir: str, *, io: FileIO = REAL, warn_depth: int = 16, metrics: bool = True
+    data_dir: str,
+    *,
+    io: FileIO = REAL,
+    warn_depth: int = 16,
+    metrics: bool = True,
+    rbd: RbdTuning | None = None,
 ) -> tuple[VolumeManager, JobManager]:
     """Storage with its backends and the job manager, wired (no QoS, no NBD: the service adds
     those; tests and tools that want storage alone use this)."""
@@ -103,20 +113,20 @@ def build_storage(
     jobs = JobManager(catalog)
     vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics)
     vm.add_backend(FileBackend(catalog, vm, io=io))
-    rbd = _rbd_backend(vm)
-    if rbd is not None:
-        vm.add_backend(rbd)
+    rbd_backend = _rbd_backend(vm, rbd or RbdTuning())
+    if rbd_backend is not None:
+        vm.add_backend(rbd_backend)
     return vm, jobs
 
 
-def _rbd_backend(vm: VolumeManager) -> VolumeBackend | None:
+def _rbd_backend(vm: VolumeManager, tuning: RbdTuning) -> VolumeBackend | None:
     """The RBD backend, if Ceph's Python bindings are installed (python3-rbd)."""
     try:
         from blockvirt.storage.backends.rbd.backend import RbdBackend
     except ImportError as e:
         log.info("RBD pools are not available: %s", e)
         return None
-    return RbdBackend(vm)
+    return RbdBackend(vm, tuning)
 
 
 def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:
@@ -155,7 +165,7 @@ class Service:
         if cfg.fault_injection:
             log.warning("fault injection is on: /api/v1/debug/faults can break pools on purpose")
         self.volumes, self.jobs = build_storage(
-            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics
+            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics, rbd=cfg.rbd
         )
         self.qos = QosManager(self.volumes)
         self.qos.load()

@@ -46,7 +46,8 @@ from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
 from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
-from blockvirt.storage.backends.rbd.pool import RbdPool
+from blockvirt.storage.backends.rbd.pool import PoolUsage, RbdPool
+from blockvirt.storage.backends.rbd.tuning import RbdTuning
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
 from blockvirt.storage.export import Export
 from blockvirt.storage.node import HOLE, BlockNode, StorageError
@@ -55,22 +56,21 @@ from blockvirt.storage.work import JobKind, JobView, WorkContext
 log = logging.getLogger("blockvirt.rbd")
 
 RBD_BACKEND = "rbd"
-#: Seconds between looks at the pools' space and the volumes' allocation (cached for
-#: metrics and `pool info`: librbd answers them in milliseconds to seconds).
-FIGURES_INTERVAL = 10.0
-#: Seconds between attempts to reach a pool whose cluster did not answer.
-RETRY_INTERVAL = 5.0
 #: Image metadata key that marks an image as a blockvirt volume (for `check`).
 MARK = "blockvirt.volume"
 
 
-def ceph_config(rec: PoolRecord, **overrides: Any) -> CephConfig:
+def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
+    """How to reach the Ceph pool of RBD pool `rec` (its config from the node's catalog)."""
     cfg = rec.config
+    t = tuning or RbdTuning()
     return CephConfig(
         pool=str(cfg["pool"]),
         conf_file=cfg.get("conf"),
         user=cfg.get("user"),
-        **overrides,
+        connect_timeout=t.connect_timeout,
+        mon_op_timeout=t.connect_timeout,
+        osd_op_timeout=t.op_timeout,
     )
 
 
@@ -154,9 +154,9 @@ class RbdBackend:
 
     kind = RBD_BACKEND
 
-    def __init__(self, host: BackendHost, *, osd_op_timeout: float = 30.0) -> None:
+    def __init__(self, host: BackendHost, tuning: RbdTuning | None = None) -> None:
         self.host = host
-        self.osd_op_timeout = osd_op_timeout
+        self.tuning = tuning or RbdTuning()
         self.pools: dict[str, PoolState] = {}
         self.settings = RbdSettings(self)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -164,16 +164,20 @@ class RbdBackend:
 
     # ------------------------------------------------------------ life
     async def start(self) -> None:
-        """Attach the pools the node knows, without waiting for an unreachable cluster: such
-        a pool is retried in the background and reports why meanwhile."""
-        for rec in self.host_pools():
-            st = self.pools.setdefault(rec.name, PoolState(rec))
+        """Attach the pools the node knows, all at once, so an unreachable cluster delays the
+        start by one connect timeout at most: such a pool is retried in the background and
+        reports why meanwhile (`pool info`); the node's other pools serve at once."""
+
+        async def first(st: PoolState) -> None:
             try:
                 await self._connect(st)
             except CatalogError as e:
                 st.error = e.message
-                log.error("pool %s: %s (retrying in the background)", rec.name, e.message)
+                log.error("pool %s: %s (retrying in the background)", st.rec.name, e.message)
                 self._spawn(self._retry(st))
+
+        states = [self.pools.setdefault(rec.name, PoolState(rec)) for rec in self.host_pools()]
+        await asyncio.gather(*(first(st) for st in states))
         self._spawn(self._figures_loop())
 
     def host_pools(self) -> list[PoolRecord]:
@@ -185,8 +189,8 @@ class RbdBackend:
         task.add_done_callback(self._tasks.discard)
 
     async def _retry(self, st: PoolState) -> None:
-        while not self._closing and st.error is not None:
-            await asyncio.sleep(RETRY_INTERVAL)
+        while not self._closing and st.error is not None and self.pools.get(st.rec.name) is st:
+            await asyncio.sleep(self.tuning.retry_interval)
             try:
                 await self._connect(st)
                 log.info("pool %s: reached its Ceph cluster again", st.rec.name)
@@ -194,7 +198,7 @@ class RbdBackend:
                 st.error = e.message
 
     async def _connect(self, st: PoolState) -> None:
-        cfg = ceph_config(st.rec, osd_op_timeout=self.osd_op_timeout)
+        cfg = ceph_config(st.rec, self.tuning)
         try:
             conn = await CephConnection.open(cfg)
         except CephError as e:
@@ -240,7 +244,7 @@ class RbdBackend:
     # ------------------------------------------------------------ figures (cached)
     async def _figures_loop(self) -> None:
         while True:
-            await asyncio.sleep(FIGURES_INTERVAL)
+            await asyncio.sleep(self.tuning.figures_interval)
             for st in list(self.pools.values()):
                 if st.ready:
                     try:
@@ -251,22 +255,12 @@ class RbdBackend:
     async def _refresh(self, st: PoolState) -> None:
         images, catalog = st.require()
         try:
-            stats = await images.stats()
-            cluster = await st.conn.cluster_stats() if st.conn is not None else {}
+            usage = await images.usage()
         except (CephError, StorageError) as e:
-            log.debug("pool %s: stats: %s", st.rec.name, e)
+            log.debug("pool %s: usage: %s", st.rec.name, e)
             return
         provisioned = sum(v.size for v in catalog.volumes())
-        total = int(cluster.get("kb", 0)) * 1024
-        if stats.quota.max_bytes:
-            capacity: int | None = stats.quota.max_bytes
-            used: int | None = stats.stored_bytes
-            free: int | None = max(0, stats.quota.max_bytes - stats.stored_bytes)
-        elif total:
-            capacity, used = total, int(cluster.get("kb_used", 0)) * 1024
-            free = int(cluster.get("kb_avail", 0)) * 1024
-        else:
-            capacity = used = free = None
+        capacity, used, free = pool_space(usage)
         figures: dict[str, VolumeFigures] = {}
         for vol in catalog.volumes():
             try:
@@ -492,6 +486,7 @@ class RbdBackend:
         await catalog.remove_volume(volume.name)
         await _remove_image(images, volume.name)
         st.figures.pop(volume.name, None)
+        await _purge_trash(images)  # its parent may have waited there for this clone
 
     async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:
         st = self._state(volume.name)
@@ -647,11 +642,23 @@ class RbdBackend:
             raise CatalogError(
                 "conflict", f"shrinking {volume.name!r} from {old} to {size} bytes needs --force ({detail})"
             )
-        async with head.drained():
+        grow = size > old
+        if grow:
+            # Clients cannot reach past the node's size until the drained step below sets
+            # it, so the image grows, and a thick volume's new range is filled, meanwhile.
             try:
-                await img.resize(size, allow_shrink=True)
+                await img.resize(size)
+                if volume.thick:
+                    await _fill_zeros(img, size, start=old)
             except StorageError as e:
-                raise _storage_error(e, f"cannot resize {volume.name!r}") from None
+                await _shrink_back(img, old)
+                raise _storage_error(e, f"cannot grow {volume.name!r}") from None
+        async with head.drained():
+            if not grow:
+                try:
+                    await img.resize(size, allow_shrink=True)
+                except StorageError as e:
+                    raise _storage_error(e, f"cannot resize {volume.name!r}") from None
 
             def fn(items: dict[str, Any]) -> Changes:
                 raw = items.get(vol_key(volume.name))
@@ -689,6 +696,7 @@ class RbdBackend:
         finally:
             if own:
                 await img.close()
+        await _purge_trash(images)  # its parent may have waited there for this clone
 
     def busy_with(self, jobs: Sequence[JobView], volume: VolumeRecord) -> JobView | None:
         for job in jobs:
@@ -703,17 +711,39 @@ class RbdBackend:
         raise AssertionError("plan_move refuses every move")
 
 
-async def _fill_zeros(img: AsyncImage, size: int) -> None:
-    """Allocate every object of a thick volume (librbd has no preallocation of its own)."""
-    zeros = bytes(ZERO_CHUNK)
-    sem = asyncio.Semaphore(8)
+def pool_space(u: PoolUsage) -> tuple[int | None, int | None, int | None]:
+    """(capacity, used, free) of a Ceph pool as blockvirt shows a pool's: what the pool holds
+    (data, not replicas) against what it may still take (its quota, or what the OSDs have
+    left for it after replication and full ratios). None until the mgr has reported."""
+    if u.quota_bytes:
+        return u.quota_bytes, u.stored, max(0, min(u.quota_bytes - u.stored, u.max_avail))
+    if u.stored or u.max_avail:
+        return u.stored + u.max_avail, u.stored, u.max_avail
+    return None, None, None
 
-    async def put(off: int) -> None:
-        async with sem:
+
+async def _fill_zeros(img: AsyncImage, size: int, start: int = 0) -> None:
+    """Allocate every object of a thick volume from `start` (librbd has no preallocation)."""
+    zeros = bytes(ZERO_CHUNK)
+    offsets = iter(range(start, size, ZERO_CHUNK))
+
+    async def worker() -> None:
+        for off in offsets:  # shared: each offset is taken once
             n = min(ZERO_CHUNK, size - off)
             await img.write(zeros if n == ZERO_CHUNK else zeros[:n], off)
 
-    await asyncio.gather(*(put(off) for off in range(0, size, ZERO_CHUNK)))
+    # A few writes in flight; the first failure cancels the rest.
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(8):
+            tg.create_task(worker())
+
+
+async def _shrink_back(img: AsyncImage, size: int) -> None:
+    """Undo a grow that could not be finished (a thick fill that ran out of space)."""
+    try:
+        await img.resize(size, allow_shrink=True)
+    except StorageError as e:
+        log.error("%s: could not shrink back to %d bytes after a failed grow: %s", img.name, size, e)
 
 
 async def _allocated_at(images: RbdPool, volume: str, snap: str) -> int:
@@ -754,6 +784,24 @@ async def _remove_image(images: RbdPool, name: str) -> None:
             log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
         elif e.errno != errno.ENOENT:
             raise
+
+
+async def _purge_trash(images: RbdPool) -> None:
+    """Delete the volumes that waited in the RBD trash for their clones and now have none:
+    with clone v2, a cloned snapshot stays (in the trash namespace) while a clone reads it,
+    and goes with the last clone; the image itself stays in the trash until removed."""
+    try:
+        entries = await images.trash()
+    except StorageError as e:
+        log.warning("pool %s: cannot list the RBD trash: %s", images.name, e)
+        return
+    for t in entries:
+        if t.snapshots == 0 and MARK in t.metadata:  # ours, and no clone needs it any more
+            try:
+                await images.trash_remove(t.id)
+                log.info("image %s (id %s) removed from the RBD trash", t.name, t.id)
+            except StorageError as e:
+                log.warning("image %s (id %s) stays in the RBD trash: %s", t.name, t.id, e)
 
 
 async def _remove_quietly(images: RbdPool, name: str) -> None:
