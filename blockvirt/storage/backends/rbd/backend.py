@@ -14,10 +14,11 @@ volumes that must fail over together share one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ from blockvirt.storage.backends.rbd.catalog import (
     RbdSnap,
     RbdVolume,
     acl_key,
+    forget_snapshot,
+    pending_key,
     snap_key,
     snap_raw,
     vol_key,
@@ -79,14 +82,34 @@ def _catalog_error(e: CephError) -> CatalogError:
     return CatalogError(kind, str(e))
 
 
-def _storage_error(e: StorageError, what: str) -> CatalogError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def _storage_error(e: StorageError, what: str, taken: str | None = None) -> CatalogError:
+    """An RBD operation's failure as the API says it: `what` could not be done, and why."""
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return CatalogError("no-space", f"{what}: the Ceph pool is full")
-    if e.errno == errno.EEXIST:
-        return CatalogError("conflict", f"{what}: an image of that name exists already in the Ceph pool")
-    if e.errno in (errno.EINVAL, errno.ENAMETOOLONG):
+    if code == errno.EEXIST:
+        return CatalogError("conflict", f"{what}: {taken or 'the name is taken in the Ceph pool'}")
+    if code == errno.ENOENT:
+        return CatalogError(
+            "conflict",
+            f"{what}: its RBD image or snapshot is missing from the Ceph pool "
+            "(removed outside blockvirt? `blockvirt check` reports it)",
+        )
+    if code in (errno.EINVAL, errno.ENAMETOOLONG):
         return CatalogError("invalid", f"{what}: RBD refused it ({e})")
     return CatalogError("unavailable", f"{what}: {e}")
+
+
+@contextlib.contextmanager
+def _ceph_errors(what: str) -> Iterator[None]:
+    """Failures of Ceph inside a tree edit become one clear API error naming the edit
+    (CatalogErrors raised inside pass through)."""
+    try:
+        yield
+    except StorageError as e:
+        raise _storage_error(e, what) from None
+    except CephError as e:
+        raise CatalogError("unavailable", f"{what}: {e}") from None
 
 
 @dataclass
@@ -364,8 +387,11 @@ class RbdBackend:
         for s in snaps:
             # Whole objects (the object map answers): what the snapshot reads, and what
             # changed since its parent (its own share); the rest it shares with older ones.
-            allocated = await _allocated_at(images, volume, s.name)
-            unique = allocated if s.parent is None else await _changed_bytes(images, volume, s.parent, s.name)
+            with _ceph_errors(f"cannot look at snapshot {volume}@{s.name}"):
+                allocated = await _allocated_at(images, volume, s.name)
+                unique = (
+                    allocated if s.parent is None else await _changed_bytes(images, volume, s.parent, s.name)
+                )
             shared = max(0, allocated - unique)
             out.append(
                 SnapshotInfo(s.name, s.parent, s.created, s.size, unique, shared, vol.current == s.name)
@@ -444,10 +470,19 @@ class RbdBackend:
             assert snap is not None
             size = snap.size
 
-        async def opener() -> AsyncImage:
-            return await images.open(volume.name, snapshot=snapshot)
-
         label = volume.name if snapshot is None else f"{volume.name}@{snapshot}"
+
+        async def opener() -> AsyncImage:
+            try:
+                return await images.open(volume.name, snapshot=snapshot)
+            except StorageError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                raise StorageError(  # ENOENT: an NBD client gets EIO, the API a conflict
+                    errno.ENOENT,
+                    f"{label}: its RBD {'snapshot' if snapshot else 'image'} is missing from Ceph pool "
+                    f"{images.name!r} (removed outside blockvirt? `blockvirt check` reports it)",
+                ) from None
         return RbdNode(opener, size, writable=snapshot is None, thick=volume.thick, label=label)
 
     def release(self, node: BlockNode) -> None:
@@ -460,49 +495,68 @@ class RbdBackend:
         if st is None:
             raise CatalogError("not-found", f"no pool named {pool!r}")
         images, catalog = st.require()
+        what = f"cannot create volume {name!r}"
         try:
             await images.create(name, size)
         except StorageError as e:
-            raise _storage_error(e, f"cannot create image {name!r}") from None
+            raise _storage_error(e, what, "an image of that name exists already in the Ceph pool") from None
         try:
-            img = await images.open(name)
-            try:
-                await img.metadata_set(MARK, name)
-                if thick:
-                    await _fill_zeros(img, size)
-            finally:
-                await img.close()
-            await catalog.add_volume(RbdVolume(name, size, thick, time.time(), None))
-        except BaseException as e:
+            with _ceph_errors(what):
+                img = await images.open(name)
+                try:
+                    # Marked before the catalog knows it: an image a crash leaves behind is
+                    # provably ours (`check --repair` removes it).
+                    await img.metadata_set(MARK, name)
+                    if thick:
+                        await _fill_zeros(img, size)
+                finally:
+                    await img.close()
+                await catalog.add_volume(RbdVolume(name, size, thick, time.time(), None))
+        except BaseException:
             await _remove_quietly(images, name)
-            if isinstance(e, StorageError):
-                raise _storage_error(e, f"cannot create volume {name!r}") from None
             raise
         self._spawn(self._refresh(st))
 
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
         images, catalog = st.require()
-        await catalog.remove_volume(volume.name)
-        await _remove_image(images, volume.name)
+        with _ceph_errors(f"cannot delete volume {volume.name!r}"):
+            # The catalog first: an image a crash leaves behind is marked, so provably ours.
+            await catalog.remove_volume(volume.name)
+            await _remove_image(images, volume.name)
         st.figures.pop(volume.name, None)
         await _purge_trash(images)  # its parent may have waited there for this clone
 
     async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:
         st = self._state(volume.name)
-        _, catalog = st.require()
+        images, catalog = st.require()
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
+        what = f"cannot snapshot {volume.name!r}"
+        with _ceph_errors(what):
+            img = await node.image()
+            # Ceph would take it (a snapshot is metadata), but on a full pool it makes every
+            # overwrite need new space: the volume's writers would fail where they now work.
+            if (await images.quota()).full:
+                raise CatalogError(
+                    "no-space", f"{what}: the Ceph pool is full (every overwrite would need new space)"
+                )
         vol = catalog.volume(volume.name)
         assert vol is not None
-        # Drained: every write acknowledged before the snapshot is in it (the client cache is
-        # off, so a completed write is on the OSDs already).
-        async with head.drained():
-            try:
-                await img.snapshot_create(snap)
-            except StorageError as e:
-                raise _storage_error(e, f"cannot snapshot {volume.name!r}") from None
+        # The intent first: a snapshot a crash leaves in RBD is then provably ours.
+        await _set_pending(catalog, volume.name, snap, "create")
+        try:
+            # Drained: every write acknowledged before the snapshot is in it (the client
+            # cache is off, so a completed write is on the OSDs already).
+            async with head.drained():
+                try:
+                    await img.snapshot_create(snap)
+                except StorageError as e:
+                    taken = f"the RBD image has a snapshot named {snap!r} already (taken outside blockvirt)"
+                    raise _storage_error(e, what, taken) from None
+        except BaseException:
+            await _clear_pending(catalog, volume.name, snap)
+            raise
         record = RbdSnap(volume.name, snap, time.time(), vol.current, node.size)
 
         def fn(items: dict[str, Any]) -> Changes:
@@ -513,7 +567,8 @@ class RbdBackend:
                 set={
                     snap_key(volume.name, snap): snap_raw(record),
                     vol_key(volume.name): {**raw, "current": snap},
-                }
+                },
+                remove=[pending_key(volume.name, snap)],
             )
 
         try:
@@ -521,6 +576,7 @@ class RbdBackend:
         except BaseException:
             try:
                 await img.snapshot_remove(snap)
+                await _clear_pending(catalog, volume.name, snap)
             except StorageError as e:
                 log.error(
                     "snapshot %s@%s left in Ceph after a failed catalog update: %s", volume.name, snap, e
@@ -535,13 +591,13 @@ class RbdBackend:
         assert target is not None
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
+        what = f"cannot revert {volume.name!r}"
+        with _ceph_errors(what):
+            img = await node.image()
         async with head.drained():
-            try:
+            with _ceph_errors(what):
                 await img.snapshot_rollback(snap)
                 size = await img.refresh_size()
-            except StorageError as e:
-                raise _storage_error(e, f"cannot revert {volume.name!r}") from None
 
             def fn(items: dict[str, Any]) -> Changes:
                 raw = items.get(vol_key(volume.name))
@@ -559,27 +615,27 @@ class RbdBackend:
     async def snapshot_delete(self, volume: VolumeRecord, snap: str) -> DeleteResult:
         st = self._state(volume.name)
         images, catalog = st.require()
-        gone = catalog.snapshot(volume.name, snap)
-        assert gone is not None
-        img = await images.open(volume.name)
+        what = f"cannot delete snapshot {volume.name}@{snap}"
+        # The intent first: if a crash comes between removing the RBD snapshot and updating
+        # the catalog, `check --repair` finishes the delete.
+        await _set_pending(catalog, volume.name, snap, "delete")
         try:
-            try:
-                await img.snapshot_remove(snap)
-            except StorageError as e:
-                if e.errno != errno.ENOENT:
-                    raise _storage_error(e, f"cannot delete snapshot {volume.name}@{snap}") from None
-        finally:
-            await img.close()
+            with _ceph_errors(what):
+                img = await images.open(volume.name)
+                try:
+                    await img.snapshot_remove(snap)
+                except StorageError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                finally:
+                    await img.close()
+        except BaseException:
+            await _clear_pending(catalog, volume.name, snap)
+            raise
 
         def fn(items: dict[str, Any]) -> Changes:
-            changes = Changes(remove=[snap_key(volume.name, snap)])
-            prefix = f"snap/{volume.name}/"
-            for key, raw in items.items():
-                if key.startswith(prefix) and raw.get("parent") == snap:
-                    changes.set[key] = {**raw, "parent": gone.parent}
-            vraw = items.get(vol_key(volume.name))
-            if vraw is not None and vraw.get("current") == snap:
-                changes.set[vol_key(volume.name)] = {**vraw, "current": gone.parent}
+            changes = forget_snapshot(items, volume.name, snap)
+            changes.remove.append(pending_key(volume.name, snap))
             return changes
 
         await catalog.mutate(fn)
@@ -590,17 +646,19 @@ class RbdBackend:
         images, catalog = st.require()
         base = catalog.snapshot(source.name, snap)
         assert base is not None
+        what = f"cannot clone {source.name}@{snap}"
         try:
             await images.clone(source.name, snap, new)
         except StorageError as e:
-            raise _storage_error(e, f"cannot clone {source.name}@{snap}") from None
+            raise _storage_error(e, what, "an image of that name exists already in the Ceph pool") from None
         try:
-            img = await images.open(new)
-            try:
-                await img.metadata_set(MARK, new)
-            finally:
-                await img.close()
-            await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
+            with _ceph_errors(what):
+                img = await images.open(new)
+                try:
+                    await img.metadata_set(MARK, new)
+                finally:
+                    await img.close()
+                await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
         except BaseException:
             await _remove_quietly(images, new)
             raise
@@ -614,11 +672,12 @@ class RbdBackend:
     async def flatten(self, volume: VolumeRecord) -> JobView:
         st = self._state(volume.name)
         images, _ = st.require()
-        img = await images.open(volume.name, read_only=True)
-        try:
-            parent = await img.parent()
-        finally:
-            await img.close()
+        with _ceph_errors(f"cannot flatten {volume.name!r}"):
+            img = await images.open(volume.name, read_only=True)
+            try:
+                parent = await img.parent()
+            finally:
+                await img.close()
         if parent is None:
             raise CatalogError("conflict", f"volume {volume.name!r} has no ancestors: nothing to flatten")
         return self.host.jobs.start(
@@ -630,10 +689,13 @@ class RbdBackend:
         _, catalog = st.require()
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
-        old = node.size
+        with _ceph_errors(f"cannot resize {volume.name!r}"):
+            img = await node.image()
+            old = node.size
+            cut = 0
+            if size < old and not force:
+                cut = sum(n for n, flags in await img.allocation(size, old - size) if not flags & HOLE)
         if size < old and not force:
-            cut = sum(n for n, flags in await img.allocation(size, old - size) if not flags & HOLE)
             detail = (
                 f"it would discard {cut} bytes of data past the new end"
                 if cut
@@ -784,6 +846,19 @@ async def _remove_image(images: RbdPool, name: str) -> None:
             log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
         elif e.errno != errno.ENOENT:
             raise
+
+
+async def _set_pending(catalog: RbdCatalog, volume: str, snap: str, op: str) -> None:
+    entry = {"op": op, "created": time.time()}
+    await catalog.mutate(lambda items: Changes(set={pending_key(volume, snap): entry}))
+
+
+async def _clear_pending(catalog: RbdCatalog, volume: str, snap: str) -> None:
+    """Best effort, after a change that did not happen (`check` tidies what is left)."""
+    try:
+        await catalog.mutate(lambda items: Changes(remove=[pending_key(volume, snap)]))
+    except CatalogError as e:
+        log.warning("snapshot %s@%s: intent left in the catalog: %s", volume, snap, e.message)
 
 
 async def _purge_trash(images: RbdPool) -> None:
