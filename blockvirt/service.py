@@ -30,10 +30,10 @@ from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
 from blockvirt.storage.backend import VolumeBackend
 from blockvirt.storage.backends.cowfile.backend import FileBackend
-from blockvirt.storage.backends.cowfile.check import Report
 from blockvirt.storage.backends.cowfile.check import check_data_dir as check_file_pools
 from blockvirt.storage.backends.rbd.tuning import RbdTuning
-from blockvirt.storage.catalog import Catalog
+from blockvirt.storage.catalog import FILE_BACKEND, Catalog
+from blockvirt.storage.check import Report
 from blockvirt.storage.events import NoEvents
 from blockvirt.storage.faults import FaultyFileIO
 from blockvirt.storage.fileio import REAL, FileIO
@@ -131,8 +131,29 @@ def _rbd_backend(vm: VolumeManager, tuning: RbdTuning) -> VolumeBackend | None:
 
 def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:
     """The offline check (`blockvirt check`) of every pool the data directory knows, each by
-    its own backend's checker."""
-    return check_file_pools(data_dir, repair=repair, io=io)
+    its own backend's checker: file pools, then RBD pools (reached with the config the
+    catalog keeps for each)."""
+    report = check_file_pools(data_dir, repair=repair, io=io)
+    if not os.path.exists(os.path.join(data_dir, "catalog.sqlite")):
+        return report  # said so already
+    catalog = Catalog(data_dir)
+    try:
+        others = [p for p in catalog.pools() if p.backend != FILE_BACKEND]
+    finally:
+        catalog.close()
+    rbd = [p for p in others if p.backend == "rbd"]
+    for p in others:
+        if p.backend != "rbd":
+            report.damage.append(f"pool {p.name}: no checker for its backend {p.backend!r}")
+    if rbd:
+        try:
+            from blockvirt.storage.backends.rbd.check import check_rbd_pools
+        except ImportError as e:
+            for p in rbd:
+                report.damage.append(f"pool {p.name}: cannot be checked: Ceph's Python bindings: {e}")
+        else:
+            check_rbd_pools(rbd, report, repair=repair)
+    return report
 
 
 class _Disconnect(NoEvents):

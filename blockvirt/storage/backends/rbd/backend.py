@@ -46,9 +46,19 @@ from blockvirt.storage.backends.rbd.catalog import (
     vol_key,
 )
 from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
-from blockvirt.storage.backends.rbd.errors import CephError, RbdError
+from blockvirt.storage.backends.rbd.errors import CephError
 from blockvirt.storage.backends.rbd.image import AsyncImage
-from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
+from blockvirt.storage.backends.rbd.imageops import (
+    MARK,
+    allocated_at,
+    changed_bytes,
+    fill_zeros,
+    purge_trash,
+    remove_image,
+    remove_quietly,
+    shrink_back,
+)
+from blockvirt.storage.backends.rbd.node import RbdNode
 from blockvirt.storage.backends.rbd.pool import PoolUsage, RbdPool
 from blockvirt.storage.backends.rbd.tuning import RbdTuning
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
@@ -59,8 +69,6 @@ from blockvirt.storage.work import JobKind, JobView, WorkContext
 log = logging.getLogger("blockvirt.rbd")
 
 RBD_BACKEND = "rbd"
-#: Image metadata key that marks an image as a blockvirt volume (for `check`).
-MARK = "blockvirt.volume"
 
 
 def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
@@ -388,9 +396,9 @@ class RbdBackend:
             # Whole objects (the object map answers): what the snapshot reads, and what
             # changed since its parent (its own share); the rest it shares with older ones.
             with _ceph_errors(f"cannot look at snapshot {volume}@{s.name}"):
-                allocated = await _allocated_at(images, volume, s.name)
+                allocated = await allocated_at(images, volume, s.name)
                 unique = (
-                    allocated if s.parent is None else await _changed_bytes(images, volume, s.parent, s.name)
+                    allocated if s.parent is None else await changed_bytes(images, volume, s.parent, s.name)
                 )
             shared = max(0, allocated - unique)
             out.append(
@@ -508,12 +516,12 @@ class RbdBackend:
                     # provably ours (`check --repair` removes it).
                     await img.metadata_set(MARK, name)
                     if thick:
-                        await _fill_zeros(img, size)
+                        await fill_zeros(img, size)
                 finally:
                     await img.close()
                 await catalog.add_volume(RbdVolume(name, size, thick, time.time(), None))
         except BaseException:
-            await _remove_quietly(images, name)
+            await remove_quietly(images, name)
             raise
         self._spawn(self._refresh(st))
 
@@ -523,9 +531,9 @@ class RbdBackend:
         with _ceph_errors(f"cannot delete volume {volume.name!r}"):
             # The catalog first: an image a crash leaves behind is marked, so provably ours.
             await catalog.remove_volume(volume.name)
-            await _remove_image(images, volume.name)
+            await remove_image(images, volume.name)
         st.figures.pop(volume.name, None)
-        await _purge_trash(images)  # its parent may have waited there for this clone
+        await purge_trash(images)  # its parent may have waited there for this clone
 
     async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:
         st = self._state(volume.name)
@@ -660,7 +668,7 @@ class RbdBackend:
                     await img.close()
                 await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
         except BaseException:
-            await _remove_quietly(images, new)
+            await remove_quietly(images, new)
             raise
         self._spawn(self._refresh(st))
 
@@ -711,9 +719,9 @@ class RbdBackend:
             try:
                 await img.resize(size)
                 if volume.thick:
-                    await _fill_zeros(img, size, start=old)
+                    await fill_zeros(img, size, start=old)
             except StorageError as e:
-                await _shrink_back(img, old)
+                await shrink_back(img, old)
                 raise _storage_error(e, f"cannot grow {volume.name!r}") from None
         async with head.drained():
             if not grow:
@@ -758,7 +766,7 @@ class RbdBackend:
         finally:
             if own:
                 await img.close()
-        await _purge_trash(images)  # its parent may have waited there for this clone
+        await purge_trash(images)  # its parent may have waited there for this clone
 
     def busy_with(self, jobs: Sequence[JobView], volume: VolumeRecord) -> JobView | None:
         for job in jobs:
@@ -784,70 +792,6 @@ def pool_space(u: PoolUsage) -> tuple[int | None, int | None, int | None]:
     return None, None, None
 
 
-async def _fill_zeros(img: AsyncImage, size: int, start: int = 0) -> None:
-    """Allocate every object of a thick volume from `start` (librbd has no preallocation)."""
-    zeros = bytes(ZERO_CHUNK)
-    offsets = iter(range(start, size, ZERO_CHUNK))
-
-    async def worker() -> None:
-        for off in offsets:  # shared: each offset is taken once
-            n = min(ZERO_CHUNK, size - off)
-            await img.write(zeros if n == ZERO_CHUNK else zeros[:n], off)
-
-    # A few writes in flight; the first failure cancels the rest.
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(8):
-            tg.create_task(worker())
-
-
-async def _shrink_back(img: AsyncImage, size: int) -> None:
-    """Undo a grow that could not be finished (a thick fill that ran out of space)."""
-    try:
-        await img.resize(size, allow_shrink=True)
-    except StorageError as e:
-        log.error("%s: could not shrink back to %d bytes after a failed grow: %s", img.name, size, e)
-
-
-async def _allocated_at(images: RbdPool, volume: str, snap: str) -> int:
-    img = await images.open(volume, snapshot=snap, read_only=True)
-    try:
-        return sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
-    finally:
-        await img.close()
-
-
-async def _changed_bytes(images: RbdPool, volume: str, since: str, until: str) -> int:
-    img = await images.open(volume, snapshot=until, read_only=True)
-    try:
-        return sum(e.length for e in await img.diff(since, whole_object=True))
-    finally:
-        await img.close()
-
-
-async def _remove_image(images: RbdPool, name: str) -> None:
-    """Remove an image and its snapshots; one whose snapshots clones still read goes to the
-    RBD trash instead (librbd removes it once they are gone or flattened)."""
-    try:
-        img = await images.open(name)
-    except StorageError as e:
-        if e.errno == errno.ENOENT:
-            return
-        raise
-    try:
-        for s in await img.snapshots():
-            await img.snapshot_remove(s.name)
-    finally:
-        await img.close()
-    try:
-        await images.remove(name)
-    except RbdError as e:
-        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
-            await images.trash_move(name)
-            log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
-        elif e.errno != errno.ENOENT:
-            raise
-
-
 async def _set_pending(catalog: RbdCatalog, volume: str, snap: str, op: str) -> None:
     entry = {"op": op, "created": time.time()}
     await catalog.mutate(lambda items: Changes(set={pending_key(volume, snap): entry}))
@@ -859,31 +803,6 @@ async def _clear_pending(catalog: RbdCatalog, volume: str, snap: str) -> None:
         await catalog.mutate(lambda items: Changes(remove=[pending_key(volume, snap)]))
     except CatalogError as e:
         log.warning("snapshot %s@%s: intent left in the catalog: %s", volume, snap, e.message)
-
-
-async def _purge_trash(images: RbdPool) -> None:
-    """Delete the volumes that waited in the RBD trash for their clones and now have none:
-    with clone v2, a cloned snapshot stays (in the trash namespace) while a clone reads it,
-    and goes with the last clone; the image itself stays in the trash until removed."""
-    try:
-        entries = await images.trash()
-    except StorageError as e:
-        log.warning("pool %s: cannot list the RBD trash: %s", images.name, e)
-        return
-    for t in entries:
-        if t.snapshots == 0 and MARK in t.metadata:  # ours, and no clone needs it any more
-            try:
-                await images.trash_remove(t.id)
-                log.info("image %s (id %s) removed from the RBD trash", t.name, t.id)
-            except StorageError as e:
-                log.warning("image %s (id %s) stays in the RBD trash: %s", t.name, t.id, e)
-
-
-async def _remove_quietly(images: RbdPool, name: str) -> None:
-    try:
-        await _remove_image(images, name)
-    except (StorageError, CephError) as e:
-        log.error("image %s could not be removed after a failed create: %s", name, e)
 
 
 __all__ = ["RBD_BACKEND", "RbdBackend", "acl_key"]
