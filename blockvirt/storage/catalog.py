@@ -114,6 +114,26 @@ _MIGRATIONS: list[tuple[int, str]] = [
     # every pool made before this step is a directory of copy-on-write files.
     (5, "ALTER TABLE pools ADD COLUMN backend TEXT NOT NULL DEFAULT 'file'"),
     (6, "ALTER TABLE pools ADD COLUMN config TEXT NOT NULL DEFAULT '{}'"),
+    # Pools without a directory (RBD pools: path '') must not collide on the path's UNIQUE:
+    # the table is rebuilt with a unique index on the paths of file pools only. Steps of
+    # more than one statement run with foreign keys off (SQLite's table rebuild procedure:
+    # layers and volumes refer to pools by name, and keep doing so).
+    (
+        7,
+        """CREATE TABLE pools_new (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            created REAL NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            backend TEXT NOT NULL DEFAULT 'file',
+            config TEXT NOT NULL DEFAULT '{}'
+        );
+        INSERT INTO pools_new (name, path, created, settings, backend, config)
+            SELECT name, path, created, settings, backend, config FROM pools;
+        DROP TABLE pools;
+        ALTER TABLE pools_new RENAME TO pools;
+        CREATE UNIQUE INDEX pools_path ON pools (path) WHERE path != ''""",
+    ),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -264,9 +284,23 @@ class Catalog:
         for target, sql in _MIGRATIONS:
             if target <= version:
                 continue
-            with self.transaction() as t:
-                t.db.execute(sql)
-                t.db.execute(f"PRAGMA user_version = {int(target)}")
+            statements = [x.strip() for x in sql.split(";") if x.strip()]
+            if len(statements) == 1:
+                with self.transaction() as t:
+                    t.db.execute(sql)
+                    t.db.execute(f"PRAGMA user_version = {int(target)}")
+                continue
+            self.db.execute("PRAGMA foreign_keys=OFF")  # not inside a transaction: it would be ignored
+            try:
+                with self.transaction() as t:
+                    for statement in statements:
+                        t.db.execute(statement)
+                    broken = t.db.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise CatalogError("internal", f"catalog migration {target} broke links: {broken}")
+                    t.db.execute(f"PRAGMA user_version = {int(target)}")
+            finally:
+                self.db.execute("PRAGMA foreign_keys=ON")
 
     # ------------------------------------------------------------ pools
     def add_pool(self, name: str, path: str) -> PoolRecord:

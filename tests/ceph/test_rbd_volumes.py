@@ -27,8 +27,15 @@ HOLE, ZERO = 1, 2
 
 
 def volume(server: BlockvirtServer, size: int, *, thick: bool = False, prefix: str = "v") -> str:
+    """A new volume in the RBD pool (through the API: the CLI is tested where it matters)."""
+    return volume_in(server, BV_POOL, size, thick=thick, prefix=prefix)
+
+
+def volume_in(
+    server: BlockvirtServer, pool: str, size: int, *, thick: bool = False, prefix: str = "v"
+) -> str:
     name = unique(prefix)
-    cli_json(server, "volume", "create", name, "--size", str(size), "--pool", BV_POOL, *(["--thick"] * thick))
+    server.create_volume(name, size, pool=pool, thick=thick)
     return name
 
 
@@ -390,6 +397,16 @@ async def test_qos_and_access_rules_live_in_the_ceph_catalog(
     rbd_server.api.delete(f"/api/v1/volumes/{name}/acl/{rule['id']}")
     acl = cli_json(rbd_server, "volume", "acl", "show", name)
     assert [r["value"] for r in acl["rules"]] == ["127.0.0.1/32"]
+    rbd_server.api.delete(f"/api/v1/volumes/{name}/acl")
+
+    # The limit holds on the RBD volume: 60 reads at 20 IOPS take about 3 s.
+    cli_json(rbd_server, "qos", "set", name, "--limit", "20", "--shares", "0")
+    async with await NbdClient.connect(rbd_server.uri(name)) as c:
+        t0 = time.monotonic()
+        for _ in range(60):
+            await c.read(0, 4096)
+        took = time.monotonic() - t0
+    assert 2.0 < took < 6, took
     rbd_server.api.delete(f"/api/v1/volumes/{name}")
     assert not [k for k in ceph_view.catalog_keys() if k.endswith(f"/{name}")]
 
@@ -423,6 +440,27 @@ async def test_metrics_cover_rbd_volumes_and_pools(rbd_server: BlockvirtServer) 
     assert (metric(text, "blockvirt_pool_provisioned_bytes", pool=BV_POOL) or 0) >= 2 * OBJ
     assert metric(text, "blockvirt_pool_watermark_state", pool=BV_POOL) == 0
     rbd_server.api.delete(f"/api/v1/volumes/{name}")
+
+
+def test_an_empty_rbd_pool_can_be_deleted_and_attached_again(
+    rbd_server: BlockvirtServer, ceph_cluster: CephCluster
+) -> None:
+    other = unique("bvx")
+    ceph_cluster.create_pool(other)
+    try:
+        conf = str(ceph_cluster.conf_path)
+        cli_json(rbd_server, "pool", "create", "extra", "--rbd", other, "--ceph-conf", conf)
+        name = volume_in(rbd_server, "extra", MiB)
+        assert "holds" in cli_error(rbd_server, "pool", "delete", "extra")
+        rbd_server.api.delete(f"/api/v1/volumes/{name}")
+        assert rbd_server.cli("pool", "delete", "extra").returncode == 0
+        assert "no pool" in cli_error(rbd_server, "pool", "info", "extra")
+        # The Ceph pool keeps what blockvirt left there (its empty catalog): attach again.
+        p = cli_json(rbd_server, "pool", "create", "extra", "--rbd", other, "--ceph-conf", conf)
+        assert p["volumes"] == 0
+        rbd_server.api.delete("/api/v1/pools/extra")
+    finally:
+        ceph_cluster.delete_pool(other)
 
 
 def test_api_answers_for_rbd_pools(rbd_server: BlockvirtServer) -> None:
