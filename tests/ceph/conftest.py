@@ -64,7 +64,9 @@ def rbd_server(
 ) -> Iterator[BlockvirtServer]:
     """A `blockvirt serve` with the module's Ceph pool attached as pool "rbd" (and its file
     pool "default"); tests use unique volume names."""
-    with BlockvirtServer(tmp_path_factory.mktemp("rbd") / "data", extra_args=SERVE_ARGS) as server:
+    with BlockvirtServer(
+        tmp_path_factory.mktemp("rbd") / "data", extra_args=SERVE_ARGS, log_level="info"
+    ) as server:
         attach(server, ceph_cluster, module_ceph_pool)
         yield server
 

@@ -142,6 +142,22 @@ async def test_io_fua_and_flush_reach_ceph(rbd_server: BlockvirtServer, ceph_vie
     rbd_server.api.delete(f"/api/v1/volumes/{name}")
 
 
+async def test_deleting_a_volume_just_used_removes_its_image(
+    rbd_server: BlockvirtServer, ceph_view: CephView, ceph_cluster: CephCluster
+) -> None:
+    name = volume(rbd_server, 2 * OBJ)
+    for snap in ("a", "b"):
+        await write(rbd_server, name, 0, snap.encode() * 4096)
+        rbd_server.api.post(f"/api/v1/volumes/{name}/snapshots", {"name": snap})
+    assert await read(rbd_server, f"{name}@a", 0, 1) == b"a"  # the snapshot export is open too
+    rbd_server.api.delete(f"/api/v1/volumes/{name}")
+    assert name not in ceph_view.ls()
+    # Removed, not moved to the RBD trash (as it would be if it were still open).
+    trash = json.loads(ceph_cluster.rbd("trash", "ls", "-p", ceph_view.pool, "--format", "json"))
+    assert trash == []
+    assert f"image {name} moved to the RBD trash" not in rbd_server.log()
+
+
 async def test_trim_and_write_zeroes_give_space_back(
     rbd_server: BlockvirtServer, ceph_view: CephView
 ) -> None:

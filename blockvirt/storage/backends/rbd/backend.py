@@ -191,6 +191,8 @@ class RbdBackend:
         self.pools: dict[str, PoolState] = {}
         self.settings = RbdSettings(self)
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Closes of released nodes still running, by volume.
+        self._closing_nodes: dict[str, set[asyncio.Task[None]]] = {}
         self._closing = False
 
     # ------------------------------------------------------------ life
@@ -491,11 +493,25 @@ class RbdBackend:
                     f"{label}: its RBD {'snapshot' if snapshot else 'image'} is missing from Ceph pool "
                     f"{images.name!r} (removed outside blockvirt? `blockvirt check` reports it)",
                 ) from None
-        return RbdNode(opener, size, writable=snapshot is None, thick=volume.thick, label=label)
+        return RbdNode(
+            opener, size, writable=snapshot is None, thick=volume.thick, label=label, volume=volume.name
+        )
 
     def release(self, node: BlockNode) -> None:
         assert isinstance(node, RbdNode)
-        self._spawn(node.close())
+        task = asyncio.ensure_future(node.close())
+        closing = self._closing_nodes.setdefault(node.volume, set())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _closed(self, volume: str) -> None:
+        """Wait until the images of the volume's released nodes are closed (an open image
+        cannot be removed: librbd says busy)."""
+        closing = self._closing_nodes.pop(volume, set())
+        if closing:
+            await asyncio.wait(closing)
 
     # ------------------------------------------------------------ tree edits
     async def create(self, name: str, size: int, *, thick: bool, pool: str) -> None:
@@ -528,6 +544,7 @@ class RbdBackend:
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
         images, catalog = st.require()
+        await self._closed(volume.name)
         with _ceph_errors(f"cannot delete volume {volume.name!r}"):
             # The catalog first: an image a crash leaves behind is marked, so provably ours.
             await catalog.remove_volume(volume.name)
@@ -624,6 +641,7 @@ class RbdBackend:
         st = self._state(volume.name)
         images, catalog = st.require()
         what = f"cannot delete snapshot {volume.name}@{snap}"
+        await self._closed(volume.name)  # its export, if it was open
         # The intent first: if a crash comes between removing the RBD snapshot and updating
         # the catalog, `check --repair` finishes the delete.
         await _set_pending(catalog, volume.name, snap, "delete")

@@ -37,6 +37,7 @@ class RbdNode(BlockNode):
         writable: bool,
         thick: bool,
         label: str,
+        volume: str,
     ) -> None:
         self._opener = opener
         self._opening: asyncio.Task[AsyncImage] | None = None
@@ -45,6 +46,7 @@ class RbdNode(BlockNode):
         self.writable = writable
         self.thick = thick
         self.label = label
+        self.volume = volume
         #: Why the volume cannot serve now (its image could not be opened), or None.
         self.failed: str | None = None
 
