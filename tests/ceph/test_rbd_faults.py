@@ -182,10 +182,11 @@ async def test_ceph_down_at_start_then_back(
         async with await NbdClient.connect(server.uri(name)) as c:
             await c.write(0, data, fua=True)
 
-    with mon_down(ceph_cluster):
-        t0 = time.monotonic()
-        server = BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS).start()
-        try:
+    server: BlockvirtServer | None = None
+    try:
+        with mon_down(ceph_cluster):
+            t0 = time.monotonic()
+            server = BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS).start()
             started = time.monotonic() - t0
             print(f"started in {started:.2f} s with the mon down")
             assert started < CONNECT_TIMEOUT + 8
@@ -197,15 +198,10 @@ async def test_ceph_down_at_start_then_back(
             assert "no monitor answered" in info["error"], info
             assert info["state"] == "critical" and any("unreachable" in w for w in info["warnings"])
             assert info["capacity"] is None
-            text = server.cli("pool", "info", "later").stdout
-            assert "unreachable" in text
+            assert "unreachable" in server.cli("pool", "info", "later").stdout
             assert "cannot be reached" in cli_error(
                 server, "volume", "create", unique("v"), "--size", "1M", "--pool", "later"
             )
-        except BaseException:
-            server.stop()
-            raise
-    try:
         # The backend retries: the pool comes back by itself once the mon is up again.
         t0 = time.monotonic()
         wait_for("the pool to come back", lambda: "error" not in cli_json(server, "pool", "info", "later"))
@@ -217,7 +213,8 @@ async def test_ceph_down_at_start_then_back(
         server.api.delete(f"/api/v1/volumes/{name}")
         server.api.delete(f"/api/v1/volumes/{local}")
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 @contextlib.contextmanager
