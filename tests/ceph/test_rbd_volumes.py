@@ -194,6 +194,35 @@ async def test_trim_and_write_zeroes_give_space_back(
     rbd_server.api.delete(f"/api/v1/volumes/{name}")
 
 
+async def test_allocation_figures_are_what_rbd_du_counts(
+    rbd_server: BlockvirtServer, ceph_view: CephView, ceph_cluster: CephCluster
+) -> None:
+    name = volume(rbd_server, 8 * OBJ)
+    await write(rbd_server, name, 0, b"a" * (2 * OBJ))  # objects 0, 1
+    rbd_server.api.post(f"/api/v1/volumes/{name}/snapshots", {"name": "a"})
+    await write(rbd_server, name, OBJ, b"b" * OBJ)  # object 1 again, and 2 new
+    await write(rbd_server, name, 2 * OBJ, b"b" * OBJ)
+    rbd_server.api.post(f"/api/v1/volumes/{name}/snapshots", {"name": "b"})
+    await write(rbd_server, name, 5 * OBJ, b"h" * 4096)  # object 5
+    clone = unique("clone")
+    rbd_server.api.post("/api/v1/volumes", {"name": clone, "source": f"{name}@b"})
+
+    du = json.loads(ceph_cluster.rbd("du", ceph_view.spec(name), "--format", "json"))
+    used = {e.get("snapshot"): int(e["used_size"]) for e in du["images"]}
+    assert used == {"a": 2 * OBJ, "b": 2 * OBJ, None: OBJ}, used  # what RBD itself says
+
+    def figures() -> dict[str, int] | None:
+        info = rbd_server.api.get(f"/api/v1/volumes/{name}")
+        return info if info["allocated"] == 5 * OBJ else None
+
+    info = wait_for("the volume's figures", figures)
+    assert info["head_allocated"] == OBJ and info["chain_depth"] == 1
+    c = rbd_server.api.get(f"/api/v1/volumes/{clone}")
+    assert (c["allocated"], c["chain_depth"]) == (0, 2)  # its data is still its parent's
+    rbd_server.api.delete(f"/api/v1/volumes/{clone}")
+    rbd_server.api.delete(f"/api/v1/volumes/{name}")
+
+
 async def test_thick_volumes_keep_their_space(rbd_server: BlockvirtServer, ceph_view: CephView) -> None:
     name = volume(rbd_server, 2 * OBJ, thick=True)
     async with await NbdClient.connect(rbd_server.uri(name)) as c:

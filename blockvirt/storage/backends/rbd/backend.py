@@ -47,7 +47,7 @@ from blockvirt.storage.backends.rbd.catalog import (
 )
 from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import CephError
-from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.image import AsyncImage, DiffExtent
 from blockvirt.storage.backends.rbd.imageops import (
     MARK,
     allocated_at,
@@ -243,7 +243,8 @@ class RbdBackend:
             await conn.close()
             raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
         st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
-        await self._refresh(st)
+        await self._refresh_space(st)
+        self._spawn(self._refresh(st))  # a look at every image: not worth delaying the start
 
     async def attach(self, rec: PoolRecord) -> None:
         """A new RBD pool (pool create --rbd): reachable and usable now, or CatalogError."""
@@ -286,6 +287,21 @@ class RbdBackend:
                         log.debug("pool %s: figures: %s", st.rec.name, e)
 
     async def _refresh(self, st: PoolState) -> None:
+        """Look at every volume's allocation, then at the pool's space."""
+        _, catalog = st.require()
+        figures: dict[str, VolumeFigures] = {}
+        for vol in catalog.volumes():
+            try:
+                figures[vol.name] = await self._volume_figures(st, vol)
+            except (CephError, StorageError) as e:
+                log.debug("volume %s: figures: %s", vol.name, e)
+                if vol.name in st.figures:
+                    figures[vol.name] = st.figures[vol.name]
+        st.figures = figures
+        await self._refresh_space(st)
+
+    async def _refresh_space(self, st: PoolState) -> None:
+        """The pool's usage (one mon command) with the volumes' last figures."""
         images, catalog = st.require()
         try:
             usage = await images.usage()
@@ -294,35 +310,31 @@ class RbdBackend:
             return
         provisioned = sum(v.size for v in catalog.volumes())
         capacity, used, free = pool_space(usage)
-        figures: dict[str, VolumeFigures] = {}
-        for vol in catalog.volumes():
-            try:
-                figures[vol.name] = await self._volume_figures(st, vol)
-            except (CephError, StorageError) as e:
-                log.debug("volume %s: figures: %s", vol.name, e)
-        st.figures = figures
-        allocated = sum(f.allocated for f in figures.values())
+        allocated = sum(f.allocated for f in st.figures.values())
         st.space = Space(capacity, used, free, allocated, provisioned)
 
     async def _volume_figures(self, st: PoolState, vol: RbdVolume) -> VolumeFigures:
+        """What the volume's objects hold, as `rbd du` counts it (whole objects, from the
+        object map): each snapshot what changed since the one before it, the head what changed
+        since the last snapshot; a clone's parent data is its parent's, not counted here."""
         images, _ = st.require()
         img = await images.open(vol.name, read_only=True)
         try:
-            head = sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
             parent = await img.parent()
+            snaps = [s.name for s in await img.snapshots()]
             prev: str | None = None
             total = 0
-            for s in await img.snapshots():
-                delta = await img.diff(prev, whole_object=True)
-                total += sum(e.length for e in delta if e.exists)
-                prev = s.name
-            if prev is not None:
-                total += sum(e.length for e in await img.diff(prev, whole_object=True) if e.exists)
-            else:
-                total = head
+            for snap in snaps:
+                at = await images.open(vol.name, snapshot=snap, read_only=True)
+                try:
+                    total += _held(await at.diff(prev, whole_object=True, include_parent=False))
+                finally:
+                    await at.close()
+                prev = snap
+            head = _held(await img.diff(prev, whole_object=True, include_parent=False))
         finally:
             await img.close()
-        return VolumeFigures(total, head, 2 if parent else 1)
+        return VolumeFigures(total + head, head, 2 if parent else 1)
 
     # ------------------------------------------------------------ pools
     def space(self, pool: PoolRecord) -> Space:
@@ -797,6 +809,10 @@ class RbdBackend:
 
     async def move(self, ctx: WorkContext, hooks: MoveHooks) -> None:
         raise AssertionError("plan_move refuses every move")
+
+
+def _held(extents: Sequence[DiffExtent]) -> int:
+    return sum(e.length for e in extents if e.exists)
 
 
 def pool_space(u: PoolUsage) -> tuple[int | None, int | None, int | None]:
