@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 
 #: Binaries the cluster needs (Debian: ceph-mon, ceph-osd, ceph-common).
-REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rbd")
+REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rbd", "rados")
 
 GiB = 1 << 30
 

@@ -505,6 +505,7 @@ class RbdBackend:
                     f"{label}: its RBD {'snapshot' if snapshot else 'image'} is missing from Ceph pool "
                     f"{images.name!r} (removed outside blockvirt? `blockvirt check` reports it)",
                 ) from None
+
         return RbdNode(
             opener, size, writable=snapshot is None, thick=volume.thick, label=label, volume=volume.name
         )
