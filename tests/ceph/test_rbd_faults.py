@@ -289,7 +289,7 @@ async def test_quota_full_pool(
 ) -> None:
     ceph_cluster.wait_for_stats()
     name, local = unique("v"), unique("f")
-    cli_json(rbd_server, "volume", "create", name, "--size", "64M", "--pool", BV_POOL)
+    cli_json(rbd_server, "volume", "create", name, "--size", "128M", "--pool", BV_POOL)
     cli_json(rbd_server, "snapshot", "create", name, "before")
     rbd_server.create_volume(local, 4 * MiB)
     stored = int(
@@ -305,7 +305,7 @@ async def test_quota_full_pool(
             # two behind, so a few writes past the quota still land).
             error: NbdClientError | None = None
             t0 = time.monotonic()
-            for i in range(16):
+            for i in range(32):  # room for a slow mgr: it trips after 6-7 here
                 chunk = os.urandom(4 * MiB)
                 try:
                     await c.write(i * 4 * MiB, chunk)
@@ -338,7 +338,7 @@ async def test_quota_full_pool(
 
         async def writes_again() -> bool:
             try:
-                await c.write(60 * MiB, b"again" * 800)
+                await c.write(124 * MiB, b"again" * 800)  # a new object: needs space
                 return True
             except NbdClientError:
                 await asyncio.sleep(0.5)

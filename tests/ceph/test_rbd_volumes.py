@@ -74,6 +74,7 @@ def test_pool_info_and_list_show_the_ceph_pool(
     assert listed[BV_POOL]["backend"] == "rbd" and listed["default"]["backend"] == "file"
     text = rbd_server.cli("pool", "info", BV_POOL).stdout
     assert f"Ceph pool {module_ceph_pool}" in text and "capacity:" in text
+    assert f"rbd:{module_ceph_pool}" in rbd_server.cli("pool", "list").stdout
     rbd_server.api.delete(f"/api/v1/volumes/{name}")
 
 
