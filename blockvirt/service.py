@@ -32,15 +32,18 @@ from blockvirt.server.listener import NbdServer
 from blockvirt.server.tls import server_context
 from blockvirt.storage.backend import VolumeBackend
 from blockvirt.storage.backends.cowfile.backend import FileBackend
-from blockvirt.storage.backends.cowfile.check import Report
 from blockvirt.storage.backends.cowfile.check import check_data_dir as check_file_pools
-from blockvirt.storage.catalog import Catalog
+from blockvirt.storage.backends.rbd.tuning import RbdTuning
+from blockvirt.storage.catalog import FILE_BACKEND, Catalog
+from blockvirt.storage.check import Report
 from blockvirt.storage.events import NoEvents
 from blockvirt.storage.faults import FaultyFileIO
 from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.volumes import VolumeManager
 
 log = logging.getLogger("blockvirt.service")
+
+__all__ = ["ConfigError", "RbdTuning", "Service", "ServiceConfig", "build_storage", "check_data_dir"]
 
 DEFAULT_DATA_DIR = "./blockvirt-data"
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -79,6 +82,8 @@ class ServiceConfig:
     fault_injection: bool = False
     #: This node's name among the nodes sharing an RBD pool (default: the host name).
     node_name: str | None = None
+    #: RBD pools: connect and op timeouts, retry and figures intervals.
+    rbd: RbdTuning = field(default_factory=RbdTuning)
 
 
 class ConfigError(Exception):
@@ -107,6 +112,7 @@ def build_storage(
     warn_depth: int = 16,
     metrics: bool = True,
     node_name: str | None = None,
+    rbd: RbdTuning | None = None,
 ) -> tuple[VolumeManager, JobManager]:
     """Storage with its backends and the job manager, wired (no QoS, no NBD: the service adds
     those; tests and tools that want storage alone use this)."""
@@ -114,26 +120,47 @@ def build_storage(
     jobs = JobManager(catalog)
     vm = VolumeManager(catalog, jobs, warn_depth=warn_depth, metrics=metrics, node_name=node_name)
     vm.add_backend(FileBackend(catalog, vm, io=io))
-    rbd = _rbd_backend(vm)
-    if rbd is not None:
-        vm.add_backend(rbd)
+    rbd_backend = _rbd_backend(vm, rbd or RbdTuning())
+    if rbd_backend is not None:
+        vm.add_backend(rbd_backend)
     return vm, jobs
 
 
-def _rbd_backend(vm: VolumeManager) -> VolumeBackend | None:
+def _rbd_backend(vm: VolumeManager, tuning: RbdTuning) -> VolumeBackend | None:
     """The RBD backend, if Ceph's Python bindings are installed (python3-rbd)."""
     try:
         from blockvirt.storage.backends.rbd.backend import RbdBackend
     except ImportError as e:
         log.info("RBD pools are not available: %s", e)
         return None
-    return RbdBackend(vm)
+    return RbdBackend(vm, tuning)
 
 
 def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:
     """The offline check (`blockvirt check`) of every pool the data directory knows, each by
-    its own backend's checker."""
-    return check_file_pools(data_dir, repair=repair, io=io)
+    its own backend's checker: file pools, then RBD pools (reached with the config the
+    catalog keeps for each)."""
+    report = check_file_pools(data_dir, repair=repair, io=io)
+    if not os.path.exists(os.path.join(data_dir, "catalog.sqlite")):
+        return report  # said so already
+    catalog = Catalog(data_dir)
+    try:
+        others = [p for p in catalog.pools() if p.backend != FILE_BACKEND]
+    finally:
+        catalog.close()
+    rbd = [p for p in others if p.backend == "rbd"]
+    for p in others:
+        if p.backend != "rbd":
+            report.damage.append(f"pool {p.name}: no checker for its backend {p.backend!r}")
+    if rbd:
+        try:
+            from blockvirt.storage.backends.rbd.check import check_rbd_pools
+        except ImportError as e:
+            for p in rbd:
+                report.damage.append(f"pool {p.name}: cannot be checked: Ceph's Python bindings: {e}")
+        else:
+            check_rbd_pools(rbd, report, repair=repair)
+    return report
 
 
 class _Disconnect(NoEvents):
@@ -169,7 +196,12 @@ class Service:
         if cfg.fault_injection:
             log.warning("fault injection is on: /api/v1/debug/faults can break pools on purpose")
         self.volumes, self.jobs = build_storage(
-            cfg.data_dir, io=io, warn_depth=cfg.warn_depth, metrics=cfg.metrics, node_name=cfg.node_name
+            cfg.data_dir,
+            io=io,
+            warn_depth=cfg.warn_depth,
+            metrics=cfg.metrics,
+            node_name=cfg.node_name,
+            rbd=cfg.rbd,
         )
         self.qos = QosManager(self.volumes)
         self.qos.load()

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 
 #: Binaries the cluster needs (Debian: ceph-mon, ceph-osd, ceph-common).
-REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rbd")
+REQUIRED_BINARIES = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "ceph", "rbd", "rados")
 
 GiB = 1 << 30
 
@@ -422,7 +422,17 @@ class CephCluster:
 
     def restart_mon(self, timeout: float = 30.0) -> None:
         """Stop and start the mon (same store, same ports); return once it leads again."""
+        self.stop_mon()
+        self.start_mon(timeout)
+
+    def stop_mon(self) -> None:
+        """Take the only mon away: nobody can connect, and mon commands wait, until start_mon()."""
         self._stop_daemon("mon.a")
+
+    def start_mon(self, timeout: float = 30.0) -> None:
+        """Start the mon again on its store and ports; return once it leads."""
+        if "mon.a" in self._procs:
+            raise CephClusterError("the mon is running")
         self._spawn("mon.a", ["ceph-mon", "-c", str(self.conf_path), "-i", "a", "-f"])
         self._wait(
             lambda: self._daemon_state("mon.a") == "leader", time.monotonic() + timeout, "mon.a to lead"

@@ -70,6 +70,13 @@ def _seconds(text: str) -> float:
     return n
 
 
+def _positive_seconds(text: str) -> float:
+    n = _seconds(text)
+    if n <= 0:  # librados reads 0 as "wait for ever"
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blockvirt", description="blockvirt storage virtualization service")
     _common(parser, top=True)
@@ -177,6 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-body-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="for a request body"
     )
     api_lim.add_argument("--api-max-connections", type=_positive_int, default=256, metavar="N")
+    ceph = serve.add_argument_group("Ceph RBD pools")
+    ceph.add_argument(
+        "--ceph-op-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a read, write or other op the cluster does not answer fails (EIO) after this long",
+    )
+    ceph.add_argument(
+        "--ceph-connect-timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="reaching a cluster (at start, pool create, retries) gives up after this long",
+    )
+    # Testing: how often an unreachable pool is tried again, and its figures looked at.
+    ceph.add_argument("--ceph-retry-interval", type=_positive_seconds, default=5.0, help=argparse.SUPPRESS)
+    ceph.add_argument("--ceph-figures-interval", type=_positive_seconds, default=10.0, help=argparse.SUPPRESS)
 
     vol = sub.add_parser("volume", help="manage volumes")
     _common(vol, top=False)
@@ -292,8 +317,8 @@ def _serve(args: argparse.Namespace) -> int:
     from blockvirt.api.server import ApiLimits
     from blockvirt.server.limits import Limits
     from blockvirt.server.tls import TLSConfigError
-    from blockvirt.service import ConfigError, Service, ServiceConfig, parse_hostport
-    from blockvirt.storage.catalog import NAME_RE
+    from blockvirt.service import ConfigError, RbdTuning, Service, ServiceConfig, parse_hostport
+    from blockvirt.storage.catalog import NAME_RE, CatalogError, parse_size
 
     try:
         if args.node_name is not None and not NAME_RE.fullmatch(args.node_name):
@@ -339,6 +364,12 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         api_limits=api_limits,
         node_name=args.node_name,
+        rbd=RbdTuning(
+            connect_timeout=args.ceph_connect_timeout,
+            op_timeout=args.ceph_op_timeout,
+            retry_interval=args.ceph_retry_interval,
+            figures_interval=args.ceph_figures_interval,
+        ),
     )
     try:
         asyncio.run(Service(cfg).run())

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
             rows = [
                 {
                     **p,
+                    # An RBD pool has no directory: say which Ceph pool it is.
+                    "where": p["path"] or f"{p.get('backend')}:{(p.get('rbd') or {}).get('pool', '?')}",
                     "cap_h": _size(p["capacity"]),
                     "free_h": _size(p["free"]),
                     "prov_h": _size(p["provisioned"]),
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
                 rows,
                 [
                     ("name", "NAME"),
-                    ("path", "PATH"),
+                    ("where", "PATH"),
                     ("cap_h", "CAPACITY"),
                     ("free_h", "FREE"),
                     ("prov_h", "PROVISIONED"),

@@ -228,13 +228,26 @@ class QosManager:
             self.pools[p.name] = PoolQos(p.name, PoolSettings.from_dict(p.settings))
         for name, parent, raw in self.catalog.qos_groups():
             self.groups[name] = qc.GroupDef(name, parent, qc.QosSettings.from_dict(json.loads(raw)))
-        rows = {v: (g, json.loads(raw)) for v, g, raw in self.storage.all_volume_qos()}
-        for rec in self.storage.records():
-            group, raw = rows.get(rec.name, (None, {}))
-            self.settings[rec.name] = qc.QosSettings.from_dict(raw)
-            self.membership[rec.name] = group
+        self._adopt()
         for pool in self.pools.values():
             self._build(pool)
+
+    def _adopt(self) -> None:
+        """Take in the saved settings of volumes not seen yet: at load, and later for volumes
+        that appear without being created here (an RBD pool reached after the start, or
+        attached with its volumes: their settings come from the pool's catalog in Ceph)."""
+        new = [rec.name for rec in self.storage.records() if rec.name not in self.settings]
+        if not new:
+            return
+        rows = {v: (g, json.loads(raw)) for v, g, raw in self.storage.all_volume_qos()}
+        for name in new:
+            group, raw = rows.get(name, (None, {}))
+            if group is not None and group not in self.groups:
+                # Groups are the node's: another node's group is not known here.
+                log.warning("volume %s: QoS group %r is not defined on this node: ignored", name, group)
+                group = None
+            self.settings[name] = qc.QosSettings.from_dict(raw)
+            self.membership[name] = group
 
     def start(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -338,6 +351,7 @@ class QosManager:
         if rec is None:
             return None
         pool = self._pool(rec.pool)
+        self._adopt()
         self.settings.setdefault(volume, qc.QosSettings())
         self.membership.setdefault(volume, None)
         return self._place(volume, pool)
@@ -414,6 +428,7 @@ class QosManager:
     def _volume_defs(
         self, override: dict[str, tuple[str | None, qc.QosSettings]] | None = None
     ) -> dict[str, qc.VolumeDef]:
+        self._adopt()
         out = {}
         for rec in self.storage.records():
             group, settings = self.membership.get(rec.name), self.settings.get(rec.name, qc.QosSettings())
@@ -500,6 +515,7 @@ class QosManager:
 
     # ------------------------------------------------------------ views
     def volume_view(self, volume: str) -> dict[str, Any]:
+        self._adopt()
         s = self.settings.get(volume, qc.QosSettings())
         group = self.membership.get(volume)
         vq = self.volume_qos(volume)  # placed in its pool's scheduler if it was not yet

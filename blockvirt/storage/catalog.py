@@ -118,6 +118,26 @@ _MIGRATIONS: list[tuple[int, str]] = [
     # A volume being moved in from another kind of storage (the id of the job moving it):
     # invisible until the move switches over.
     (7, "ALTER TABLE volumes ADD COLUMN incoming TEXT"),
+    # Pools without a directory (RBD pools: path '') must not collide on the path's UNIQUE:
+    # the table is rebuilt with a unique index on the paths of file pools only. Steps of
+    # more than one statement run with foreign keys off (SQLite's table rebuild procedure:
+    # layers and volumes refer to pools by name, and keep doing so).
+    (
+        8,
+        """CREATE TABLE pools_new (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            created REAL NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            backend TEXT NOT NULL DEFAULT 'file',
+            config TEXT NOT NULL DEFAULT '{}'
+        );
+        INSERT INTO pools_new (name, path, created, settings, backend, config)
+            SELECT name, path, created, settings, backend, config FROM pools;
+        DROP TABLE pools;
+        ALTER TABLE pools_new RENAME TO pools;
+        CREATE UNIQUE INDEX pools_path ON pools (path) WHERE path != ''""",
+    ),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -270,9 +290,23 @@ class Catalog:
         for target, sql in _MIGRATIONS:
             if target <= version:
                 continue
-            with self.transaction() as t:
-                t.db.execute(sql)
-                t.db.execute(f"PRAGMA user_version = {int(target)}")
+            statements = [x.strip() for x in sql.split(";") if x.strip()]
+            if len(statements) == 1:
+                with self.transaction() as t:
+                    t.db.execute(sql)
+                    t.db.execute(f"PRAGMA user_version = {int(target)}")
+                continue
+            self.db.execute("PRAGMA foreign_keys=OFF")  # not inside a transaction: it would be ignored
+            try:
+                with self.transaction() as t:
+                    for statement in statements:
+                        t.db.execute(statement)
+                    broken = t.db.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise CatalogError("internal", f"catalog migration {target} broke links: {broken}")
+                    t.db.execute(f"PRAGMA user_version = {int(target)}")
+            finally:
+                self.db.execute("PRAGMA foreign_keys=ON")
 
     # ------------------------------------------------------------ pools
     def add_pool(self, name: str, path: str) -> PoolRecord:

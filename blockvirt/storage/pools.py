@@ -250,7 +250,8 @@ class Pools:
             warnings.append(f"pool storage is unreachable: {error}")
         elif used_pct is None:
             warnings.append(
-                "pool storage is unreachable" if not rec.path else "pool directory is unreachable"
+                # Reachable, but its space not reported yet (a Ceph pool before its mgr has).
+                "pool space is not known yet" if not rec.path else "pool directory is unreachable"
             )
         elif state != OK:
             limit = settings.critical_percent if state == CRITICAL else settings.warn_percent

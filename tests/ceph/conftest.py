@@ -10,10 +10,12 @@ import asyncio
 import errno
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from blockvirt.testing import BlockvirtServer
+from tests.ceph.rbdpool import SERVE_ARGS, CephView, attach
 from tests.cephcluster import CephCluster
 
 try:
@@ -42,6 +44,36 @@ def ceph_pool(ceph_cluster: CephCluster) -> str:
     with the cluster."""
     ceph_cluster.create_pool(POOL)
     return POOL
+
+
+@pytest.fixture(scope="module")
+def module_ceph_pool(ceph_cluster: CephCluster) -> Iterator[str]:
+    """A Ceph pool of this module's own (blockvirt's catalog in it is the module's alone);
+    deleted, with whatever it holds, after the module."""
+    name = unique("bvmod")
+    ceph_cluster.create_pool(name)
+    try:
+        yield name
+    finally:
+        ceph_cluster.delete_pool(name)
+
+
+@pytest.fixture(scope="module")
+def rbd_server(
+    tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster, module_ceph_pool: str
+) -> Iterator[BlockvirtServer]:
+    """A `blockvirt serve` with the module's Ceph pool attached as pool "rbd" (and its file
+    pool "default"); tests use unique volume names."""
+    with BlockvirtServer(
+        tmp_path_factory.mktemp("rbd") / "data", extra_args=SERVE_ARGS, log_level="info"
+    ) as server:
+        attach(server, ceph_cluster, module_ceph_pool)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ceph_view(ceph_cluster: CephCluster, module_ceph_pool: str) -> CephView:
+    return CephView(ceph_cluster, module_ceph_pool)
 
 
 @pytest.fixture

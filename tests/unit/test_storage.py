@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from blockvirt.storage.catalog import (
     Catalog,
     CatalogError,
     LayerRecord,
+    PoolRecord,
     VolumeRow,
     parse_size,
     validate_name,
@@ -539,6 +541,38 @@ def test_catalog_records_and_conflicts(tmp_path: Path) -> None:
     try:
         assert again.volumes() == []
         assert [p.name for p in again.pools()] == ["default"]
+    finally:
+        again.close()
+
+
+def test_pools_without_a_directory_do_not_collide_and_file_pools_still_do(tmp_path: Path) -> None:
+    # RBD pools have no path (''): a node may hold several; two file pools may not share one.
+    cat = Catalog(str(tmp_path / "data"))
+    try:
+        layer = LayerRecord("l1", "default", None, MiB, False, 0)
+        with cat.transaction() as t:
+            t.add_layer(layer)
+            t.add_volume(VolumeRow("v1", MiB, False, "default", "l1", 0))
+        for name in ("r1", "r2"):
+            cat.insert_pool(PoolRecord(name, "", 0.0, {}, "rbd", {"pool": name}))
+        with pytest.raises(CatalogError) as e:
+            cat.add_pool("twin", str(tmp_path / "data" / "pools" / "default"))
+        assert e.value.kind == "conflict"
+        with pytest.raises(CatalogError):
+            cat.insert_pool(PoolRecord("r1", "", 0.0, {}, "rbd", {"pool": "r1"}))
+        # Pools are still what layers refer to.
+        with pytest.raises(sqlite3.IntegrityError), cat.transaction() as t:
+            t.add_layer(LayerRecord("l2", "nowhere", None, MiB, False, 0))
+    finally:
+        cat.close()
+    again = Catalog(str(tmp_path / "data"))
+    try:
+        assert [(p.name, p.backend) for p in again.pools()] == [
+            ("default", "file"),
+            ("r1", "rbd"),
+            ("r2", "rbd"),
+        ]
+        assert again.volume("v1") is not None and again.layer("l1") == layer
     finally:
         again.close()
 

@@ -14,49 +14,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass, field
-from typing import Any
 
 from blockvirt.storage import pooldirs
 from blockvirt.storage.backends.cowfile import layout
 from blockvirt.storage.backends.cowfile.layer import LAYER_FILE_RE, layer_paths
 from blockvirt.storage.backends.cowfile.layer_map import CLUSTER_BLOCKS
 from blockvirt.storage.catalog import FILE_BACKEND, Catalog
+from blockvirt.storage.check import Report
 from blockvirt.storage.fileio import REAL, FileIO
-
-
-@dataclass
-class Report:
-    damage: list[str] = field(default_factory=list)
-    leaks: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-    layers: int = 0
-    volumes: int = 0
-
-    @property
-    def damaged(self) -> bool:
-        return bool(self.damage)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": not self.damage,
-            "damage": self.damage,
-            "leaks": self.leaks,
-            "notes": self.notes,
-            "repaired": self.repaired,
-            "layers": self.layers,
-            "volumes": self.volumes,
-        }
-
-    def text(self) -> str:
-        lines = [f"checked {self.volumes} volume(s), {self.layers} layer(s)"]
-        lines += [f"DAMAGE: {d}" for d in self.damage]
-        lines += [f"leak: {x}" for x in self.leaks]
-        lines += [f"note: {x}" for x in self.notes]
-        lines += [f"repaired: {x}" for x in self.repaired]
-        lines.append("damaged" if self.damage else "clean" if not self.leaks else "clean (with leaks)")
-        return "\n".join(lines)
 
 
 def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) -> Report:

@@ -14,10 +14,11 @@ volumes that must fail over together share one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +39,30 @@ from blockvirt.storage.backends.rbd.catalog import (
     RbdSnap,
     RbdVolume,
     acl_key,
+    forget_snapshot,
+    pending_key,
     snap_key,
     snap_raw,
     vol_key,
 )
 from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError
-from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.image import AsyncImage, DiffExtent
+from blockvirt.storage.backends.rbd.imageops import (
+    MARK,
+    allocated_at,
+    changed_bytes,
+    fill_zeros,
+    purge_trash,
+    remove_image,
+    remove_quietly,
+    shrink_back,
+)
 from blockvirt.storage.backends.rbd.members import HEARTBEAT, DuplicateNode, Members
-from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
+from blockvirt.storage.backends.rbd.node import RbdNode
 from blockvirt.storage.backends.rbd.ownership import Ownership, ServedElsewhere, owners, take_lock
-from blockvirt.storage.backends.rbd.pool import RbdPool
+from blockvirt.storage.backends.rbd.pool import PoolUsage, RbdPool
+from blockvirt.storage.backends.rbd.tuning import RbdTuning
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
 from blockvirt.storage.export import Export
 from blockvirt.storage.node import HOLE, BlockNode, StorageError
@@ -57,22 +71,19 @@ from blockvirt.storage.work import JobKind, JobView, WorkContext
 log = logging.getLogger("blockvirt.rbd")
 
 RBD_BACKEND = "rbd"
-#: Seconds between looks at the pools' space and the volumes' allocation (cached for
-#: metrics and `pool info`: librbd answers them in milliseconds to seconds).
-FIGURES_INTERVAL = 10.0
-#: Seconds between attempts to reach a pool whose cluster did not answer.
-RETRY_INTERVAL = 5.0
-#: Image metadata key that marks an image as a blockvirt volume (for `check`).
-MARK = "blockvirt.volume"
 
 
-def ceph_config(rec: PoolRecord, **overrides: Any) -> CephConfig:
+def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
+    """How to reach the Ceph pool of RBD pool `rec` (its config from the node's catalog)."""
     cfg = rec.config
+    t = tuning or RbdTuning()
     return CephConfig(
         pool=str(cfg["pool"]),
         conf_file=cfg.get("conf"),
         user=cfg.get("user"),
-        **overrides,
+        connect_timeout=t.connect_timeout,
+        mon_op_timeout=t.connect_timeout,
+        osd_op_timeout=t.op_timeout,
     )
 
 
@@ -81,14 +92,34 @@ def _catalog_error(e: CephError) -> CatalogError:
     return CatalogError(kind, str(e))
 
 
-def _storage_error(e: StorageError, what: str) -> CatalogError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def _storage_error(e: StorageError, what: str, taken: str | None = None) -> CatalogError:
+    """An RBD operation's failure as the API says it: `what` could not be done, and why."""
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return CatalogError("no-space", f"{what}: the Ceph pool is full")
-    if e.errno == errno.EEXIST:
-        return CatalogError("conflict", f"{what}: an image of that name exists already in the Ceph pool")
-    if e.errno in (errno.EINVAL, errno.ENAMETOOLONG):
+    if code == errno.EEXIST:
+        return CatalogError("conflict", f"{what}: {taken or 'the name is taken in the Ceph pool'}")
+    if code == errno.ENOENT:
+        return CatalogError(
+            "conflict",
+            f"{what}: its RBD image or snapshot is missing from the Ceph pool "
+            "(removed outside blockvirt? `blockvirt check` reports it)",
+        )
+    if code in (errno.EINVAL, errno.ENAMETOOLONG):
         return CatalogError("invalid", f"{what}: RBD refused it ({e})")
     return CatalogError("unavailable", f"{what}: {e}")
+
+
+@contextlib.contextmanager
+def _ceph_errors(what: str) -> Iterator[None]:
+    """Failures of Ceph inside a tree edit become one clear API error naming the edit
+    (CatalogErrors raised inside pass through)."""
+    try:
+        yield
+    except StorageError as e:
+        raise _storage_error(e, what) from None
+    except CephError as e:
+        raise CatalogError("unavailable", f"{what}: {e}") from None
 
 
 @dataclass
@@ -161,26 +192,32 @@ class RbdBackend:
 
     kind = RBD_BACKEND
 
-    def __init__(self, host: BackendHost, *, osd_op_timeout: float = 30.0) -> None:
+    def __init__(self, host: BackendHost, tuning: RbdTuning | None = None) -> None:
         self.host = host
-        self.osd_op_timeout = osd_op_timeout
+        self.tuning = tuning or RbdTuning()
         self.pools: dict[str, PoolState] = {}
         self.settings = RbdSettings(self)
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Closes of released nodes still running, by volume.
+        self._closing_nodes: dict[str, set[asyncio.Task[None]]] = {}
         self._closing = False
 
     # ------------------------------------------------------------ life
     async def start(self) -> None:
-        """Attach the pools the node knows, without waiting for an unreachable cluster: such
-        a pool is retried in the background and reports why meanwhile."""
-        for rec in self.host_pools():
-            st = self.pools.setdefault(rec.name, PoolState(rec))
+        """Attach the pools the node knows, all at once, so an unreachable cluster delays the
+        start by one connect timeout at most: such a pool is retried in the background and
+        reports why meanwhile (`pool info`); the node's other pools serve at once."""
+
+        async def first(st: PoolState) -> None:
             try:
                 await self._connect(st)
             except CatalogError as e:
                 st.error = e.message
-                log.error("pool %s: %s (retrying in the background)", rec.name, e.message)
+                log.error("pool %s: %s (retrying in the background)", st.rec.name, e.message)
                 self._spawn(self._retry(st))
+
+        states = [self.pools.setdefault(rec.name, PoolState(rec)) for rec in self.host_pools()]
+        await asyncio.gather(*(first(st) for st in states))
         self._spawn(self._figures_loop())
 
     def host_pools(self) -> list[PoolRecord]:
@@ -192,8 +229,8 @@ class RbdBackend:
         task.add_done_callback(self._tasks.discard)
 
     async def _retry(self, st: PoolState) -> None:
-        while not self._closing and st.error is not None:
-            await asyncio.sleep(RETRY_INTERVAL)
+        while not self._closing and st.error is not None and self.pools.get(st.rec.name) is st:
+            await asyncio.sleep(self.tuning.retry_interval)
             try:
                 await self._connect(st)
                 log.info("pool %s: reached its Ceph cluster again", st.rec.name)
@@ -201,7 +238,7 @@ class RbdBackend:
                 st.error = e.message
 
     async def _connect(self, st: PoolState) -> None:
-        cfg = ceph_config(st.rec, osd_op_timeout=self.osd_op_timeout)
+        cfg = ceph_config(st.rec, self.tuning)
         try:
             conn = await CephConnection.open(cfg)
         except CephError as e:
@@ -214,7 +251,8 @@ class RbdBackend:
             raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
         st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
         await self._join(st)
-        await self._refresh(st)
+        await self._refresh_space(st)
+        self._spawn(self._refresh(st))  # a look at every image: not worth delaying the start
 
     async def _join(self, st: PoolState) -> None:
         """Heartbeat in the pool and take part in who serves what."""
@@ -439,7 +477,7 @@ class RbdBackend:
     # ------------------------------------------------------------ figures (cached)
     async def _figures_loop(self) -> None:
         while True:
-            await asyncio.sleep(FIGURES_INTERVAL)
+            await asyncio.sleep(self.tuning.figures_interval)
             for st in list(self.pools.values()):
                 if st.ready:
                     try:
@@ -448,53 +486,54 @@ class RbdBackend:
                         log.debug("pool %s: figures: %s", st.rec.name, e)
 
     async def _refresh(self, st: PoolState) -> None:
-        images, catalog = st.require()
-        try:
-            stats = await images.stats()
-            cluster = await st.conn.cluster_stats() if st.conn is not None else {}
-        except (CephError, StorageError) as e:
-            log.debug("pool %s: stats: %s", st.rec.name, e)
-            return
-        provisioned = sum(v.size for v in catalog.volumes())
-        total = int(cluster.get("kb", 0)) * 1024
-        if stats.quota.max_bytes:
-            capacity: int | None = stats.quota.max_bytes
-            used: int | None = stats.stored_bytes
-            free: int | None = max(0, stats.quota.max_bytes - stats.stored_bytes)
-        elif total:
-            capacity, used = total, int(cluster.get("kb_used", 0)) * 1024
-            free = int(cluster.get("kb_avail", 0)) * 1024
-        else:
-            capacity = used = free = None
+        """Look at every volume's allocation, then at the pool's space."""
+        _, catalog = st.require()
         figures: dict[str, VolumeFigures] = {}
         for vol in catalog.volumes():
             try:
                 figures[vol.name] = await self._volume_figures(st, vol)
             except (CephError, StorageError) as e:
                 log.debug("volume %s: figures: %s", vol.name, e)
+                if vol.name in st.figures:
+                    figures[vol.name] = st.figures[vol.name]
         st.figures = figures
-        allocated = sum(f.allocated for f in figures.values())
+        await self._refresh_space(st)
+
+    async def _refresh_space(self, st: PoolState) -> None:
+        """The pool's usage (one mon command) with the volumes' last figures."""
+        images, catalog = st.require()
+        try:
+            usage = await images.usage()
+        except (CephError, StorageError) as e:
+            log.debug("pool %s: usage: %s", st.rec.name, e)
+            return
+        provisioned = sum(v.size for v in catalog.volumes())
+        capacity, used, free = pool_space(usage)
+        allocated = sum(f.allocated for f in st.figures.values())
         st.space = Space(capacity, used, free, allocated, provisioned)
 
     async def _volume_figures(self, st: PoolState, vol: RbdVolume) -> VolumeFigures:
+        """What the volume's objects hold, as `rbd du` counts it (whole objects, from the
+        object map): each snapshot what changed since the one before it, the head what changed
+        since the last snapshot; a clone's parent data is its parent's, not counted here."""
         images, _ = st.require()
         img = await images.open(vol.name, read_only=True)
         try:
-            head = sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
             parent = await img.parent()
+            snaps = [s.name for s in await img.snapshots()]
             prev: str | None = None
             total = 0
-            for s in await img.snapshots():
-                delta = await img.diff(prev, whole_object=True)
-                total += sum(e.length for e in delta if e.exists)
-                prev = s.name
-            if prev is not None:
-                total += sum(e.length for e in await img.diff(prev, whole_object=True) if e.exists)
-            else:
-                total = head
+            for snap in snaps:
+                at = await images.open(vol.name, snapshot=snap, read_only=True)
+                try:
+                    total += _held(await at.diff(prev, whole_object=True, include_parent=False))
+                finally:
+                    await at.close()
+                prev = snap
+            head = _held(await img.diff(prev, whole_object=True, include_parent=False))
         finally:
             await img.close()
-        return VolumeFigures(total, head, 2 if parent else 1)
+        return VolumeFigures(total + head, head, 2 if parent else 1)
 
     # ------------------------------------------------------------ pools
     def space(self, pool: PoolRecord) -> Space:
@@ -576,8 +615,11 @@ class RbdBackend:
         for s in snaps:
             # Whole objects (the object map answers): what the snapshot reads, and what
             # changed since its parent (its own share); the rest it shares with older ones.
-            allocated = await _allocated_at(images, volume, s.name)
-            unique = allocated if s.parent is None else await _changed_bytes(images, volume, s.parent, s.name)
+            with _ceph_errors(f"cannot look at snapshot {volume}@{s.name}"):
+                allocated = await allocated_at(images, volume, s.name)
+                unique = (
+                    allocated if s.parent is None else await changed_bytes(images, volume, s.parent, s.name)
+                )
             shared = max(0, allocated - unique)
             out.append(
                 SnapshotInfo(s.name, s.parent, s.created, s.size, unique, shared, vol.current == s.name)
@@ -663,20 +705,38 @@ class RbdBackend:
             size = snap.size
 
         label = volume.name if snapshot is None else f"{volume.name}@{snapshot}"
+
+        def missing(e: StorageError) -> StorageError:
+            if e.errno != errno.ENOENT:
+                return e
+            return StorageError(  # ENOENT: an NBD client gets EIO, the API a conflict
+                errno.ENOENT,
+                f"{label}: its RBD {'snapshot' if snapshot else 'image'} is missing from Ceph pool "
+                f"{images.name!r} (removed outside blockvirt? `blockvirt check` reports it)",
+            )
+
         if snapshot is not None:  # immutable: any node may read it beside the owner
 
             async def read_only() -> AsyncImage:
-                return await images.open(volume.name, snapshot=snapshot)
+                try:
+                    return await images.open(volume.name, snapshot=snapshot)
+                except StorageError as e:
+                    raise missing(e) from None
 
-            return RbdNode(read_only, size, writable=False, thick=volume.thick, label=label)
+            return RbdNode(read_only, size, writable=False, thick=volume.thick, label=label, volume=volume.name)
 
         async def owner() -> AsyncImage:
-            return await self._take(st, volume.name)
+            try:
+                return await self._take(st, volume.name)
+            except StorageError as e:
+                raise missing(e) from None
 
         def lost(e: RbdError) -> None:
             self._lost(st, volume.name, e)
 
-        return RbdNode(owner, size, writable=True, thick=volume.thick, label=label, on_lost=lost)
+        return RbdNode(
+            owner, size, writable=True, thick=volume.thick, label=label, on_lost=lost, volume=volume.name
+        )
 
     async def _take(self, st: PoolState, name: str) -> AsyncImage:
         """Become the volume's owner and hold its lock (fencing a presumed-dead holder)."""
@@ -701,7 +761,19 @@ class RbdBackend:
 
     def release(self, node: BlockNode) -> None:
         assert isinstance(node, RbdNode)
-        self._spawn(node.close())
+        task = asyncio.ensure_future(node.close())
+        closing = self._closing_nodes.setdefault(node.volume, set())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _closed(self, volume: str) -> None:
+        """Wait until the images of the volume's released nodes are closed (an open image
+        cannot be removed: librbd says busy)."""
+        closing = self._closing_nodes.pop(volume, set())
+        if closing:
+            await asyncio.wait(closing)
 
     # ------------------------------------------------------------ tree edits
     async def create(
@@ -711,24 +783,26 @@ class RbdBackend:
         if st is None:
             raise CatalogError("not-found", f"no pool named {pool!r}")
         images, catalog = st.require()
+        what = f"cannot create volume {name!r}"
         try:
             await images.create(name, size)
         except StorageError as e:
-            raise _storage_error(e, f"cannot create image {name!r}") from None
+            raise _storage_error(e, what, "an image of that name exists already in the Ceph pool") from None
         try:
-            img = await images.open(name)
-            try:
-                await img.metadata_set(MARK, name)
-                if thick:
-                    await _fill_zeros(img, size)
-            finally:
-                await img.close()
-            vol = RbdVolume(name, size, thick, time.time(), None, incoming)
-            await catalog.add_volume(vol)
-        except BaseException as e:
-            await _remove_quietly(images, name)
-            if isinstance(e, StorageError):
-                raise _storage_error(e, f"cannot create volume {name!r}") from None
+            with _ceph_errors(what):
+                img = await images.open(name)
+                try:
+                    # Marked before the catalog knows it: an image a crash leaves behind is
+                    # provably ours (`check --repair` removes it).
+                    await img.metadata_set(MARK, name)
+                    if thick:
+                        await fill_zeros(img, size)
+                finally:
+                    await img.close()
+                vol = RbdVolume(name, size, thick, time.time(), None, incoming)
+                await catalog.add_volume(vol)
+        except BaseException:
+            await remove_quietly(images, name)
             raise
         self._spawn(self._refresh(st))
         return self._record(st, vol)
@@ -747,25 +821,44 @@ class RbdBackend:
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
         images, catalog = st.require()
-        await catalog.remove_volume(volume.name)
-        await _remove_image(images, volume.name)
+        await self._closed(volume.name)
+        with _ceph_errors(f"cannot delete volume {volume.name!r}"):
+            # The catalog first: an image a crash leaves behind is marked, so provably ours.
+            await catalog.remove_volume(volume.name)
+            await remove_image(images, volume.name)
         st.figures.pop(volume.name, None)
+        await purge_trash(images)  # its parent may have waited there for this clone
 
     async def snapshot_create(self, volume: VolumeRecord, snap: str, head: Export) -> SnapshotResult:
         st = self._state(volume.name)
-        _, catalog = st.require()
+        images, catalog = st.require()
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
+        what = f"cannot snapshot {volume.name!r}"
+        with _ceph_errors(what):
+            img = await node.image()
+            # Ceph would take it (a snapshot is metadata), but on a full pool it makes every
+            # overwrite need new space: the volume's writers would fail where they now work.
+            if (await images.quota()).full:
+                raise CatalogError(
+                    "no-space", f"{what}: the Ceph pool is full (every overwrite would need new space)"
+                )
         vol = catalog.volume(volume.name)
         assert vol is not None
-        # Drained: every write acknowledged before the snapshot is in it (the client cache is
-        # off, so a completed write is on the OSDs already).
-        async with head.drained():
-            try:
-                await img.snapshot_create(snap)
-            except StorageError as e:
-                raise _storage_error(e, f"cannot snapshot {volume.name!r}") from None
+        # The intent first: a snapshot a crash leaves in RBD is then provably ours.
+        await _set_pending(catalog, volume.name, snap, "create")
+        try:
+            # Drained: every write acknowledged before the snapshot is in it (the client
+            # cache is off, so a completed write is on the OSDs already).
+            async with head.drained():
+                try:
+                    await img.snapshot_create(snap)
+                except StorageError as e:
+                    taken = f"the RBD image has a snapshot named {snap!r} already (taken outside blockvirt)"
+                    raise _storage_error(e, what, taken) from None
+        except BaseException:
+            await _clear_pending(catalog, volume.name, snap)
+            raise
         record = RbdSnap(volume.name, snap, time.time(), vol.current, node.size)
 
         def fn(items: dict[str, Any]) -> Changes:
@@ -776,7 +869,8 @@ class RbdBackend:
                 set={
                     snap_key(volume.name, snap): snap_raw(record),
                     vol_key(volume.name): {**raw, "current": snap},
-                }
+                },
+                remove=[pending_key(volume.name, snap)],
             )
 
         try:
@@ -784,6 +878,7 @@ class RbdBackend:
         except BaseException:
             try:
                 await img.snapshot_remove(snap)
+                await _clear_pending(catalog, volume.name, snap)
             except StorageError as e:
                 log.error(
                     "snapshot %s@%s left in Ceph after a failed catalog update: %s", volume.name, snap, e
@@ -798,13 +893,13 @@ class RbdBackend:
         assert target is not None
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
+        what = f"cannot revert {volume.name!r}"
+        with _ceph_errors(what):
+            img = await node.image()
         async with head.drained():
-            try:
+            with _ceph_errors(what):
                 await img.snapshot_rollback(snap)
                 size = await img.refresh_size()
-            except StorageError as e:
-                raise _storage_error(e, f"cannot revert {volume.name!r}") from None
 
             def fn(items: dict[str, Any]) -> Changes:
                 raw = items.get(vol_key(volume.name))
@@ -821,27 +916,28 @@ class RbdBackend:
     async def snapshot_delete(self, volume: VolumeRecord, snap: str) -> DeleteResult:
         st = self._state(volume.name)
         images, catalog = st.require()
-        gone = catalog.snapshot(volume.name, snap)
-        assert gone is not None
-        img = await images.open(volume.name)
+        what = f"cannot delete snapshot {volume.name}@{snap}"
+        await self._closed(volume.name)  # its export, if it was open
+        # The intent first: if a crash comes between removing the RBD snapshot and updating
+        # the catalog, `check --repair` finishes the delete.
+        await _set_pending(catalog, volume.name, snap, "delete")
         try:
-            try:
-                await img.snapshot_remove(snap)
-            except StorageError as e:
-                if e.errno != errno.ENOENT:
-                    raise _storage_error(e, f"cannot delete snapshot {volume.name}@{snap}") from None
-        finally:
-            await img.close()
+            with _ceph_errors(what):
+                img = await images.open(volume.name)
+                try:
+                    await img.snapshot_remove(snap)
+                except StorageError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                finally:
+                    await img.close()
+        except BaseException:
+            await _clear_pending(catalog, volume.name, snap)
+            raise
 
         def fn(items: dict[str, Any]) -> Changes:
-            changes = Changes(remove=[snap_key(volume.name, snap)])
-            prefix = f"snap/{volume.name}/"
-            for key, raw in items.items():
-                if key.startswith(prefix) and raw.get("parent") == snap:
-                    changes.set[key] = {**raw, "parent": gone.parent}
-            vraw = items.get(vol_key(volume.name))
-            if vraw is not None and vraw.get("current") == snap:
-                changes.set[vol_key(volume.name)] = {**vraw, "current": gone.parent}
+            changes = forget_snapshot(items, volume.name, snap)
+            changes.remove.append(pending_key(volume.name, snap))
             return changes
 
         await catalog.mutate(fn)
@@ -852,19 +948,21 @@ class RbdBackend:
         images, catalog = st.require()
         base = catalog.snapshot(source.name, snap)
         assert base is not None
+        what = f"cannot clone {source.name}@{snap}"
         try:
             await images.clone(source.name, snap, new)
         except StorageError as e:
-            raise _storage_error(e, f"cannot clone {source.name}@{snap}") from None
+            raise _storage_error(e, what, "an image of that name exists already in the Ceph pool") from None
         try:
-            img = await images.open(new)
-            try:
-                await img.metadata_set(MARK, new)
-            finally:
-                await img.close()
-            await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
+            with _ceph_errors(what):
+                img = await images.open(new)
+                try:
+                    await img.metadata_set(MARK, new)
+                finally:
+                    await img.close()
+                await catalog.add_volume(RbdVolume(new, base.size, False, time.time(), None))
         except BaseException:
-            await _remove_quietly(images, new)
+            await remove_quietly(images, new)
             raise
         self._spawn(self._refresh(st))
 
@@ -876,11 +974,12 @@ class RbdBackend:
     async def flatten(self, volume: VolumeRecord) -> JobView:
         st = self._state(volume.name)
         images, _ = st.require()
-        img = await images.open(volume.name, read_only=True)
-        try:
-            parent = await img.parent()
-        finally:
-            await img.close()
+        with _ceph_errors(f"cannot flatten {volume.name!r}"):
+            img = await images.open(volume.name, read_only=True)
+            try:
+                parent = await img.parent()
+            finally:
+                await img.close()
         if parent is None:
             raise CatalogError("conflict", f"volume {volume.name!r} has no ancestors: nothing to flatten")
         return self.host.jobs.start(
@@ -892,10 +991,13 @@ class RbdBackend:
         _, catalog = st.require()
         node = head.base
         assert isinstance(node, RbdNode)
-        img = await node.image()
-        old = node.size
+        with _ceph_errors(f"cannot resize {volume.name!r}"):
+            img = await node.image()
+            old = node.size
+            cut = 0
+            if size < old and not force:
+                cut = sum(n for n, flags in await img.allocation(size, old - size) if not flags & HOLE)
         if size < old and not force:
-            cut = sum(n for n, flags in await img.allocation(size, old - size) if not flags & HOLE)
             detail = (
                 f"it would discard {cut} bytes of data past the new end"
                 if cut
@@ -904,11 +1006,23 @@ class RbdBackend:
             raise CatalogError(
                 "conflict", f"shrinking {volume.name!r} from {old} to {size} bytes needs --force ({detail})"
             )
-        async with head.drained():
+        grow = size > old
+        if grow:
+            # Clients cannot reach past the node's size until the drained step below sets
+            # it, so the image grows, and a thick volume's new range is filled, meanwhile.
             try:
-                await img.resize(size, allow_shrink=True)
+                await img.resize(size)
+                if volume.thick:
+                    await fill_zeros(img, size, start=old)
             except StorageError as e:
-                raise _storage_error(e, f"cannot resize {volume.name!r}") from None
+                await shrink_back(img, old)
+                raise _storage_error(e, f"cannot grow {volume.name!r}") from None
+        async with head.drained():
+            if not grow:
+                try:
+                    await img.resize(size, allow_shrink=True)
+                except StorageError as e:
+                    raise _storage_error(e, f"cannot resize {volume.name!r}") from None
 
             def fn(items: dict[str, Any]) -> Changes:
                 raw = items.get(vol_key(volume.name))
@@ -945,6 +1059,7 @@ class RbdBackend:
         finally:
             if own:
                 await img.close()
+        await purge_trash(images)  # its parent may have waited there for this clone
 
     def busy_with(self, jobs: Sequence[JobView], volume: VolumeRecord) -> JobView | None:
         for job in jobs:
@@ -959,64 +1074,32 @@ class RbdBackend:
         raise AssertionError("plan_move refuses every move")
 
 
-async def _fill_zeros(img: AsyncImage, size: int) -> None:
-    """Allocate every object of a thick volume (librbd has no preallocation of its own)."""
-    zeros = bytes(ZERO_CHUNK)
-    sem = asyncio.Semaphore(8)
-
-    async def put(off: int) -> None:
-        async with sem:
-            n = min(ZERO_CHUNK, size - off)
-            await img.write(zeros if n == ZERO_CHUNK else zeros[:n], off)
-
-    await asyncio.gather(*(put(off) for off in range(0, size, ZERO_CHUNK)))
+def _held(extents: Sequence[DiffExtent]) -> int:
+    return sum(e.length for e in extents if e.exists)
 
 
-async def _allocated_at(images: RbdPool, volume: str, snap: str) -> int:
-    img = await images.open(volume, snapshot=snap, read_only=True)
+def pool_space(u: PoolUsage) -> tuple[int | None, int | None, int | None]:
+    """(capacity, used, free) of a Ceph pool as blockvirt shows a pool's: what the pool holds
+    (data, not replicas) against what it may still take (its quota, or what the OSDs have
+    left for it after replication and full ratios). None until the mgr has reported."""
+    if u.quota_bytes:
+        return u.quota_bytes, u.stored, max(0, min(u.quota_bytes - u.stored, u.max_avail))
+    if u.stored or u.max_avail:
+        return u.stored + u.max_avail, u.stored, u.max_avail
+    return None, None, None
+
+
+async def _set_pending(catalog: RbdCatalog, volume: str, snap: str, op: str) -> None:
+    entry = {"op": op, "created": time.time()}
+    await catalog.mutate(lambda items: Changes(set={pending_key(volume, snap): entry}))
+
+
+async def _clear_pending(catalog: RbdCatalog, volume: str, snap: str) -> None:
+    """Best effort, after a change that did not happen (`check` tidies what is left)."""
     try:
-        return sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
-    finally:
-        await img.close()
-
-
-async def _changed_bytes(images: RbdPool, volume: str, since: str, until: str) -> int:
-    img = await images.open(volume, snapshot=until, read_only=True)
-    try:
-        return sum(e.length for e in await img.diff(since, whole_object=True))
-    finally:
-        await img.close()
-
-
-async def _remove_image(images: RbdPool, name: str) -> None:
-    """Remove an image and its snapshots; one whose snapshots clones still read goes to the
-    RBD trash instead (librbd removes it once they are gone or flattened)."""
-    try:
-        img = await images.open(name)
-    except StorageError as e:
-        if e.errno == errno.ENOENT:
-            return
-        raise
-    try:
-        for s in await img.snapshots():
-            await img.snapshot_remove(s.name)
-    finally:
-        await img.close()
-    try:
-        await images.remove(name)
-    except RbdError as e:
-        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
-            await images.trash_move(name)
-            log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
-        elif e.errno != errno.ENOENT:
-            raise
-
-
-async def _remove_quietly(images: RbdPool, name: str) -> None:
-    try:
-        await _remove_image(images, name)
-    except (StorageError, CephError) as e:
-        log.error("image %s could not be removed after a failed create: %s", name, e)
+        await catalog.mutate(lambda items: Changes(remove=[pending_key(volume, snap)]))
+    except CatalogError as e:
+        log.warning("snapshot %s@%s: intent left in the catalog: %s", volume, snap, e.message)
 
 
 __all__ = ["RBD_BACKEND", "RbdBackend", "acl_key"]

@@ -9,6 +9,10 @@ omap document (omap.py), the RADOS object `blockvirt.catalog` of the Ceph pool:
                                                                      was taken on top of
     acl/<volume>             {"next": n, "rules": [{"id", "kind", "value", "read_only", "created"}]}
     qos/<volume>             {"group", "settings"}
+    pending/<volume>/<snap>  {"op": "create"|"delete", "created"}  a change to that RBD
+                                                                     snapshot under way: what
+                                                                     a crash leaves is provably
+                                                                     ours (`check --repair`)
 
 The data itself is in RBD: a volume is the image named after it, a snapshot the RBD
 snapshot of that name on it. '/' cannot occur in names, so keys never collide.
@@ -20,6 +24,7 @@ cannot lose each other's changes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -27,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockvirt.storage.backends.rbd.cluster import CephConnection
+from blockvirt.storage.backends.rbd.errors import CephError
 from blockvirt.storage.backends.rbd.omap import OmapDocument, VersionConflict
 from blockvirt.storage.catalog import AclRecord, CatalogError
+from blockvirt.storage.node import StorageError
 
 log = logging.getLogger("blockvirt.rbd")
 
@@ -49,6 +56,10 @@ def acl_key(volume: str) -> str:
 
 def qos_key(volume: str) -> str:
     return f"qos/{volume}"
+
+
+def pending_key(volume: str, snap: str) -> str:
+    return f"pending/{volume}/{snap}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +131,15 @@ class RbdCatalog:
         snaps = [_snap(volume, k[len(prefix) :], v) for k, v in self.items.items() if k.startswith(prefix)]
         return sorted(snaps, key=lambda s: (s.created, s.name))
 
+    def pending(self) -> list[tuple[str, str, str]]:
+        """(volume, snapshot, op) of every snapshot change under way (or cut short)."""
+        out = []
+        for k, v in sorted(self.items.items()):
+            if k.startswith("pending/"):
+                volume, _, snap = k[len("pending/") :].partition("/")
+                out.append((volume, snap, str(v.get("op", ""))))
+        return out
+
     def acl(self, volume: str) -> dict[str, Any]:
         raw = self.items.get(acl_key(volume))
         return raw if isinstance(raw, dict) else {"next": 1, "rules": []}
@@ -136,14 +156,22 @@ class RbdCatalog:
         """Read the document, compute changes from it, write them if nobody wrote since; on a
         conflict start over. `fn` may raise (CatalogError) to refuse."""
         for _ in range(attempts):
-            doc = await self.doc.read()
-            changes = fn(doc.items)
             try:
+                doc = await self.doc.read()
+                changes = fn(doc.items)
                 version = await self.doc.update(
                     set=changes.set, remove=changes.remove, expect_version=doc.version
                 )
             except VersionConflict:
                 continue
+            except StorageError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CatalogError(
+                        "no-space", "cannot update the pool's catalog: the Ceph pool is full"
+                    ) from None
+                raise CatalogError("unavailable", f"cannot update the pool's catalog in Ceph: {e}") from None
+            except CephError as e:
+                raise CatalogError("unavailable", f"cannot update the pool's catalog in Ceph: {e}") from None
             items = dict(doc.items)
             for k in changes.remove:
                 items.pop(k, None)
@@ -167,8 +195,8 @@ class RbdCatalog:
         """The volume and everything hanging off it: snapshots, rules, QoS."""
 
         def fn(items: dict[str, Any]) -> Changes:
-            prefix = f"snap/{name}/"
-            gone = [k for k in items if k.startswith(prefix)]
+            prefixes = (f"snap/{name}/", f"pending/{name}/")
+            gone = [k for k in items if k.startswith(prefixes)]
             gone += [k for k in (vol_key(name), acl_key(name), qos_key(name), f"owner/{name}") if k in items]
             return Changes(remove=gone)
 
@@ -212,6 +240,22 @@ class RbdCatalog:
         await self.mutate(
             lambda items: Changes(set={qos_key(volume): {"group": group, "settings": settings}})
         )
+
+
+def forget_snapshot(items: dict[str, Any], volume: str, snap: str) -> Changes:
+    """The changes that take snapshot `snap` out of `volume`'s tree: its children, and the
+    head if it sits on it, move to its parent (as on a file pool)."""
+    raw = items.get(snap_key(volume, snap))
+    parent = raw.get("parent") if raw is not None else None
+    changes = Changes(remove=[snap_key(volume, snap)])
+    prefix = f"snap/{volume}/"
+    for key, value in items.items():
+        if key.startswith(prefix) and value.get("parent") == snap:
+            changes.set[key] = {**value, "parent": parent}
+    vraw = items.get(vol_key(volume))
+    if vraw is not None and vraw.get("current") == snap:
+        changes.set[vol_key(volume)] = {**vraw, "current": parent}
+    return changes
 
 
 def _volume(name: str, raw: dict[str, Any]) -> RbdVolume:

@@ -296,7 +296,12 @@ class AsyncImage:
     # allocation ------------------------------------------------------
 
     def _extents(
-        self, offset: int, length: int, from_snap: str | None, whole_object: bool
+        self,
+        offset: int,
+        length: int,
+        from_snap: str | None,
+        whole_object: bool,
+        include_parent: bool = True,
     ) -> list[DiffExtent]:
         found: list[DiffExtent] = []
 
@@ -305,7 +310,7 @@ class AsyncImage:
             return 0
 
         self._image.diff_iterate(
-            offset, length, from_snap, cb, include_parent=True, whole_object=whole_object
+            offset, length, from_snap, cb, include_parent=include_parent, whole_object=whole_object
         )
         return found
 
@@ -362,12 +367,16 @@ class AsyncImage:
         length: int | None = None,
         *,
         whole_object: bool = False,
+        include_parent: bool = True,
     ) -> list[DiffExtent]:
         """Ranges changed since snapshot `from_snap` (None: since the image was created).
 
-        whole_object=True uses the fast-diff object map: whole objects, much cheaper."""
+        whole_object=True uses the fast-diff object map: whole objects, much cheaper.
+        include_parent=False leaves out what a clone reads from its parent."""
         span = self._size - offset if length is None else length
-        return await self._control("diff", self._extents, offset, span, from_snap, whole_object)
+        return await self._control(
+            "diff", self._extents, offset, span, from_snap, whole_object, include_parent
+        )
 
     # snapshots -------------------------------------------------------
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from blockvirt.storage.backends.rbd.errors import RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
 from blockvirt.storage.node import HOLE, BlockNode, Buffer, Capabilities, StorageError
+
+log = logging.getLogger("blockvirt.rbd")
 
 #: At most this many bytes are mapped per block-status request (clients ask again): librbd's
 #: exact diff costs about 13 ms per GiB of allocated data.
@@ -37,6 +40,7 @@ class RbdNode(BlockNode):
         thick: bool,
         label: str,
         on_lost: Callable[[RbdError], None] | None = None,
+        volume: str,
     ) -> None:
         self._opener = opener
         #: Told when an op fails because this node may no longer write the image (fenced, or
@@ -48,7 +52,8 @@ class RbdNode(BlockNode):
         self.writable = writable
         self.thick = thick
         self.label = label
-        #: Why the volume refuses I/O (fenced, image gone), or None.
+        self.volume = volume
+        #: Why the volume cannot serve now (its image could not be opened), or None.
         self.failed: str | None = None
 
     # ------------------------------------------------------------ image
@@ -61,11 +66,15 @@ class RbdNode(BlockNode):
             self._opening = asyncio.ensure_future(self._opener())
         try:
             img = await asyncio.shield(self._opening)
-        except BaseException:
+        except BaseException as e:
             if self._opening.done():
                 self._opening = None  # a later request tries again
+            if isinstance(e, StorageError) and self.failed != str(e):
+                self.failed = str(e)  # `volume info` says why until an open works
+                log.error("%s", e, extra={"volume": self.label})
             raise
         self._image = img
+        self.failed = None
         if img.size != self._size:  # resized by another node since the catalog said
             self._size = img.size
         return img

@@ -52,6 +52,27 @@ class PoolStats:
     quota: PoolQuota
 
 
+@dataclass(frozen=True, slots=True)
+class TrashEntry:
+    """An image in the pool's RBD trash."""
+
+    id: str
+    name: str
+    #: Snapshots it still has (with clone v2, those that clones still read).
+    snapshots: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    """The pool's line of `ceph df` (PG statistics: a mgr must run) and its byte quota."""
+
+    stored: int  # data in the pool, before replication
+    max_avail: int  # what the pool can still take (replication and full ratios counted)
+    objects: int
+    quota_bytes: int  # 0: none
+
+
 class RbdPool:
     """The RBD images of `conn`'s pool."""
 
@@ -98,6 +119,27 @@ class RbdPool:
 
     async def trash_move(self, name: str, delay: int = 0) -> None:
         await self._call(f"trash {name}", self._rbd.trash_move, name, delay)
+
+    async def trash(self) -> list[TrashEntry]:
+        """The images in the trash, with what is left of their snapshots and metadata."""
+
+        def do(ioctx: Any) -> list[TrashEntry]:
+            out = []
+            for t in self._rbd.trash_list(ioctx):
+                try:
+                    with rbd.Image(ioctx, image_id=t["id"], read_only=True) as img:
+                        snaps = len(list(img.list_snaps()))
+                        meta = {str(k): str(v) for k, v in img.metadata_list()}
+                except rbd.ImageNotFound:  # removed meanwhile
+                    continue
+                out.append(TrashEntry(str(t["id"]), str(t["name"]), snaps, meta))
+            return out
+
+        return await self._call("trash list", do)
+
+    async def trash_remove(self, image_id: str) -> None:
+        """Delete an image from the trash (it must have no snapshots left)."""
+        await self._call(f"trash remove {image_id}", self._rbd.trash_remove, image_id, True)
 
     async def rename(self, old: str, new: str) -> None:
         await self._call(f"rename {old}", self._rbd.rename, old, new)
@@ -153,6 +195,19 @@ class RbdPool:
                     full="full" in flags or "full_quota" in flags,
                     full_quota="full_quota" in flags,
                 )
+        raise CephError("no-pool", f"pool {self.name!r} does not exist", errno.ENOENT)
+
+    async def usage(self) -> PoolUsage:
+        """Per-pool usage, as `ceph df` shows it (all zero on a cluster without a mgr)."""
+        df = await self.conn.mon_command("df")
+        quota = await self.quota()
+        for p in (df or {}).get("pools", []):
+            if p.get("name") == self.name:
+                st = p.get("stats", {})
+                return PoolUsage(
+                    int(st.get("stored", 0)), int(st.get("max_avail", 0)), int(st.get("objects", 0)),
+                    quota.max_bytes,
+                )  # fmt: skip
         raise CephError("no-pool", f"pool {self.name!r} does not exist", errno.ENOENT)
 
     async def stats(self) -> PoolStats:

@@ -1,0 +1,111 @@
+"""What a volume's images need beyond RbdPool: zero-filling (thick), removal with their
+snapshots (or to the RBD trash while clones read them), emptying the trash of volumes no
+clone needs any more, and allocation figures. Shared by the backend and the check."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+from blockvirt.storage.backends.rbd.errors import CephError, RbdError
+from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.node import ZERO_CHUNK
+from blockvirt.storage.backends.rbd.pool import RbdPool
+from blockvirt.storage.node import StorageError
+
+log = logging.getLogger("blockvirt.rbd")
+
+#: Image metadata key that marks an image as a blockvirt volume (its value: the volume's
+#: name). Set before the catalog knows the volume, so an image a crash leaves behind is
+#: provably blockvirt's; trashed images carry it too.
+MARK = "blockvirt.volume"
+
+
+async def fill_zeros(img: AsyncImage, size: int, start: int = 0) -> None:
+    """Allocate every object of a thick volume from `start` (librbd has no preallocation)."""
+    zeros = bytes(ZERO_CHUNK)
+    offsets = iter(range(start, size, ZERO_CHUNK))
+
+    async def worker() -> None:
+        for off in offsets:  # shared: each offset is taken once
+            n = min(ZERO_CHUNK, size - off)
+            await img.write(zeros if n == ZERO_CHUNK else zeros[:n], off)
+
+    # A few writes in flight; the first failure cancels the rest.
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(8):
+            tg.create_task(worker())
+
+
+async def shrink_back(img: AsyncImage, size: int) -> None:
+    """Undo a grow that could not be finished (a thick fill that ran out of space)."""
+    try:
+        await img.resize(size, allow_shrink=True)
+    except StorageError as e:
+        log.error("%s: could not shrink back to %d bytes after a failed grow: %s", img.name, size, e)
+
+
+async def allocated_at(images: RbdPool, volume: str, snap: str) -> int:
+    img = await images.open(volume, snapshot=snap, read_only=True)
+    try:
+        return sum(e.length for e in await img.diff(None, whole_object=True) if e.exists)
+    finally:
+        await img.close()
+
+
+async def changed_bytes(images: RbdPool, volume: str, since: str, until: str) -> int:
+    img = await images.open(volume, snapshot=until, read_only=True)
+    try:
+        return sum(e.length for e in await img.diff(since, whole_object=True))
+    finally:
+        await img.close()
+
+
+async def remove_image(images: RbdPool, name: str) -> None:
+    """Remove an image and its snapshots; one whose snapshots clones still read goes to the
+    RBD trash instead (librbd removes it once they are gone or flattened)."""
+    try:
+        img = await images.open(name)
+    except StorageError as e:
+        if e.errno == errno.ENOENT:
+            return
+        raise
+    try:
+        for s in await img.snapshots():
+            await img.snapshot_remove(s.name)
+    finally:
+        await img.close()
+    try:
+        await images.remove(name)
+    except RbdError as e:
+        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            await images.trash_move(name)
+            log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
+        elif e.errno != errno.ENOENT:
+            raise
+
+
+async def purge_trash(images: RbdPool) -> None:
+    """Delete the volumes that waited in the RBD trash for their clones and now have none:
+    with clone v2, a cloned snapshot stays (in the trash namespace) while a clone reads it,
+    and goes with the last clone; the image itself stays in the trash until removed."""
+    try:
+        entries = await images.trash()
+    except StorageError as e:
+        log.warning("pool %s: cannot list the RBD trash: %s", images.name, e)
+        return
+    for t in entries:
+        if t.snapshots == 0 and MARK in t.metadata:  # ours, and no clone needs it any more
+            try:
+                await images.trash_remove(t.id)
+                log.info("image %s (id %s) removed from the RBD trash", t.name, t.id)
+            except StorageError as e:
+                log.warning("image %s (id %s) stays in the RBD trash: %s", t.name, t.id, e)
+
+
+async def remove_quietly(images: RbdPool, name: str) -> None:
+    try:
+        await remove_image(images, name)
+    except (StorageError, CephError) as e:
+        log.error("image %s could not be removed after a failed create: %s", name, e)

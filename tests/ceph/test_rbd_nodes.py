@@ -1,0 +1,96 @@
+"""What a node knows about an RBD pool's volumes lives in Ceph: a restarted server, and a second
+server process (its own data directory) that attaches the same Ceph pool, find the volumes,
+their snapshot trees, clones, QoS settings and access rules, and serve the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockvirt.client import NbdClient, NbdClientError
+from blockvirt.testing import BlockvirtServer
+from tests.ceph.rbdpool import BV_POOL, SERVE_ARGS, MiB, attach, cli_json
+from tests.cephcluster import CephCluster
+
+pytestmark = pytest.mark.ceph
+
+
+def state(server: BlockvirtServer) -> dict[str, Any]:
+    """Everything another node must agree on, as the API shows it."""
+    out: dict[str, Any] = {}
+    for v in server.api.get("/api/v1/volumes")["volumes"]:
+        name = v["name"]
+        snaps = server.api.get(f"/api/v1/volumes/{name}/snapshots")["snapshots"]
+        acl = server.api.get(f"/api/v1/volumes/{name}/acl")
+        qos = server.api.get(f"/api/v1/volumes/{name}/qos")
+        out[name] = {
+            "volume": {k: v[k] for k in ("size", "thick", "pool", "created")},
+            "snapshots": [{k: s[k] for k in ("name", "parent", "current", "size", "created")} for s in snaps],
+            "acl": acl["rules"],
+            "qos": {k: qos[k] for k in ("shares", "reservation", "limit", "bps_limit")},
+        }
+    return out
+
+
+async def contents(server: BlockvirtServer, export: str) -> bytes:
+    async with await NbdClient.connect(server.uri(export)) as c:
+        return await c.read(0, c.size)
+
+
+async def test_another_node_and_a_restart_see_the_same_pool(
+    tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
+) -> None:
+    first = BlockvirtServer(tmp_path / "a", extra_args=SERVE_ARGS).start()
+    try:
+        attach(first, ceph_cluster, module_ceph_pool)
+        first.create_volume("disk", 4 * MiB, pool=BV_POOL)
+        first.create_volume("thick", MiB, pool=BV_POOL, thick=True)
+        first.create_volume("local", MiB)  # a file volume: the first node's alone
+        async with await NbdClient.connect(first.uri("disk")) as c:
+            await c.write(0, b"1" * 65536)
+            await c.flush()
+            first.api.post("/api/v1/volumes/disk/snapshots", {"name": "s1"})
+            await c.write(0, b"2" * 65536)
+            await c.flush()
+            first.api.post("/api/v1/volumes/disk/snapshots", {"name": "s2"})
+        first.api.post("/api/v1/volumes/disk/snapshots/s1/revert", {})
+        first.api.post("/api/v1/volumes/disk/snapshots", {"name": "s3"})
+        cli_json(first, "volume", "clone", "disk@s2", "copy")
+        cli_json(first, "qos", "set", "disk", "--limit", "700", "--reservation", "50", "--shares", "200")
+        cli_json(first, "volume", "acl", "add", "disk", "--address", "127.0.0.1", "--read-only")
+        cli_json(first, "volume", "acl", "add", "disk", "--cn", "backup.example")
+        cli_json(first, "volume", "acl", "add", "copy", "--address", "10.1.0.0/16")
+        before = state(first)
+        assert set(before) == {"disk", "thick", "copy", "local"}
+        data = {e: await contents(first, e) for e in ("disk", "disk@s1", "disk@s2", "disk@s3", "thick")}
+
+        # A second server process with its own data directory attaches the same Ceph pool.
+        with BlockvirtServer(tmp_path / "b", extra_args=SERVE_ARGS) as second:
+            attach(second, ceph_cluster, module_ceph_pool)
+            seen = state(second)
+            assert set(seen) == {"disk", "thick", "copy"}  # not the first node's file volume
+            assert seen == {k: v for k, v in before.items() if k != "local"}
+            assert seen["disk"]["qos"] == {"shares": 200, "reservation": 50, "limit": 700, "bps_limit": 0}
+            assert [s["name"] for s in seen["disk"]["snapshots"]] == ["s1", "s2", "s3"]
+            for export, want in data.items():
+                assert await contents(second, export) == want, export
+            # The access rules apply there too: read-only for 127.0.0.1, "copy" refused.
+            async with await NbdClient.connect(second.uri("disk")) as c:
+                assert c.export.read_only
+            with pytest.raises(NbdClientError):
+                await NbdClient.connect(second.uri("copy"))
+    finally:
+        first.stop()
+
+    # The first node restarts: its RBD pool is attached again from its own catalog, and the
+    # settings come back from Ceph.
+    with BlockvirtServer(tmp_path / "a", extra_args=SERVE_ARGS) as again:
+        assert state(again) == before
+        qos = again.api.get("/api/v1/qos")
+        [mine] = [v for v in qos["volumes"] if v["volume"] == "disk"]
+        assert (mine["limit"], mine["reservation"], mine["active"]) == (700, 50, True)
+        assert await contents(again, "disk@s2") == data["disk@s2"]
+        for name in ("copy", "disk", "thick", "local"):
+            again.api.delete(f"/api/v1/volumes/{name}")
