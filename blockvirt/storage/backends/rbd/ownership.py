@@ -76,18 +76,33 @@ class Ownership:
         self.me = me
         self.alive = alive
         self.address_of = address_of
-        #: Counters for metrics: volumes taken, released (handed off), lost (fenced).
-        self.changes = {"taken": 0, "released": 0, "lost": 0, "fenced": 0}
+        #: Counters for metrics: volumes taken, released (handed off) and lost (this node may
+        #: no longer write them); times this node's client was fenced, and locks it broke
+        #: (each fencing another client).
+        self.changes = {"taken": 0, "released": 0, "lost": 0, "fenced": 0, "peers_fenced": 0}
+        #: The record's epoch when this node last took each volume: reopening a volume it
+        #: still owns is no change, taking one another node handed it (a planned move) is.
+        self._epochs: dict[str, int] = {}
 
     def owner(self, volume: str) -> Owner | None:
         return read_owner(self.catalog.items, volume)
 
-    def elsewhere(self, volume: str) -> Owner | None:
-        """The live peer serving the volume, if one does (from the cached catalog)."""
+    def elsewhere(self, volume: str, *, moving: bool = True) -> Owner | None:
+        """The live peer serving the volume, if one does (from the cached catalog). With
+        `moving`, while this node is asked to hand the volume to another (a planned move),
+        that node: new clients go there, never to a fresh export here that would take the
+        image's lock again in the middle of the handoff."""
         o = self.owner(volume)
-        if o is None or o.node == self.me or not self.alive(o.node):
+        if o is None:
             return None
-        return o
+        if o.node == self.me:
+            if moving and self._handing(o):
+                return Owner(str(o.target), o.epoch)
+            return None
+        return o if self.alive(o.node) else None
+
+    def _handing(self, o: Owner) -> bool:
+        return o.node == self.me and o.target not in (None, self.me) and self.alive(str(o.target))
 
     def mine(self) -> list[str]:
         return sorted(v for v, o in owners(self.catalog.items).items() if o.node == self.me)
@@ -97,26 +112,28 @@ class Ownership:
         is presumed dead. Raises ServedElsewhere if a live peer has it (even one asked to
         hand it to us: it does so itself, releasing its lock first)."""
         claimed: list[Owner] = []
-        changed = [False]
 
         def fn(items: dict[str, Any]) -> Changes:
             claimed.clear()
             current = read_owner(items, volume)
+            if current is not None and self._handing(current):
+                target = str(current.target)
+                raise ServedElsewhere(volume, target, self.address_of(target))
             if current is not None and current.node == self.me:
                 claimed.append(current)
-                changed[0] = False
                 return Changes()
             if current is not None and self.alive(current.node):
                 raise ServedElsewhere(volume, current.node, self.address_of(current.node))
             epoch = (current.epoch if current is not None else 0) + 1
             claimed.append(Owner(self.me, epoch))
-            changed[0] = True
             return Changes(set={owner_key(volume): {"node": self.me, "epoch": epoch, "target": None}})
 
         await self.catalog.mutate(fn)
-        if changed[0]:
+        owner = claimed[0]
+        if self._epochs.get(volume) != owner.epoch:
+            self._epochs[volume] = owner.epoch
             self.changes["taken"] += 1
-        return claimed[0]
+        return owner
 
     async def hand_to(self, volume: str, node: str | None) -> None:
         """Give the volume up (our lock is released already): to `node`, or to nobody."""
@@ -132,7 +149,13 @@ class Ownership:
             )
 
         await self.catalog.mutate(fn)
+        self._epochs.pop(volume, None)
         self.changes["released"] += 1
+
+    def lost(self, volume: str) -> None:
+        """This node stopped serving the volume because it may no longer write it."""
+        self._epochs.pop(volume, None)
+        self.changes["lost"] += 1
 
     async def want(self, volume: str, node: str) -> None:
         """Ask the volume's owner to hand it to `node` (a planned move); a free volume is
@@ -148,6 +171,17 @@ class Ownership:
             return Changes(
                 set={owner_key(volume): {"node": current.node, "epoch": current.epoch, "target": node}}
             )
+
+        await self.catalog.mutate(fn)
+
+    async def cancel_move(self, volume: str) -> None:
+        """The node a planned move was to go to is gone: this node keeps the volume."""
+
+        def fn(items: dict[str, Any]) -> Changes:
+            current = read_owner(items, volume)
+            if current is None or current.node != self.me or current.target is None:
+                return Changes()
+            return Changes(set={owner_key(volume): {"node": self.me, "epoch": current.epoch, "target": None}})
 
         await self.catalog.mutate(fn)
 
