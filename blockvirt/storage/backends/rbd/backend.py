@@ -48,7 +48,13 @@ from blockvirt.storage.backends.rbd.image import AsyncImage
 from blockvirt.storage.backends.rbd.members import HEARTBEAT, Members
 from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
 from blockvirt.storage.backends.rbd.omap import OmapWatch
-from blockvirt.storage.backends.rbd.ownership import Ownership, ServedElsewhere, owners, take_lock
+from blockvirt.storage.backends.rbd.ownership import (
+    HeldByLiveNode,
+    Ownership,
+    ServedElsewhere,
+    owners,
+    take_lock,
+)
 from blockvirt.storage.backends.rbd.pool import RbdPool
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
 from blockvirt.storage.export import Export
@@ -749,8 +755,14 @@ class RbdBackend:
                 self._spawn(self.host.evict(name, e.message))
                 raise StorageError(errno.EROFS, e.message) from None
         img = await images.open(name)
+        members = st.members
         try:
-            fenced = await take_lock(img)
+            fenced = await take_lock(img, members.holder if members is not None else lambda _: None)
+        except HeldByLiveNode as e:
+            await img.close()
+            message = ServedElsewhere(name, e.node, _address(members, e.node) if members else "").message
+            self._spawn(self.host.evict(name, message))
+            raise StorageError(errno.EROFS, message) from None
         except BaseException:
             await img.close()
             raise

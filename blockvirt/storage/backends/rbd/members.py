@@ -208,5 +208,13 @@ class Members:
             return 0.0
         return self.liveness.age(name, self.clock())
 
+    def holder(self, client: str) -> tuple[str, bool] | None:
+        """The node whose current Ceph client has address `client`, and whether it is
+        presumed alive (this node's own client counts as alive); None if no node has it."""
+        for name, info in self.nodes.items():
+            if info.client == client:
+                return name, self.alive(name)
+        return None
+
     def live_peers(self) -> list[str]:
         return sorted(n for n in self.nodes if n != self.me and self.alive(n))

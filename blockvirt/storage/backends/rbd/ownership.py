@@ -192,13 +192,31 @@ class Ownership:
         )
 
 
-async def take_lock(img: AsyncImage) -> list[str]:
+class HeldByLiveNode(CatalogError):
+    """The image's lock is held by a node this one does not presume dead: never break it."""
+
+    def __init__(self, image: str, node: str, address: str) -> None:
+        where = f" at {address}" if address else ""
+        super().__init__("conflict", f"volume {image!r} is served by node {node}{where}")
+        self.node = node
+
+
+async def take_lock(img: AsyncImage, holder_node: Callable[[str], tuple[str, bool] | None]) -> list[str]:
     """Hold the image's exclusive lock; a holder that is not us is fenced first (lock_break
     blocklists its Ceph client and waits for the newest OSD map). Returns who was fenced.
-    Call it only once the catalog says we own the volume: the holder is presumed dead."""
+
+    Call it only once the catalog says we own the volume. Even then the holder is broken
+    only if `holder_node(address)` says it belongs to no node we know, or to one presumed
+    dead: the record alone is not enough. A node frozen between its claim and its
+    lock_acquire, whose volume was taken over meanwhile, would otherwise resume, find the new
+    owner holding the lock, and break it: fencing a healthy node and serving a volume that is
+    no longer its own. (On resume it is blind, so it presumes nobody dead: it refuses.)"""
     fenced: list[str] = []
     if not await img.is_lock_owner():
         for holder in await img.lock_owners():
+            known = holder_node(holder.owner)
+            if known is not None and known[1]:
+                raise HeldByLiveNode(img.name, known[0], "")
             await img.lock_break(holder)
             fenced.append(holder.owner)
             log.warning("image %s: broke the lock of %s (fenced it)", img.name, holder.owner)
