@@ -50,6 +50,7 @@ from blockvirt.storage.backends.rbd.node import ZERO_CHUNK, RbdNode
 from blockvirt.storage.backends.rbd.omap import OmapWatch
 from blockvirt.storage.backends.rbd.ownership import (
     HeldByLiveNode,
+    Incoming,
     Ownership,
     ServedElsewhere,
     owners,
@@ -69,6 +70,10 @@ RBD_BACKEND = "rbd"
 FIGURES_INTERVAL = 10.0
 #: Seconds between attempts to reach a pool whose cluster did not answer.
 RETRY_INTERVAL = 5.0
+#: How long a first request waits for a planned move to this node to be handed over (the
+#: owner drains, flushes and releases in tens of milliseconds; one that dies meanwhile is
+#: presumed dead within DEAD_AFTER and the volume taken over).
+HANDOFF_WAIT = 10.0
 #: Image metadata key that marks an image as a blockvirt volume (for `check`).
 MARK = "blockvirt.volume"
 
@@ -735,6 +740,21 @@ class RbdBackend:
 
         return RbdNode(owner, size, writable=True, thick=volume.thick, label=label, on_lost=lost)
 
+    async def _claim(self, st: PoolState, name: str) -> None:
+        """Claim the volume's record; if its owner is handing it to us (a planned move), wait
+        for the handoff: the client that reconnected here at once waits in its first request
+        instead of being refused and trying again."""
+        assert st.own is not None
+        deadline = time.monotonic() + HANDOFF_WAIT
+        while True:
+            try:
+                await st.own.claim(name)
+                return
+            except Incoming:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
     async def _take(self, st: PoolState, name: str) -> AsyncImage:
         """Become the volume's owner and hold its lock (fencing a presumed-dead holder)."""
         images, _ = st.require()
@@ -748,7 +768,7 @@ class RbdBackend:
                 except (CephError, StorageError) as e:
                     raise StorageError(errno.EIO, f"cannot read the pool's member list: {e}") from None
             try:
-                await st.own.claim(name)
+                await self._claim(st, name)
             except ServedElsewhere as e:
                 # Accepted in the second before this node learned who serves it: never serve
                 # beside the owner. The sessions go; on reconnecting, the client is told where.

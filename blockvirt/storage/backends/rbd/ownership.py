@@ -62,6 +62,11 @@ class ServedElsewhere(CatalogError):
         self.address = address
 
 
+class Incoming(ServedElsewhere):
+    """A live peer is handing the volume to this node (a planned move) but has not yet:
+    try again shortly."""
+
+
 class Ownership:
     """One pool's ownership records, as this node uses them."""
 
@@ -99,6 +104,8 @@ class Ownership:
             if moving and self._handing(o):
                 return Owner(str(o.target), o.epoch)
             return None
+        if moving and o.target == self.me:
+            return None  # coming to us: a client may connect now, its first request waits
         return o if self.alive(o.node) else None
 
     def _handing(self, o: Owner) -> bool:
@@ -109,8 +116,8 @@ class Ownership:
 
     async def claim(self, volume: str) -> Owner:
         """Make this node the volume's owner in the catalog: it was free, ours, or its owner
-        is presumed dead. Raises ServedElsewhere if a live peer has it (even one asked to
-        hand it to us: it does so itself, releasing its lock first)."""
+        is presumed dead. Raises ServedElsewhere if a live peer has it, Incoming if that
+        peer is handing it to us (it does so itself, releasing its lock first)."""
         claimed: list[Owner] = []
 
         def fn(items: dict[str, Any]) -> Changes:
@@ -123,6 +130,8 @@ class Ownership:
                 claimed.append(current)
                 return Changes()
             if current is not None and self.alive(current.node):
+                if current.target == self.me:
+                    raise Incoming(volume, current.node, self.address_of(current.node))
                 raise ServedElsewhere(volume, current.node, self.address_of(current.node))
             epoch = (current.epoch if current is not None else 0) + 1
             claimed.append(Owner(self.me, epoch))
