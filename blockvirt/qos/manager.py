@@ -364,6 +364,9 @@ class QosManager:
         it must enforce them, and every node show them."""
         rows = [(g, json.loads(r)) for v, g, r in self.storage.all_volume_qos() if v == volume]
         group, raw = rows[0] if rows else (None, {})
+        if group is not None and group not in self.groups:  # groups are each node's own
+            log.warning("qos of volume %s: group %s is not defined on this node", volume, group)
+            group = None
         self.settings[volume], self.membership[volume] = qc.QosSettings.from_dict(raw), group
         vq = self.volumes.get(volume)
         if vq is not None:

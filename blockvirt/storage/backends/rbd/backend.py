@@ -345,6 +345,8 @@ class RbdBackend:
                 await self._sync(st)
             except (CatalogError, CephError, StorageError) as e:
                 log.debug("pool %s: sync: %s", st.rec.name, e)
+            except Exception:  # a bug here must not stop this node following the cluster
+                log.exception("pool %s: sync failed", st.rec.name)
 
     async def _sync(self, st: PoolState) -> None:
         _, catalog = st.require()
