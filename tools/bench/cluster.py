@@ -381,6 +381,7 @@ async def part_move(cl: Cluster, moves: int) -> dict[str, Any]:
     return {
         "pause_ms": summary([p * 1000 for p in pauses]),
         "floor_ms": summary([f * 1000 for f in floors]),
+        "pauses_ms": [round(p * 1000, 1) for p in pauses],
         "problems": problems,
         "ok": not problems,
     }
