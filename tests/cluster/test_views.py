@@ -19,7 +19,7 @@ from blockvirt.client import NbdClient, NbdClientError
 from tests.cluster.clients import nbdinfo, need
 from tests.cluster.conftest import Cluster, MiB, Node
 from tests.cluster.oracle import BLOCK, content, decode
-from tests.promql import value
+from tests.promql import dashboard, dashboard_exprs, metric_names, sample_names, value
 
 pytestmark = [pytest.mark.ceph, pytest.mark.slow]
 
@@ -143,6 +143,14 @@ async def test_node_list_and_cluster_metrics(cluster3: Cluster) -> None:
         age = value(text, "blockvirt_cluster_peer_heartbeat_age_seconds", pool="cp", node=peer)
         assert age is not None and 0 <= age < 2.5
     assert value(text, "blockvirt_cluster_peer_alive", pool="cp", node="node-a") is None  # itself
+    # The dashboard's cluster panels read only what a cluster node exports.
+    live = sample_names(text)
+    shown = set()
+    for expr in dashboard_exprs(dashboard()):
+        names = {n for n in metric_names(expr) if n.startswith("blockvirt_cluster_")}
+        assert names <= live, f"dashboard expression {expr!r} reads {names - live}"
+        shown |= names
+    assert shown == {n for n in live if n.startswith("blockvirt_cluster_")}, shown
 
     # The human table says the same.
     r = a.server.cli("node", "list")
