@@ -318,7 +318,7 @@ def _serve(args: argparse.Namespace) -> int:
     from blockvirt.server.limits import Limits
     from blockvirt.server.tls import TLSConfigError
     from blockvirt.service import ConfigError, RbdTuning, Service, ServiceConfig, parse_hostport
-    from blockvirt.storage.catalog import NAME_RE, CatalogError, parse_size
+    from blockvirt.storage.catalog import NAME_RE
 
     try:
         if args.node_name is not None and not NAME_RE.fullmatch(args.node_name):

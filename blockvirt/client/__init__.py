@@ -137,14 +137,18 @@ class NbdClient:
         contexts: tuple[str, ...] = (BASE_ALLOCATION,),
         local_host: str | None = None,
         fallbacks: tuple[str, ...] = (),
+        attempt_timeout: float = 5.0,
     ) -> NbdClient:
         """Open an export. With `fallbacks` (more nbd:// URIs of the same export on other
-        nodes of a cluster), a node that cannot be reached or says another node serves the
-        export is skipped: the node it names is tried next, then the others in turn."""
+        nodes of a cluster), a node that cannot be reached, does not answer within
+        `attempt_timeout` seconds (a hung node accepts TCP connections but never greets) or
+        says another node serves the export is skipped: the node it names is tried next,
+        then the others in turn."""
         if fallbacks:
             return await cls._connect_any(
-                uri_or_host, fallbacks, structured=structured, contexts=contexts, local_host=local_host
-            )
+                uri_or_host, fallbacks, structured=structured, contexts=contexts, local_host=local_host,
+                attempt_timeout=attempt_timeout,
+            )  # fmt: skip
         if uri_or_host.startswith("nbd://"):
             host, p, name = parse_uri(uri_or_host)
         else:
@@ -184,6 +188,7 @@ class NbdClient:
         structured: bool,
         contexts: tuple[str, ...],
         local_host: str | None,
+        attempt_timeout: float,
     ) -> NbdClient:
         queue = [first, *fallbacks]
         tried: list[str] = []
@@ -194,7 +199,12 @@ class NbdClient:
                 continue
             tried.append(uri)
             try:
-                return await cls.connect(uri, structured=structured, contexts=contexts, local_host=local_host)
+                return await asyncio.wait_for(
+                    cls.connect(uri, structured=structured, contexts=contexts, local_host=local_host),
+                    attempt_timeout,
+                )
+            except TimeoutError:
+                errors.append(f"{uri}: no answer within {attempt_timeout:g} s")
             except (OSError, NbdClientError) as e:
                 errors.append(f"{uri}: {e}")
                 m = _SERVED_AT.search(str(e))

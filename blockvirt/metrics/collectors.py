@@ -189,6 +189,61 @@ class PoolCollector(Collector):
         yield from (cap, used, free, alloc, prov, over, state)
 
 
+class ClusterCollector(Collector):
+    """This node in the clusters of its shared (RBD) pools: the volumes it serves, how their
+    ownership changed, fencing, and its view of the peers' heartbeats (docs/cluster.md).
+    Nothing is exported for a node without shared pools."""
+
+    def __init__(self, volumes: VolumeManager) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        owned = GaugeMetricFamily(
+            "blockvirt_cluster_owned_volumes", "Volumes of the pool this node serves (owns)", labels=["pool"]
+        )
+        changes = CounterMetricFamily(
+            "blockvirt_cluster_ownership_changes",
+            "Volumes this node took (taken), handed to another node (released), or stopped"
+            " serving because it may no longer write them (lost)",
+            labels=["pool", "change"],
+        )
+        fenced = CounterMetricFamily(
+            "blockvirt_cluster_fenced", "Times this node's Ceph client was found fenced and replaced",
+            labels=["pool"],
+        )  # fmt: skip
+        fenced_peers = CounterMetricFamily(
+            "blockvirt_cluster_peers_fenced",
+            "Locks of presumed-dead holders this node broke (each blocklists that Ceph client)",
+            labels=["pool"],
+        )
+        alive = GaugeMetricFamily(
+            "blockvirt_cluster_peer_alive", "1 if the peer's heartbeat moved lately, 0 if presumed dead",
+            labels=["pool", "node"],
+        )  # fmt: skip
+        age = GaugeMetricFamily(
+            "blockvirt_cluster_peer_heartbeat_age_seconds",
+            "Seconds since this node last saw the peer's heartbeat move",
+            labels=["pool", "node"],
+        )
+        for cluster in self.volumes.cluster_view():
+            pool = str(cluster["pool"])
+            if "changes" not in cluster:
+                continue  # the pool cannot be reached: no figures rather than wrong ones
+            for n in cluster["nodes"]:
+                if n["me"]:
+                    owned.add_metric([pool], len(n["volumes"]))
+                    continue
+                alive.add_metric([pool, n["name"]], 1.0 if n["alive"] else 0.0)
+                if n["heartbeat_age"] is not None:
+                    age.add_metric([pool, n["name"]], float(n["heartbeat_age"]))
+            counts = cluster["changes"]
+            for change in ("taken", "released", "lost"):
+                changes.add_metric([pool, change], counts.get(change, 0))
+            fenced.add_metric([pool], counts.get("fenced", 0))
+            fenced_peers.add_metric([pool], counts.get("peers_fenced", 0))
+        yield from (owned, changes, fenced, fenced_peers, alive, age)
+
+
 class QosCollector(Collector):
     """Storage I/O control: per volume what it waited and how it was served, its settings
     and tags; per pool its capacity (configured and effective), latency and queue."""

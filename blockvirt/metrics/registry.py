@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from blockvirt.jobs.manager import JobManager
 from blockvirt.metrics.collectors import (
+    ClusterCollector,
     InfoCollector,
     JobCollector,
     LoopCollector,
@@ -34,6 +35,7 @@ def build_registry(
     if security is not None:
         registry.register(SecurityCollector(security, volumes))
     registry.register(PoolCollector(volumes))
+    registry.register(ClusterCollector(volumes))
     registry.register(QosCollector(volumes, qos))
     registry.register(JobCollector(volumes, jobs))
     registry.register(InfoCollector())

@@ -373,6 +373,21 @@ class QosManager:
                 vq.pool._grant(req)  # its sessions are gone; let anything left through
             self._prune(vq.pool)
 
+    def volume_settings_changed(self, volume: str) -> None:
+        """Another node sharing the volume's pool changed its QoS settings: the node serving
+        it must enforce them, and every node show them."""
+        rows = [(g, json.loads(r)) for v, g, r in self.storage.all_volume_qos() if v == volume]
+        group, raw = rows[0] if rows else (None, {})
+        if group is not None and group not in self.groups:  # groups are each node's own
+            log.warning("qos of volume %s: group %s is not defined on this node", volume, group)
+            group = None
+        self.settings[volume], self.membership[volume] = qc.QosSettings.from_dict(raw), group
+        vq = self.volumes.get(volume)
+        if vq is not None:
+            self._place(volume, vq.pool)
+            vq.pool.kick()
+        log.info("qos of volume %s changed on another node: %s", volume, self.settings[volume])
+
     def volume_moved(self, volume: str, pool_name: str) -> None:
         """A migration switched the volume to another pool: its queue goes with it."""
         vq = self.volumes.get(volume)

@@ -188,6 +188,9 @@ class BackendHost(Protocol):
         """Stop serving the volume's head now: its sessions are cut (requests in flight are
         not answered) and its export is closed. For a volume this node lost or handed off."""
 
+    def settings_changed(self, volume: str) -> None:
+        """Another node changed the volume's settings (QoS) where the backend keeps them."""
+
 
 class VolumeBackend(Protocol):
     """One kind of storage. Methods named like tree edits run under the manager's tree lock."""

@@ -32,6 +32,10 @@ class StorageEvents(Protocol):
         """Cut every session on the volume's head at once, answering nothing more (this node
         no longer serves it: the client must reconnect to the node that does)."""
 
+    def volume_settings_changed(self, volume: str) -> None:
+        """Another node changed the volume's settings (QoS) in the storage they share: read
+        them again."""
+
 
 class NoEvents:
     """Nobody listens (tests and tools that use storage alone)."""
@@ -52,6 +56,9 @@ class NoEvents:
         pass
 
     async def evict(self, volume: str) -> None:
+        pass
+
+    def volume_settings_changed(self, volume: str) -> None:
         pass
 
 
@@ -84,3 +91,7 @@ class Fanout:
     async def evict(self, volume: str) -> None:
         for x in self.listeners:
             await x.evict(volume)
+
+    def volume_settings_changed(self, volume: str) -> None:
+        for x in self.listeners:
+            x.volume_settings_changed(volume)

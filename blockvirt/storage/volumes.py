@@ -487,6 +487,10 @@ class VolumeManager:
         if head is not None:
             self.exports_cache.close(head)
 
+    def settings_changed(self, volume: str) -> None:
+        """Another node changed the volume's settings in shared storage (BackendHost)."""
+        self.events.volume_settings_changed(volume)
+
     def unretire(self, name: str) -> None:
         """The retired copy is deleted (or the switch never happened)."""
         self.retired.pop(name, None)

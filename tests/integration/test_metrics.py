@@ -454,7 +454,8 @@ async def test_dashboard_queries_only_metrics_blockvirt_exports(server: Blockvir
     for expr in exprs:
         names = metric_names(expr)
         assert names, f"no metric in {expr!r}"
-        missing = names - live
+        # A node without a shared (RBD) pool has no cluster figures: tests/cluster checks those.
+        missing = {n for n in names - live if not n.startswith("blockvirt_cluster_")}
         assert not missing, f"dashboard expression {expr!r} reads {missing}, not in a live /metrics"
         used |= names
     # The panels the issue asks for are there.

@@ -60,7 +60,15 @@ from blockvirt.storage.backends.rbd.imageops import (
 )
 from blockvirt.storage.backends.rbd.members import HEARTBEAT, DuplicateNode, Members
 from blockvirt.storage.backends.rbd.node import RbdNode
-from blockvirt.storage.backends.rbd.ownership import Ownership, ServedElsewhere, owners, take_lock
+from blockvirt.storage.backends.rbd.omap import OmapWatch
+from blockvirt.storage.backends.rbd.ownership import (
+    HeldByLiveNode,
+    Incoming,
+    Ownership,
+    ServedElsewhere,
+    owners,
+    take_lock,
+)
 from blockvirt.storage.backends.rbd.pool import PoolUsage, RbdPool
 from blockvirt.storage.backends.rbd.tuning import RbdTuning
 from blockvirt.storage.catalog import AclRecord, CatalogError, PoolRecord
@@ -71,6 +79,10 @@ from blockvirt.storage.work import JobKind, JobView, WorkContext
 log = logging.getLogger("blockvirt.rbd")
 
 RBD_BACKEND = "rbd"
+#: How long a first request waits for a planned move to this node to be handed over (the
+#: owner drains, flushes and releases in tens of milliseconds; one that dies meanwhile is
+#: presumed dead within DEAD_AFTER and the volume taken over).
+HANDOFF_WAIT = 10.0
 
 
 def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
@@ -140,6 +152,11 @@ class PoolState:
     own: Ownership | None = None
     #: A fencing of this node's Ceph client is being handled.
     recovering: bool = False
+    #: The loop that keeps up with the other nodes (one per pool, whatever the reconnects).
+    syncing: asyncio.Task[None] | None = None
+    #: Set when another node says it changed the catalog (watch/notify): sync now.
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    watch: OmapWatch | None = None
 
     @property
     def ready(self) -> bool:
@@ -268,9 +285,19 @@ class RbdBackend:
         except (CephError, StorageError) as e:
             raise CatalogError("unavailable", f"cannot join the pool's member list: {e}") from None
         st.members = members
-        st.own = Ownership(st.catalog, node.name, members.alive, lambda n: _address(members, n))
+        if st.own is None:
+            st.own = Ownership(st.catalog, node.name, members.alive, lambda n: _address(members, n))
+        else:  # back after a fencing or a reconnect: same counters, the new client's view
+            st.own.catalog = st.catalog
+            st.own.alive = members.alive
+            st.own.address_of = lambda n: _address(members, n)
         members.start()
-        self._spawn(self._sync_loop(st))
+        st.catalog.on_change = lambda: self._spawn(self._notify(st))
+        await self._watch(st)
+        if st.syncing is None or st.syncing.done():
+            st.syncing = asyncio.ensure_future(self._sync_loop(st))
+            self._tasks.add(st.syncing)
+            st.syncing.add_done_callback(self._tasks.discard)
 
     async def attach(self, rec: PoolRecord) -> None:
         """A new RBD pool (pool create --rbd): reachable and usable now, or CatalogError."""
@@ -311,25 +338,78 @@ class RbdBackend:
                 await st.conn.close()
 
     # ------------------------------------------------------------ the cluster
+    async def _watch(self, st: PoolState) -> None:
+        """Be told at once when another node changes the catalog (a planned move asked, a
+        volume handed over, made or changed): without it, every change reaches the other
+        nodes only at their next look, up to a HEARTBEAT later, and a client sent to the new
+        owner of a volume is refused there meanwhile. A lost watch is made again by the sync
+        loop; the periodic look stays, so a lost notify costs only latency."""
+        assert st.catalog is not None
+        if st.watch is not None and not st.watch.closed:
+            return
+
+        def changed(message: str) -> None:
+            st.kick.set()
+
+        def lost(code: int) -> None:
+            st.watch = None
+            st.kick.set()
+
+        try:
+            st.watch = await st.catalog.doc.watch(changed, lost)
+        except (CephError, StorageError) as e:
+            log.info("pool %s: cannot watch the catalog (%s): looking every %g s", st.rec.name, e, HEARTBEAT)
+
+    async def _notify(self, st: PoolState) -> None:
+        """Tell the other nodes this node changed the catalog. Not waited for: a watcher that
+        died keeps a notify waiting until its watch times out."""
+        try:
+            if st.catalog is not None:
+                await st.catalog.doc.notify("catalog", wait=2.0)
+        except (CephError, StorageError) as e:
+            log.debug("pool %s: notify: %s", st.rec.name, e)
+
     async def _sync_loop(self, st: PoolState) -> None:
         """Keep up with the other nodes: the catalog (volumes made or changed elsewhere) and
-        the planned moves asked of this node."""
+        the planned moves asked of this node; at once when told, else every HEARTBEAT."""
         while not self._closing:
-            await asyncio.sleep(HEARTBEAT)
+            try:
+                await asyncio.wait_for(st.kick.wait(), HEARTBEAT)
+            except TimeoutError:
+                pass
+            st.kick.clear()
             if not st.ready or st.recovering:
                 continue
+            if st.watch is None or st.watch.closed:
+                await self._watch(st)
             try:
                 await self._sync(st)
             except (CatalogError, CephError, StorageError) as e:
                 log.debug("pool %s: sync: %s", st.rec.name, e)
+            except Exception:  # a bug here must not stop this node following the cluster
+                log.exception("pool %s: sync failed", st.rec.name)
 
     async def _sync(self, st: PoolState) -> None:
         _, catalog = st.require()
         if await catalog.doc.version() != catalog.version:
+            before = catalog.items
             await catalog.load()
+            if st.members is not None:
+                known = st.members.nodes
+                if any(o.node not in known for o in owners(catalog.items).values()):
+                    await st.members.refresh()  # a node that just joined owns a volume: its address
+            # QoS settings changed through another node: the listeners (QoS) read them again.
+            keys = {k for k in (*before, *catalog.items) if k.startswith("qos/")}
+            for key in sorted(keys):
+                if before.get(key) != catalog.items.get(key):
+                    self.host.settings_changed(key[4:])
         assert st.own is not None
         for volume, o in owners(catalog.items).items():
             if o.node == self.host.node.name and o.target not in (None, o.node):
+                if st.members is not None and not st.members.alive(o.target):
+                    log.warning("volume %s: node %s, asked to take it, is gone: keeping it", volume, o.target)
+                    await st.own.cancel_move(volume)
+                    continue
                 await self._hand_off(st, volume, o.target)
         # A head we serve whose record names another node: it was taken from us (we were
         # presumed dead): our lock is broken and our client fenced; stop at once.
@@ -368,7 +448,7 @@ class RbdBackend:
         every volume of the pool goes and a fresh client replaces it."""
         log.warning("volume %s: lost (%s)", volume, e, extra={"volume": volume})
         if st.own is not None:
-            st.own.changes["lost"] += 1
+            st.own.lost(volume)
         self._spawn(self.host.evict(volume, f"lost: {e}"))
         if e.fenced:
             self._spawn(self._recover(st))
@@ -377,8 +457,8 @@ class RbdBackend:
         """This node's Ceph client was fenced: stop serving every volume of the pool, then
         come back with a fresh client (a new address, not blocklisted). Volumes other nodes
         took stay theirs; the others this node may serve again when asked."""
-        if st.recovering or st.conn is None:
-            return
+        if st.recovering or st.conn is None or not st.conn.fenced:
+            return  # handled already, or a late error from a client replaced since
         st.recovering = True
         try:
             log.warning("pool %s: this node's Ceph client was fenced; stopping its volumes", st.rec.name)
@@ -386,6 +466,8 @@ class RbdBackend:
                 st.own.changes["fenced"] += 1
             for e in list(self.host.exports()):
                 if e.snapshot is None and isinstance(e.base, RbdNode) and self._find(e.volume) is st:
+                    if e.base.failed is None and st.own is not None:
+                        st.own.lost(e.volume)  # not counted by _lost yet
                     e.base.failed = "this node was fenced"
                     await self.host.evict(e.volume, "this node was fenced")
             if st.members is not None:
@@ -426,7 +508,7 @@ class RbdBackend:
         st = self._find(volume)
         if st is None or st.own is None or st.members is None:
             return None
-        o = st.own.elsewhere(volume)
+        o = st.own.elsewhere(volume, moving=False)  # the node that holds the lock now
         info = st.members.nodes.get(o.node) if o is not None else None
         return info.api if info is not None and info.api else None
 
@@ -723,7 +805,9 @@ class RbdBackend:
                 except StorageError as e:
                     raise missing(e) from None
 
-            return RbdNode(read_only, size, writable=False, thick=volume.thick, label=label, volume=volume.name)
+            return RbdNode(
+                read_only, size, writable=False, thick=volume.thick, label=label, volume=volume.name
+            )
 
         async def owner() -> AsyncImage:
             try:
@@ -738,24 +822,54 @@ class RbdBackend:
             owner, size, writable=True, thick=volume.thick, label=label, on_lost=lost, volume=volume.name
         )
 
+    async def _claim(self, st: PoolState, name: str) -> None:
+        """Claim the volume's record; if its owner is handing it to us (a planned move), wait
+        for the handoff: the client that reconnected here at once waits in its first request
+        instead of being refused and trying again."""
+        assert st.own is not None
+        deadline = time.monotonic() + HANDOFF_WAIT
+        while True:
+            try:
+                await st.own.claim(name)
+                return
+            except Incoming:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
     async def _take(self, st: PoolState, name: str) -> AsyncImage:
         """Become the volume's owner and hold its lock (fencing a presumed-dead holder)."""
         images, _ = st.require()
         if st.own is not None:
+            current = st.own.owner(name)
+            if (current is None or current.node != self.host.node.name) and st.members is not None:
+                # About to presume its owner dead: judge on a fresh read of the heartbeats,
+                # not on the last look (a beat may have come in since).
+                try:
+                    await st.members.refresh()
+                except (CephError, StorageError) as e:
+                    raise StorageError(errno.EIO, f"cannot read the pool's member list: {e}") from None
             try:
-                await st.own.claim(name)
+                await self._claim(st, name)
             except ServedElsewhere as e:
                 # Accepted in the second before this node learned who serves it: never serve
                 # beside the owner. The sessions go; on reconnecting, the client is told where.
                 self._spawn(self.host.evict(name, e.message))
                 raise StorageError(errno.EROFS, e.message) from None
         img = await images.open(name)
+        members = st.members
         try:
-            fenced = await take_lock(img)
+            fenced = await take_lock(img, members.holder if members is not None else lambda _: None)
+        except HeldByLiveNode as e:
+            await img.close()
+            message = ServedElsewhere(name, e.node, _address(members, e.node) if members else "").message
+            self._spawn(self.host.evict(name, message))
+            raise StorageError(errno.EROFS, message) from None
         except BaseException:
             await img.close()
             raise
         if fenced and st.own is not None:
+            st.own.changes["peers_fenced"] += len(fenced)
             log.warning("volume %s: taken over from a fenced holder (%s)", name, ", ".join(fenced))
         return img
 

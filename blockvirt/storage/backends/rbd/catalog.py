@@ -95,6 +95,8 @@ class RbdCatalog:
         self.doc = OmapDocument(conn, OID)
         self.version = 0
         self.items: dict[str, Any] = {}
+        #: Called after each change this node made (the backend tells the other nodes).
+        self.on_change: Callable[[], None] | None = None
 
     async def load(self) -> None:
         doc = await self.doc.read()
@@ -177,6 +179,8 @@ class RbdCatalog:
                 items.pop(k, None)
             items.update(changes.set)
             self.version, self.items = version, items
+            if self.on_change is not None and (changes.set or changes.remove):
+                self.on_change()
             return changes
         raise CatalogError("conflict", "the pool's catalog in Ceph keeps changing; try again")
 

@@ -85,18 +85,48 @@ class Session:
         self.abandoned = False
         self.lock = threading.Lock()
         self.users: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Calls into the bindings that are running now (on a thread, or aio ops submitted
+        #: from the loop): teardown waits for them, since a call still inside librados when
+        #: the client shuts down is a use-after-free (it crashed a fenced node's process).
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking binding call on this session's threads."""
+    def begin(self) -> None:
+        """Count a call into the bindings as running (on the loop; end() when it returns)."""
         if self.closing:
             raise CephError("closed", "the Ceph connection was closed or reset", errno.ESHUTDOWN)
+        self._busy += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Until no call into the bindings runs (begin() refuses new ones once closing)."""
+        await self._idle.wait()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking binding call on this session's threads. It counts as running until
+        its thread returns, even if the caller is cancelled."""
+        self.begin()
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, fn, *args)
+            cf = self.executor.submit(fn, *args)
         except RuntimeError as e:  # the executor was shut down under us
-            if "shutdown" in str(e):
-                raise CephError("closed", "the Ceph connection was closed", errno.ESHUTDOWN) from e
-            raise
+            self.end()
+            raise CephError("closed", "the Ceph connection was closed", errno.ESHUTDOWN) from e
+
+        def done(_: object) -> None:  # on the thread
+            try:
+                loop.call_soon_threadsafe(self.end)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        cf.add_done_callback(done)
+        return await asyncio.wrap_future(cf)
 
     def teardown(self) -> None:
         """Blocking: close the ioctx, then the client (ioctx first, or librados frees it twice)."""
@@ -307,14 +337,17 @@ class CephConnection:
     shutdown = close
 
     async def _retire(self, session: Session) -> None:
-        # Users first (they wait for their in-flight ops), then the handle, on its own threads.
+        # No new calls; the running ones end (a fenced client fails them at once, a hung one
+        # by the op timeout), so an image or watch being opened is registered by then. Then
+        # the users (they wait for their in-flight ops), then the handle, on its own threads.
+        session.closing = True
+        await session.idle()
         users: list[_Closeable] = list(session.users)
         for user in users:
             try:
                 await user._retire()
             except Exception as e:
                 log.debug("closing %r: %s", user, e)
-        session.closing = True
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(session.executor, session.teardown)

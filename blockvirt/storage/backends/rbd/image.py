@@ -119,17 +119,22 @@ class AsyncImage:
                 raise
             return image, size, cache
 
+        session.begin()  # until the image is registered with the session (its teardown closes it)
         try:
-            image, size, cache = await session.run(do_open)
-        except (StorageError, CephError):
-            raise
-        except Exception as e:
-            err = from_exception(e, f"open {name}")
-            conn.note_error(session, err.errno)
-            raise err from e
-        return cls(
-            conn, session, image, name, size=size, cache=cache, read_only=read_only, queue_depth=queue_depth
-        )
+            try:
+                image, size, cache = await session.run(do_open)
+            except (StorageError, CephError):
+                raise
+            except Exception as e:
+                err = from_exception(e, f"open {name}")
+                conn.note_error(session, err.errno)
+                raise err from e
+            return cls(
+                conn, session, image, name,
+                size=size, cache=cache, read_only=read_only, queue_depth=queue_depth,
+            )  # fmt: skip
+        finally:
+            session.end()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -149,7 +154,9 @@ class AsyncImage:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise RbdError(errno.ESHUTDOWN, f"{self.name}: image is closed", errno.ESHUTDOWN)
+            # Our own doing, not Ceph's: no ceph_errno, or it would read as EBLOCKLISTED (the
+            # same number) and a handoff's close would look like this node being fenced.
+            raise RbdError(errno.ESHUTDOWN, f"{self.name}: image is closed", 0)
 
     def _begin(self) -> None:
         self._inflight += 1
@@ -253,7 +260,7 @@ class AsyncImage:
             cf = self._session.executor.submit(call)
         except RuntimeError as e:
             self._end()
-            raise RbdError(errno.ESHUTDOWN, f"{what}: connection closed", errno.ESHUTDOWN) from e
+            raise RbdError(errno.ESHUTDOWN, f"{what}: connection closed", 0) from e
         cf.add_done_callback(lambda _f: self._loop.call_soon_threadsafe(self._end))
         try:
             return await asyncio.wrap_future(cf)

@@ -43,10 +43,34 @@ class NodeInfo:
 
 @dataclass
 class Liveness:
-    """Peers' heartbeats as this node saw them (pure: time is an argument)."""
+    """Peers' heartbeats as this node saw them (pure: time is an argument).
+
+    A peer is judged only on time this node could see it. If this node itself did not read
+    the member list for a while (it was frozen, its process stalled, Ceph did not answer), a
+    peer's still counter says nothing about the peer: without this, a node resuming from a
+    stall would believe every peer dead until its next read, and could break a healthy
+    owner's lock (fencing it) for a client that reached it meanwhile. So: while blind, no
+    peer is presumed dead; after a blind spell every peer's clock starts again.
+    """
 
     dead_after: float = DEAD_AFTER
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # name -> (beat, when)
+    #: When this node last read everyone's heartbeats (None: never), and first did.
+    looked: float | None = None
+    since: float | None = None
+
+    @property
+    def blind_after(self) -> float:
+        """No read for this long: this node cannot tell who is dead."""
+        return self.dead_after / 2
+
+    def looked_at(self, now: float) -> None:
+        """This node read the member list at `now` (call before observe())."""
+        if self.looked is not None and now - self.looked > self.blind_after:
+            self.seen = {name: (beat, now) for name, (beat, _) in self.seen.items()}
+        self.looked = now
+        if self.since is None:
+            self.since = now
 
     def observe(self, name: str, beat: int, now: float) -> None:
         before = self.seen.get(name)
@@ -56,14 +80,25 @@ class Liveness:
     def forget(self, name: str) -> None:
         self.seen.pop(name, None)
 
+    def blind(self, now: float) -> bool:
+        return self.looked is None or now - self.looked > self.blind_after
+
     def age(self, name: str, now: float) -> float | None:
         """Seconds since the peer's heartbeat last moved (None: never seen)."""
         got = self.seen.get(name)
         return None if got is None else max(0.0, now - got[1])
 
     def alive(self, name: str, now: float) -> bool:
+        """Not presumed dead: its heartbeat moved within dead_after, or this node is blind.
+        A node never seen (no heartbeat in the list: it left, or it joined after our last
+        read) counts as one last seen when we started looking."""
+        if self.blind(now):
+            return True
         age = self.age(name, now)
-        return age is not None and age < self.dead_after
+        if age is None:
+            assert self.since is not None
+            age = now - self.since
+        return age < self.dead_after
 
 
 def _info(name: str, raw: dict[str, Any]) -> NodeInfo:
@@ -168,6 +203,7 @@ class Members:
     async def refresh(self) -> None:
         items = await self.doc.items("node/")
         now = self.clock()
+        self.liveness.looked_at(now)
         nodes = {k[5:]: _info(k[5:], v) for k, v in items.items()}
         for name, info in nodes.items():
             self.liveness.observe(name, info.beat, now)
@@ -216,6 +252,14 @@ class Members:
         if name == self.me:
             return 0.0
         return self.liveness.age(name, self.clock())
+
+    def holder(self, client: str) -> tuple[str, bool] | None:
+        """The node whose current Ceph client has address `client`, and whether it is
+        presumed alive (this node's own client counts as alive); None if no node has it."""
+        for name, info in self.nodes.items():
+            if info.client == client:
+                return name, self.alive(name)
+        return None
 
     def live_peers(self) -> list[str]:
         return sorted(n for n in self.nodes if n != self.me and self.alive(n))

@@ -60,19 +60,28 @@ class RbdNode(BlockNode):
     async def image(self) -> AsyncImage:
         if self.failed is not None:
             raise StorageError(errno.ESHUTDOWN, f"{self.label}: {self.failed}")
+        if self._image is not None and self._image.closed:
+            # Closed under us with its Ceph client (replaced after a fencing): a snapshot
+            # reopens on the new one. A head never gets here: it is failed first.
+            self._image = self._opening = None
         if self._image is not None:
             return self._image
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._opener())
+        opening = self._opening  # close() may drop it meanwhile
         try:
-            img = await asyncio.shield(self._opening)
+            img = await asyncio.shield(opening)
         except BaseException as e:
-            if self._opening.done():
+            if opening.done() and self._opening is opening:
                 self._opening = None  # a later request tries again
             if isinstance(e, StorageError) and self.failed != str(e):
                 self.failed = str(e)  # `volume info` says why until an open works
                 log.error("%s", e, extra={"volume": self.label})
             raise
+        if self._opening is not opening or self.failed is not None:
+            # Closed (handed off, evicted) while it opened: this image is not ours to use.
+            await img.close()
+            raise StorageError(errno.ESHUTDOWN, f"{self.label}: {self.failed or 'closed'}")
         self._image = img
         self.failed = None
         if img.size != self._size:  # resized by another node since the catalog said
@@ -158,11 +167,12 @@ class RbdNode(BlockNode):
         return [(n, 0 if flags & HOLE else 1) for n, flags in await self.block_status(offset, length)]
 
     async def close(self) -> None:
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
         if self._image is not None:
-            await self._image.close()
-            self._image = None
+            img, self._image = self._image, None
+            await img.close()
 
     def allocated_bytes(self) -> int:
         return 0  # figures come from the backend's periodic look (librbd answers slowly)

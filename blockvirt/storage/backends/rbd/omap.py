@@ -233,8 +233,16 @@ class OmapDocument:
     async def _cas(self, base: int, values: dict[str, bytes], removed: tuple[str, ...]) -> bool:
         session = self.conn.session
         loop = asyncio.get_running_loop()
+        # Counted as running until the op completes and is released: the client must not be
+        # shut down under it (Session.begin).
+        session.begin()
         ioctx = session.ioctx
         op = ioctx.create_write_op()
+
+        def settled(rv: int) -> None:  # on the loop, once, when the op is done
+            ioctx.release_write_op(op)
+            session.end()
+
         try:
             # Creating is idempotent, so one op shape serves both cases: on a new object the
             # version key is absent and compares equal to "" (base 0); a deleted document
@@ -245,18 +253,19 @@ class OmapDocument:
             ioctx.set_omap(op, keys, (str(base + 1).encode(), *values.values()))
             if removed:
                 ioctx.remove_omap_keys(op, removed)
-            fut, callback = completion(loop, f"{self.oid}: update")
+            fut, callback = completion(loop, f"{self.oid}: update", settled)
             ioctx.operate_aio_write_op(op, self.oid, callback)
-            try:
-                await fut
-            except RbdError as e:
-                if e.ceph_errno == errno.ECANCELED:
-                    return False
-                self.conn.note_error(session, e.ceph_errno)
-                raise
-            return True
-        finally:
-            ioctx.release_write_op(op)
+        except BaseException:
+            settled(0)
+            raise
+        try:
+            await fut
+        except RbdError as e:
+            if e.ceph_errno == errno.ECANCELED:
+                return False
+            self.conn.note_error(session, e.ceph_errno)
+            raise
+        return True
 
     async def delete(self, *, expect_version: int | None = None) -> None:
         """Remove the whole document (checked against expect_version if given)."""
@@ -326,8 +335,12 @@ class OmapDocument:
                 io.release_write_op(op)
             return io.watch(self.oid, deliver, failed, watch_timeout)
 
-        handle = await self._op("watch", do)
-        return OmapWatch(self, session, handle, on_error)
+        session.begin()  # until the watch is registered with the session (its teardown closes it)
+        try:
+            handle = await self._op("watch", do)
+            return OmapWatch(self, session, handle, on_error)
+        finally:
+            session.end()
 
     def _watch_failed(self, session: Session, code: int, on_error: Callable[[int], None] | None) -> None:
         self.conn.note_error(session, -code)
@@ -339,10 +352,12 @@ class OmapDocument:
         """Tell every watcher; returns how many acknowledged within `wait` seconds."""
         session = self.conn.session
         loop = asyncio.get_running_loop()
-        fut, callback = completion(loop, f"{self.oid}: notify")
+        session.begin()
+        fut, callback = completion(loop, f"{self.oid}: notify", lambda rv: session.end())
         try:
             session.ioctx.aio_notify(self.oid, callback, message, int(wait * 1000))
         except Exception as e:
+            session.end()
             raise from_exception(e, f"{self.oid}: notify") from e
         try:
             result = await fut
