@@ -8,19 +8,27 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, oserror, timed_pwrite
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, DATA
 from blockvirt.storage.backends.cowfile.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
-from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
+from blockvirt.storage.node import (
+    HOLE,
+    SPARSE_READ_MIN,
+    ZERO,
+    BlockNode,
+    Buffer,
+    Capabilities,
+    Segment,
+    StorageError,
+)
 
 #: Writes up to this size are done inline on the loop (a copy into the page cache): handing
 #: them to a thread costs more than the copy. See `WriteGuard` for when that stops.
 INLINE_WRITE_MAX = 1024 * 1024
-#: Reads at least this large look for zero runs to send as holes.
-SPARSE_READ_MIN = 256 * 1024
 #: At most this many bytes are mapped per block-status request (clients ask again).
 BLOCK_STATUS_SPAN = 1 << 30
 
@@ -112,6 +120,10 @@ class ChainNode(BlockNode):
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         buf = buffers.get(length)
+        first = offset >> BLOCK_SHIFT
+        owner = self.merged.sole_owner(first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1)
+        if owner > 0:  # one layer holds the whole range (the common small read): one call
+            return buf if self.io.preadv_nowait(self._fds[owner], buf, offset) else None
         view = memoryview(buf)
         for fd, off, n in self._plan(offset, length):
             part = view[off - offset : off - offset + n]
@@ -186,16 +198,20 @@ class ChainNode(BlockNode):
             or (self.io.faulty and self.io.slow_writes(self.layers[0].fd))
         ):
             return False
-        head = self.head
+        head = self.layers[0]
         first = offset >> BLOCK_SHIFT
         count = ((offset + n - 1) >> BLOCK_SHIFT) - first + 1
         in_place = head.map.all_data_in(first, count)
         if not in_place and (offset | n) & (BLOCK - 1):
             return False  # a partial block not held by the head: read-modify-write (async)
         try:
-            self.guard.note(timed_pwrite(self.io, head.fd, data, offset, False))
+            t0 = perf_counter()
+            self.io.pwrite(head.fd, data, offset)
+            seconds = perf_counter() - t0
         except OSError as e:
             raise oserror(e, "write") from e
+        if seconds > WriteGuard.STALL:  # inline, only a stall changes the guard's mind
+            self.guard.note(seconds)
         if not in_place:
             head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
