@@ -63,6 +63,15 @@ LAT_MEAN = Metric("clat_mean_us", "mean lat µs", False)
 LAT_P99 = Metric("clat_p99_us", "p99 lat µs", False)
 
 
+#: CPU placements of a run (`Workload.pin`): server and fio on one CPU (what a request costs
+#: to serve, with no cross-CPU wake-up), on two different CPUs (a wake-up of the other CPU per
+#: request and reply), or where the scheduler puts them (what users see).
+PIN_SAME = "same-cpu"
+PIN_CROSS = "cross-cpu"
+SERVER_CPU = 0
+CROSS_CPU = 1
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -70,10 +79,22 @@ class Workload:
     bs: str
     iodepth: int
     metrics: tuple[Metric, ...]  # what the table shows for this workload
+    pin: str | None = None  # PIN_SAME, PIN_CROSS, or None: unpinned
 
     @property
     def direction(self) -> str:
         return "write" if "write" in self.rw else "read"
+
+
+def _qd1(rw: str) -> list[Workload]:
+    """A QD1 latency workload, unpinned and in both pinned placements."""
+    base = f"{rw}-4k-qd1"
+    lat = (IOPS, LAT_MEAN, LAT_P99)
+    return [
+        Workload(f"{base}-lat", rw, "4k", 1, lat),
+        Workload(f"{base}-{PIN_SAME}", rw, "4k", 1, lat, PIN_SAME),
+        Workload(f"{base}-{PIN_CROSS}", rw, "4k", 1, lat, PIN_CROSS),
+    ]
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -83,7 +104,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("randwrite-4k-qd16", "randwrite", "4k", 16, (IOPS,)),
         Workload("seqread-1m-qd8", "read", "1M", 8, (BW,)),
         Workload("seqwrite-1m-qd8", "write", "1M", 8, (BW,)),
-        Workload("randread-4k-qd1-lat", "randread", "4k", 1, (IOPS, LAT_MEAN, LAT_P99)),
+        *_qd1("randread"),
+        *_qd1("randwrite"),
     )
 }
 
@@ -248,6 +270,33 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def pin_server(server: Server, cpus: str) -> None:
+    """Move every process of the server, with all its threads, to ``cpus`` (a taskset list).
+    Children forked later (nbd-server's per-connection ones) inherit it."""
+    for pgid in server.pgids:
+        for pid in group_pids(pgid):
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, check=False, timeout=10
+            )
+
+
+def all_cpus() -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
 @dataclass(frozen=True)
 class Options:
     size: int
@@ -257,6 +306,7 @@ class Options:
     start_timeout: float
     blockvirt_args: tuple[str, ...] = ()
     baseline: Path | None = None
+    thick: bool = True  # blockvirt's volume: thick (preallocated) or thin
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -393,7 +443,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
         EXPORT,
         "--size",
         size_arg(opts.size),
-        "--thick",
+        *(["--thick"] if opts.thick else []),
         "--api",
         api_url,
     ]
@@ -668,6 +718,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1 << 30,
         help="disk size per server, e.g. 1G, 256M (default 1G)",
     )
+    p.add_argument(
+        "--thick",
+        action="store_true",
+        help="blockvirt serves a thick volume (default: thin, as created by default; the fill "
+        "allocates every block either way)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     p.add_argument(
         "--python",
@@ -701,6 +757,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown workloads {bad}; choose from {','.join(WORKLOADS)}")
     if args.reps < 1 or args.runtime <= 0 or args.ramp_time < 0:
         p.error("--reps must be >= 1, --runtime > 0, --ramp-time >= 0")
+    pinned = [w for w in args.workloads if WORKLOADS[w].pin is not None]
+    if pinned and shutil.which("taskset") is None:
+        p.error(f"pinned workloads {pinned} need taskset (util-linux)")
+    if any(WORKLOADS[w].pin == PIN_CROSS for w in args.workloads) and len(os.sched_getaffinity(0)) < 2:
+        p.error(f"{PIN_CROSS} workloads need two CPUs")
     if args.baseline is not None:
         if not (args.baseline / "blockvirt" / "__main__.py").exists():
             p.error(f"--baseline {args.baseline}: not a blockvirt source tree")
@@ -802,9 +863,14 @@ def one_run(
         "runtime": f"{args.runtime:g}",
         "ramp_time": f"{args.ramp_time:g}",
     }
+    if wl.pin is None:
+        pin_server(s, all_cpus())
+    else:
+        pin_server(s, str(SERVER_CPU))
+        params["cpus_allowed"] = str(SERVER_CPU if wl.pin == PIN_SAME else CROSS_CPU)
     if not args.no_sync:
         os.sync()
-    prefix = f"rep {rep + 1}/{args.reps} {wl.name:<20} {s.name:<11}"
+    prefix = f"rep {rep + 1}/{args.reps} {wl.name:<24} {s.name:<14}"
     try:
         job = run_fio(s.uri, wl.name, params, timeout, workdir)
         metrics = job_metrics(job, wl.direction)
@@ -847,6 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.start_timeout,
             tuple(args.blockvirt_arg),
             args.baseline,
+            args.thick,
         )
         try:
             start_all(servers, opts)
@@ -872,7 +939,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {
             "config": {
                 "servers": args.servers,
-                "workloads": {w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads},
+                "workloads": {
+                    w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "pin": w.pin} for w in workloads
+                },
+                "pinning": {
+                    PIN_SAME: f"server and fio on CPU {SERVER_CPU}",
+                    PIN_CROSS: f"server on CPU {SERVER_CPU}, fio on CPU {CROSS_CPU}",
+                },
+                "blockvirt_volume": "thick" if args.thick else "thin",
                 "reps": args.reps,
                 "runtime_s": args.runtime,
                 "ramp_time_s": args.ramp_time,
