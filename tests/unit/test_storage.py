@@ -561,6 +561,21 @@ def test_write_guard_sends_writes_to_the_pool_after_a_stall_and_back_after_quick
     assert g.inline and g.stalls == 1
 
 
+def test_write_guard_counts_an_inline_stall_once_a_second_one_confirms_it() -> None:
+    from blockvirt.storage.backends.cowfile.layer import WriteGuard
+
+    g = WriteGuard()
+    g.note_inline(WriteGuard.STALL * 2)  # one slow write: a preemption, or the first of many
+    assert g.inline and g.suspect == WriteGuard.CONFIRM_WITHIN
+    for _ in range(WriteGuard.CONFIRM_WITHIN):
+        g.note_inline(WriteGuard.QUICK / 2)
+    assert g.inline and not g.suspect  # none followed: forgotten
+    g.note_inline(WriteGuard.STALL * 2)
+    g.note_inline(WriteGuard.QUICK / 2)
+    g.note_inline(WriteGuard.STALL * 2)  # a second one soon after: the kernel is throttling
+    assert not g.inline and g.stalls == 1 and not g.suspect
+
+
 def test_buffer_pool_reuses_large_buffers_and_zero_fills_regions() -> None:
     from blockvirt.storage import buffers
 

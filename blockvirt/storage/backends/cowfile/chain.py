@@ -210,8 +210,9 @@ class ChainNode(BlockNode):
             seconds = perf_counter() - t0
         except OSError as e:
             raise oserror(e, "write") from e
-        if seconds > WriteGuard.STALL:  # inline, only a stall changes the guard's mind
-            self.guard.note(seconds)
+        guard = self.guard
+        if guard.suspect or seconds > WriteGuard.STALL:  # else the guard has nothing to learn
+            guard.note_inline(seconds)
         if not in_place:
             head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
@@ -236,7 +237,7 @@ class ChainNode(BlockNode):
             if not dsync:
                 self.guard.note(seconds)
         else:
-            self.guard.note(timed_pwrite(self.io, fd, data, offset, dsync))
+            self.guard.note_inline(timed_pwrite(self.io, fd, data, offset, dsync))
 
     async def _current_block(self, block: int) -> bytes:
         """The block's contents as the chain reads it now."""
