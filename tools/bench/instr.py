@@ -200,6 +200,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--thick", action="store_true", help="a thick volume instead")
     p.add_argument("--fua", action="store_true", help="writes carry FUA")
     p.add_argument(
+        "--no-fill",
+        action="store_true",
+        help="do not fill the volume first: writes allocate (give a large --size so that random "
+        "writes seldom hit a block twice), reads read holes",
+    )
+    p.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        metavar="DEPTH",
+        help="fill the volume as a chain of DEPTH layers: 64 KiB chunk i is written into layer "
+        "i %% DEPTH, then a snapshot is taken (default 1: one layer)",
+    )
+    p.add_argument(
+        "--qos-limit",
+        type=int,
+        default=0,
+        metavar="IOPS",
+        help="give the volume a QoS limit (so admission runs for every request; a high one "
+        "never holds a request back)",
+    )
+    p.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -265,13 +287,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 raise SystemExit(f"volume create failed: {cp.stderr.decode()[-300:]}")
             wait_port(nbd, proc, 600)
+            api_url = f"http://{HOST}:{api}"
+            if args.qos_limit:
+                cli = [args.python, "-m", "blockvirt", "--api", api_url, "qos", "set", EXPORT, "--limit"]
+                subprocess.run([*cli, str(args.qos_limit)], env=env, check=True, capture_output=True)
             # Fill: every block allocated and page-cached. In 64 KiB writes, one at a time,
             # then synced: a write that looks slow (the kernel throttling a burst of dirty
             # pages) would send the volume's writes to the thread pool for a while.
-            client = Client(nbd, size, bs=64 << 10)
-            client.sequential = True
-            client.run(CMD_WRITE, 1, 0, size >> 16)
-            client.close()
+            for layer in range(0 if args.no_fill else args.chain):
+                client = Client(nbd, size, bs=64 << 10)
+                for chunk in range(layer, size >> 16, args.chain):
+                    client.cookie = chunk  # sequential offsets: chunk, chunk + depth, ...
+                    client.sequential = True
+                    client.run(CMD_WRITE, 1, 0, 1)
+                client.close()
+                if layer < args.chain - 1:
+                    snap = [args.python, "-m", "blockvirt", "--api", api_url, "snapshot", "create"]
+                    subprocess.run([*snap, EXPORT, f"s{layer}"], env=env, check=True, capture_output=True)
             os.sync()
             client = Client(nbd, size)
             for name in args.workloads.split(","):

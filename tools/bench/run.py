@@ -307,6 +307,7 @@ class Options:
     blockvirt_args: tuple[str, ...] = ()
     baseline: Path | None = None
     thick: bool = True  # blockvirt's volume: thick (preallocated) or thin
+    baseline_args: tuple[str, ...] | None = None  # None: the same as blockvirt_args
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -393,7 +394,9 @@ def start_nbd_server(server: Server, opts: Options) -> None:
     wait_for(f"nbd-server port {port}", lambda: port_open(port), server.alive, opts.start_timeout)
 
 
-def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> None:
+def start_blockvirt(
+    server: Server, opts: Options, root: Path = REPO_ROOT, extra: tuple[str, ...] | None = None
+) -> None:
     nbd_port, api_port = free_port(), free_port()
     while api_port == nbd_port:
         api_port = free_port()
@@ -416,7 +419,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
             f"{HOST}:{nbd_port}",
             "--api",
             f"{HOST}:{api_port}",
-            *opts.blockvirt_args,
+            *(opts.blockvirt_args if extra is None else extra),
         ],
         opts,
         cwd=root,
@@ -472,7 +475,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
 
 def start_baseline(server: Server, opts: Options) -> None:
     assert opts.baseline is not None
-    start_blockvirt(server, opts, root=opts.baseline)
+    start_blockvirt(server, opts, root=opts.baseline, extra=opts.baseline_args)
 
 
 STARTERS: dict[str, Callable[[Server, Options], None]] = {
@@ -704,6 +707,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"also run blockvirt from this source tree as {BASELINE!r} (e.g. a `git worktree` of "
         "an older commit), interleaved with the rest",
     )
+    p.add_argument(
+        "--baseline-arg",
+        action="append",
+        default=None,
+        metavar="ARG",
+        help="`serve` argument for the baseline instead of the --blockvirt-arg ones (repeatable): "
+        "with --baseline pointing at this very tree, compares two settings side by side",
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument(
@@ -914,6 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tuple(args.blockvirt_arg),
             args.baseline,
             args.thick,
+            None if args.baseline_arg is None else tuple(args.baseline_arg),
         )
         try:
             start_all(servers, opts)
