@@ -119,7 +119,7 @@ class ChainNode(BlockNode):
         return out
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        buf = buffers.get(length)
+        buf = bytearray(length) if length < buffers.MIN_POOLED else buffers.get(length)
         first = offset >> BLOCK_SHIFT
         owner = self.merged.sole_owner(first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1)
         if owner > 0:  # one layer holds the whole range (the common small read): one call

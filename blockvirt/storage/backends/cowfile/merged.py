@@ -84,12 +84,15 @@ class MergedIndex:
         """The owner of every block of a range inside one page, or -1 if they differ (or the
         range crosses a page): the common small read, answered without building runs."""
         page, i = divmod(first, PAGE_BLOCKS)
-        end = i + count
-        if end > PAGE_BLOCKS:
+        if i + count > PAGE_BLOCKS:
             return -1
-        owners = self.page(page)
+        owners = self._pages.get(page)
+        if owners is None:
+            owners = self.page(page)
+        else:
+            self._pages.move_to_end(page)  # page() written out: this runs for every read
         v = owners[i]
-        return v if _uniform(owners, i, end, v) else -1
+        return v if count == 1 or _uniform(owners, i, i + count, v) else -1
 
     def runs(self, first: int, count: int) -> list[tuple[int, int]]:
         """(owner, blocks) runs covering the range, in order."""
