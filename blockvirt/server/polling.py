@@ -41,12 +41,13 @@ class PollPolicy:
         self.spins = 0
 
     def spin_until(self, now: float, timeout: float | None) -> float | None:
-        """The deadline to spin until before blocking, or None: block at once."""
-        if not self.dense or self.window <= 0 or timeout == 0:
+        """The deadline to spin until before blocking, or None: block at once. A timer due
+        within the window is not worth spinning for (QoS pacing arms such timers while
+        requests wait): the loop sleeps until it, as it would without polling."""
+        if not self.dense or self.window <= 0 or (timeout is not None and timeout <= self.window):
             return None
         self.spins += 1
-        limit = self.window if timeout is None else min(self.window, timeout)
-        return now + limit
+        return now + self.window
 
     def waited(self, seconds: float) -> None:
         """A wait that found events took `seconds` (spinning included)."""

@@ -22,7 +22,8 @@ def test_dense_traffic_spins_for_the_window_at_most() -> None:
     p = PollPolicy(W)
     p.waited(20e-6)
     assert p.spin_until(1.0, None) == 1.0 + W
-    assert p.spin_until(1.0, 30e-6) == 1.0 + 30e-6  # a timer is due sooner
+    assert p.spin_until(1.0, 0.25) == 1.0 + W  # a timer due later
+    assert p.spin_until(1.0, 30e-6) is None  # a timer due sooner: sleep until it
     assert p.spin_until(1.0, 0) is None  # callbacks ready: never wait
     assert p.spins == 2
 
