@@ -55,6 +55,10 @@ class ChainNode(BlockNode):
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
         self.guard = WriteGuard()
         self._frozen: list[Layer] = []  # former heads whose final commit is owed
+        #: Buffered (non-FUA) writes so far, and how many of them a finished commit of the
+        #: head covers: equal, the head's file holds no dirty data but FUA writes' (see _write).
+        self._buffered = 0
+        self._synced = 0
         #: Why the volume is failed (writes refused), or None. See _commit_head.
         self.failed: str | None = None
 
@@ -213,6 +217,7 @@ class ChainNode(BlockNode):
         guard = self.guard
         if guard.suspect or seconds > WriteGuard.STALL:  # else the guard has nothing to learn
             guard.note_inline(seconds)
+        self._buffered += 1
         if not in_place:
             head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
@@ -253,14 +258,19 @@ class ChainNode(BlockNode):
         first = offset >> BLOCK_SHIFT
         last = (offset + n - 1) >> BLOCK_SHIFT
         count = last - first + 1
+        if not fua:
+            self._buffered += 1
         await self._wait_locks(first, last)
         if head.map.all_data_in(first, count):
-            if fua and not head.states_durable(first, count):
-                # In place, but the blocks' DATA state is not journaled yet: a dsync write
-                # alone would not survive a crash. Write, then commit.
+            if fua and (self._buffered == self._synced or not head.states_durable(first, count)):
+                # Write to the page cache, then commit (group commit: FUA writes in flight
+                # together share one fdatasync). Needed when the blocks' DATA state is not
+                # journaled yet (a dsync write alone would not survive a crash); and cheaper
+                # than a dsync write of its own per request in a thread when the file holds
+                # no other dirty data (qemu's default cache mode makes every write FUA).
                 await self._pwrite(head.fd, data, offset)
                 await self._commit_head()
-            else:
+            else:  # other writes' dirty data would be synced too: sync just this one
                 await self._pwrite(head.fd, data, offset, dsync=fua)
             return
         head_part = offset & (BLOCK - 1)
@@ -360,8 +370,11 @@ class ChainNode(BlockNode):
         """Commit the head. A commit that fails with EIO marks the volume failed: after a
         failed sync the kernel may have dropped the dirty data (Linux does), so nothing
         written since the last good commit can be promised any more."""
+        covered = self._buffered
         try:
             await self.head.commit()
+            if covered > self._synced:
+                self._synced = covered
         except StorageError as e:
             if e.errno == errno.EIO and self.failed is None:
                 self.failed = f"a commit failed ({e}); writes are refused until the volume is reset"
