@@ -77,6 +77,13 @@ def _positive_seconds(text: str) -> float:
     return n
 
 
+def _busy_poll(text: str) -> float:
+    n = _seconds(text)
+    if n > 10000:
+        raise argparse.ArgumentTypeError(f"at most 10000 microseconds: {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blockvirt", description="blockvirt storage virtualization service")
     _common(parser, top=True)
@@ -106,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="metrics",
         action="store_false",
         help="no per-volume accounting on the data path; /metrics and volume stats answer an error",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop: asyncio's own (default) or uvloop (pip install blockvirt[fast]); "
+        "see docs/performance.md",
+    )
+    serve.add_argument(
+        "--busy-poll-us",
+        type=_busy_poll,
+        default=None,
+        metavar="US",
+        help="while requests keep coming, poll for the next one this many microseconds before "
+        "sleeping (lower queue-depth-1 latency; 0: off; default 100; asyncio loop only)",
     )
     serve.add_argument("--ready-file", help="write {nbd, api, pid} as JSON here once listening")
     serve.add_argument(
@@ -371,8 +393,20 @@ def _serve(args: argparse.Namespace) -> int:
             figures_interval=args.ceph_figures_interval,
         ),
     )
+    from blockvirt.server.polling import DEFAULT_WINDOW_US, new_loop
+
+    busy_poll = args.busy_poll_us
+    if busy_poll is None:
+        busy_poll = DEFAULT_WINDOW_US if args.loop == "asyncio" else 0.0
+    elif busy_poll and args.loop != "asyncio":
+        raise UsageError("blockvirt serve: --busy-poll-us needs --loop asyncio (uvloop has no hook for it)")
     try:
-        asyncio.run(Service(cfg).run())
+        loop = new_loop(args.loop, busy_poll)
+    except ImportError:
+        raise UsageError("blockvirt serve: --loop uvloop needs uvloop (blockvirt[fast])") from None
+    try:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(Service(cfg).run())
     except (TLSConfigError, ConfigError, TokenError) as e:
         print(f"blockvirt serve: {e}", file=sys.stderr)
         return EXIT_ERROR

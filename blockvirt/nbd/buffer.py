@@ -39,7 +39,8 @@ class ReceiveBuffer:
 
     def get_buffer(self, hint: int = -1) -> memoryview:
         """Free space for the transport to receive into; follow with buffer_updated(n)."""
-        self._make_room(max(hint, MIN_FREE))
+        if len(self.buf) - self.end < (hint if hint > MIN_FREE else MIN_FREE):  # once per wake-up
+            self._make_room(max(hint, MIN_FREE))
         return memoryview(self.buf)[self.end :]
 
     def buffer_updated(self, n: int) -> None:

@@ -54,6 +54,10 @@ _REQ_SIZE = wire.REQUEST.size
 _WRITE = int(Cmd.WRITE)
 _SIMPLE = wire.SIMPLE_REPLY
 _SIMPLE_MAGIC = SIMPLE_REPLY_MAGIC
+_DATA_CHUNK = wire.DATA_CHUNK.pack
+_STRUCTURED_MAGIC = STRUCTURED_REPLY_MAGIC
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 #: Data in one OFFSET_DATA chunk of a (non-DF) READ: at most the maximum payload we advertise.
 _MAX_CHUNK_DATA = MAX_PAYLOAD_ADVERTISED
 #: WRITE payloads at least this large get their own buffer, received into directly.
@@ -249,7 +253,7 @@ class ServerTransmission:
     ) -> list[bytes | bytearray | memoryview]:
         """A successful READ whose whole range is `data` (one chunk when structured)."""
         if self.structured:
-            return [wire.data_chunk_header(cookie, offset, len(data), True), data]
+            return [_DATA_CHUNK(_STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, len(data) + 8, offset), data]
         return [_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie), data]
 
     def read_segments(

@@ -23,6 +23,8 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+#: A chunk header and the u64 offset of an OFFSET_DATA chunk, packed at once (every READ reply).
+DATA_CHUNK = struct.Struct(">IHHQIQ")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -63,9 +65,8 @@ def chunk_header(cookie: int, rtype: int, length: int, done: bool) -> bytes:
 
 def data_chunk_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
     """Header plus the u64 offset of an OFFSET_DATA chunk; the caller appends `length` bytes."""
-    return CHUNK.pack(
-        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie, length + 8
-    ) + U64.pack(offset)
+    flags = _DONE if done else 0
+    return DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie, length + 8, offset)
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:

@@ -471,9 +471,10 @@ class NbdSession(asyncio.BufferedProtocol):
     # ------------------------------------------------------------ transmission
     def _pump(self) -> None:
         """Parse and start every buffered request. Replies finished inline are batched into
-        one writelines (one send syscall for a burst of page-cache reads)."""
+        one write (one send syscall for a burst of page-cache reads)."""
         tx, transport, disp = self.tx, self.transport, self.disp
         assert tx is not None and transport is not None and disp is not None
+        budget = self.server.budget
         batch: list[bytes | bytearray | memoryview] = []
         batched = 0
         disp.begin()
@@ -481,7 +482,7 @@ class NbdSession(asyncio.BufferedProtocol):
             # Also stop while the client is not reading its replies: every request answered
             # now would pile its reply up in the transport's buffer.
             while not self._blocked and not self._write_paused:
-                if self.server.budget.exhausted:
+                if budget.used >= budget.limit:
                     # The whole server holds as much as it may: take nothing new (not even
                     # a request answered inline, its reply is memory too) until it frees.
                     self._blocked = True
@@ -499,25 +500,18 @@ class NbdSession(asyncio.BufferedProtocol):
                 if cmd is None:
                     return
                 self._partial_since = None  # a request is complete
-                if type(cmd) is DiscCmd:
+                t = type(cmd)
+                if t is DiscCmd:
                     self._blocked = self._ending = True
                     self._update_reading()
                     self.server.track(self.loop.create_task(self._disconnect()))
                     return
-                err = disp.check(cmd)
-                if err is not None:
-                    batch += disp.error_reply(cmd, err)
-                    continue
-                try:
-                    out = disp.try_now(cmd)
-                except StorageError as e:
-                    batch += disp.error_reply(cmd, e)
-                    continue
+                out = disp.serve_inline(cmd)
                 if out is None:
                     self._spawn(cmd)
                     continue
-                if type(cmd) is WriteCmd:
-                    tx.recycle(cmd.data)
+                if t is WriteCmd:
+                    tx.recycle(cmd.data)  # type: ignore[attr-defined]
                 batch += out
                 batched += cmd.length
                 if batched >= _BATCH_BYTES:

@@ -272,12 +272,16 @@ class Catalog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self._side: sqlite3.Connection | None = None  # see transaction_off_loop
         self.db.executescript(_SCHEMA)
         self._migrate()
         if self.pool(DEFAULT_POOL) is None:
             self.add_pool(DEFAULT_POOL, os.path.join(self.data_dir, "pools", DEFAULT_POOL))
 
     def close(self) -> None:
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         self.db.close()
 
     def _migrate(self) -> None:
@@ -365,6 +369,28 @@ class Catalog:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def transaction_off_loop(self) -> Iterator[Txn]:
+        """transaction(), for a thread of the executor: its COMMIT (an fsync of the WAL, which
+        under write load waits for the file system's journal: tens of ms) then holds no event
+        loop. It runs on a second connection, so the loop's readers see the change only once
+        it is committed (WAL), never half done."""
+        with self._lock:
+            db = self._side
+            if db is None:
+                path = os.path.join(self.data_dir, "catalog.sqlite")
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+                self._side = db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Txn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     # ------------------------------------------------------------ layers
     def layer(self, layer_id: str) -> LayerRecord | None:

@@ -45,6 +45,7 @@ class Export(FilterNode):
         self._inflight = 0
         self._idle: asyncio.Future[None] | None = None
         self._edit = asyncio.Lock()
+        self._open_fast_paths()
 
     @property
     def export_name(self) -> str:
@@ -55,11 +56,26 @@ class Export(FilterNode):
         return self.record.name
 
     # ------------------------------------------------------------ the gate
+    # While the gate is open, the synchronous fast paths cost nothing here: the instance's
+    # read_nowait / read_sparse_nowait / write_nowait are the top node's own bound methods
+    # (every inline request skips one call). Closing the gate drops them, so the class's
+    # methods below answer, and refuse; opening it binds the (possibly new) top again.
+    def _open_fast_paths(self) -> None:
+        child = self.child
+        self.read_nowait = child.read_nowait  # type: ignore[method-assign]
+        self.read_sparse_nowait = child.read_sparse_nowait  # type: ignore[method-assign]
+        self.write_nowait = child.write_nowait  # type: ignore[method-assign]
+
+    def _close_fast_paths(self) -> None:
+        for name in ("read_nowait", "read_sparse_nowait", "write_nowait"):
+            self.__dict__.pop(name, None)
+
     @contextlib.asynccontextmanager
     async def drained(self) -> AsyncIterator[None]:
         """Hold new requests and wait for in-flight ones: graph edits happen inside."""
         async with self._edit:
             self._paused = True
+            self._close_fast_paths()
             self._resume.clear()
             try:
                 while self._inflight:
@@ -68,6 +84,7 @@ class Export(FilterNode):
                 yield
             finally:
                 self._paused = False
+                self._open_fast_paths()
                 self._resume.set()
 
     async def _enter(self) -> None:
@@ -118,7 +135,8 @@ class Export(FilterNode):
 
     # ------------------------------------------------------------ I/O through the gate
     # Reads and changes are counted in flight; the *_nowait paths are synchronous (nothing
-    # can interleave with them) and only refuse while an edit is under way.
+    # can interleave with them) and only refuse while an edit is under way (these are the
+    # class's methods, reached only while the gate is closed: see _open_fast_paths).
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         if self._paused:
             return None

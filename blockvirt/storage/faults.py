@@ -151,7 +151,7 @@ class FaultyFileIO(FileIO):
         self._apply(fd, "read")
         return super().pread(fd, length, offset)
 
-    def preadv_nowait(self, fd: int, buf: memoryview, offset: int) -> bool:
+    def preadv_nowait(self, fd: int, buf: bytearray | memoryview, offset: int) -> bool:
         rule = self._rule(fd, "read")
         if rule is not None:
             return False  # a slow or failing device: go through pread, in the pool's threads

@@ -70,25 +70,29 @@ class FileIO:
             data += bytes(length - len(data))
         return data
 
-    def preadv_nowait(self, fd: int, buf: memoryview, offset: int) -> bool:
+    def preadv_nowait(self, fd: int, buf: bytearray | memoryview, offset: int) -> bool:
         """Fill buf from the page cache without blocking; False if that is not possible."""
-        if not _NOWAIT:
-            return False
         try:
-            n = os.preadv(fd, [buf], offset, _NOWAIT)
+            n = os.preadv(fd, [buf], offset, _NOWAIT) if _NOWAIT else -1
         except OSError:
             return False
         if n == len(buf):
             return True
         # Short: past EOF of a shorter file reads as zeros; anything else is "not cached".
         if n >= 0 and offset + n >= self.size(fd):
-            buf[n:] = bytes(len(buf) - n)
+            memoryview(buf)[n:] = bytes(len(buf) - n)
             return True
         return False
 
     def pwrite(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False
     ) -> None:
+        if not dsync:  # one call, nearly always: the loop below is for short writes
+            n = os.pwrite(fd, data, offset)
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+            offset += n
         view = memoryview(data)
         while view:
             n = os.pwritev(fd, [view], offset, _DSYNC) if dsync and _DSYNC else os.pwrite(fd, view, offset)

@@ -18,6 +18,11 @@ Buffer = bytes | bytearray | memoryview
 #: A piece of a sparse read: (offset, length, data), data None meaning "reads as zeros".
 Segment = tuple[int, int, Buffer | None]
 
+#: Reads shorter than this are one data segment on every node (looking for holes does not
+#: pay below it): read_sparse(_nowait) answers them as read(_nowait) would, so a caller may
+#: call read(_nowait) for them directly.
+SPARSE_READ_MIN = 256 * 1024
+
 #: base:allocation flags, mirrored here so storage does not import the protocol package.
 HOLE = 1
 ZERO = 2
@@ -65,7 +70,8 @@ class BlockNode(abc.ABC):
         return None
 
     def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
-        """Like read_sparse, if possible without blocking the loop, else None."""
+        """Like read_sparse, if possible without blocking the loop, else None (see
+        SPARSE_READ_MIN)."""
         data = self.read_nowait(offset, length)
         return None if data is None else [(offset, length, data)]
 

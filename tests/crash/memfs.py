@@ -214,7 +214,7 @@ class MemFileIO(FileIO):
         data = bytes(cur[offset : offset + length])
         return data + bytes(length - len(data))
 
-    def preadv_nowait(self, fd: int, buf: memoryview, offset: int) -> bool:
+    def preadv_nowait(self, fd: int, buf: bytearray | memoryview, offset: int) -> bool:
         buf[:] = self.pread(fd, len(buf), offset)
         return True
 

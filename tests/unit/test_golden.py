@@ -57,7 +57,7 @@ from blockvirt.storage.backends.cowfile.layer import Layer
 from blockvirt.storage.drivers.memory import BLOCK, MemoryNode
 from blockvirt.storage.drivers.raw import RawFileNode
 from blockvirt.storage.fileio import REAL
-from blockvirt.storage.node import BlockNode, FilterNode, Segment, StorageError
+from blockvirt.storage.node import BlockNode, FilterNode, Segment
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTOR_DIR = ROOT / "protocol" / "vectors"
@@ -340,15 +340,7 @@ class Server:
                 disp.unflushed = False
             self.closed = True
             return
-        err = disp.check(cmd)
-        if err is not None:
-            self.emit(disp.error_reply(cmd, err))
-            return
-        try:
-            out = disp.try_now(cmd)
-        except StorageError as e:
-            self.emit(disp.error_reply(cmd, e))
-            return
+        out = disp.serve_inline(cmd)  # what the session does: validate, then inline or not
         self.emit(out if out is not None else await disp.run(cmd))
 
 

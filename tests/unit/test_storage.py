@@ -595,6 +595,21 @@ def test_write_guard_sends_writes_to_the_pool_after_a_stall_and_back_after_quick
     assert g.inline and g.stalls == 1
 
 
+def test_write_guard_counts_an_inline_stall_once_a_second_one_confirms_it() -> None:
+    from blockvirt.storage.backends.cowfile.layer import WriteGuard
+
+    g = WriteGuard()
+    g.note_inline(WriteGuard.STALL * 2)  # one slow write: a preemption, or the first of many
+    assert g.inline and g.suspect == WriteGuard.CONFIRM_WITHIN
+    for _ in range(WriteGuard.CONFIRM_WITHIN):
+        g.note_inline(WriteGuard.QUICK / 2)
+    assert g.inline and not g.suspect  # none followed: forgotten
+    g.note_inline(WriteGuard.STALL * 2)
+    g.note_inline(WriteGuard.QUICK / 2)
+    g.note_inline(WriteGuard.STALL * 2)  # a second one soon after: the kernel is throttling
+    assert not g.inline and g.stalls == 1 and not g.suspect
+
+
 def test_buffer_pool_reuses_large_buffers_and_zero_fills_regions() -> None:
     from blockvirt.storage import buffers
 
@@ -607,3 +622,53 @@ def test_buffer_pool_reuses_large_buffers_and_zero_fills_regions() -> None:
     assert bytes(again[:8]) == bytes(8)
     small = buffers.get(100)
     assert small == bytearray(100)
+
+
+# ---------------------------------------------------------------- the export's gate
+
+
+async def test_export_gate_fast_paths_refuse_while_drained_and_follow_an_inserted_filter() -> None:
+    from blockvirt.storage.backend import VolumeRecord
+    from blockvirt.storage.export import Export
+
+    class Inline(MemoryNode):
+        def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+            self.data[offset : offset + len(data)] = data
+            return True
+
+    class Refusing(FilterNode):
+        def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+            return False  # a filter that must see every change
+
+    base = Inline(64 * 1024)
+    ex = Export(VolumeRecord("v", base.size, False, "default", 0.0), base)
+    assert ex.write_nowait(0, b"abc") and bytes(ex.read_nowait(0, 3) or b"") == b"abc"
+    async with ex.drained():
+        assert ex.read_nowait(0, 3) is None
+        assert ex.read_sparse_nowait(0, 3) is None
+        assert not ex.write_nowait(0, b"xyz")
+        ex.insert(Refusing(base))
+    assert bytes(ex.read_nowait(0, 3) or b"") == b"abc"  # open again, through the filter
+    assert not ex.write_nowait(0, b"xyz")  # the filter refuses: its own method answers
+    async with ex.drained():
+        ex.remove(ex.filters()[0])
+    assert ex.write_nowait(0, b"xyz")
+    segs = ex.read_sparse_nowait(0, 3)
+    assert segs is not None and [(o, n, bytes(d or b"")) for o, n, d in segs] == [(0, 3, b"xyz")]
+
+
+def test_merged_index_sole_owner_of_a_range() -> None:
+    from blockvirt.storage.backends.cowfile.layer_map import PAGE_BLOCKS, LayerMap
+    from blockvirt.storage.backends.cowfile.merged import MergedIndex
+
+    head, parent = LayerMap(3 * PAGE_BLOCKS), LayerMap(3 * PAGE_BLOCKS)
+    parent.set_data(0, 8)
+    head.set_data(4, 2)
+    m = MergedIndex([(2, head), (1, parent)])
+    assert m.sole_owner(0, 4) == 1
+    assert m.sole_owner(4, 2) == 2 and m.sole_owner(5, 1) == 2
+    assert m.sole_owner(3, 2) == -1  # two owners
+    assert m.sole_owner(8, 100) == 0  # reads as zeros
+    assert m.sole_owner(PAGE_BLOCKS - 1, 2) == -1  # crosses a page: ask runs()
+    assert head.all_data_in(4, 1) and head.all_data_in(5, 1) and not head.all_data_in(6, 1)
+    assert not head.all_data_in(PAGE_BLOCKS + 4, 1)

@@ -64,6 +64,15 @@ LAT_MEAN = Metric("clat_mean_us", "mean lat µs", False)
 LAT_P99 = Metric("clat_p99_us", "p99 lat µs", False)
 
 
+#: CPU placements of a run (`Workload.pin`): server and fio on one CPU (what a request costs
+#: to serve, with no cross-CPU wake-up), on two different CPUs (a wake-up of the other CPU per
+#: request and reply), or where the scheduler puts them (what users see).
+PIN_SAME = "same-cpu"
+PIN_CROSS = "cross-cpu"
+SERVER_CPU = 0
+CROSS_CPU = 1
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -71,10 +80,22 @@ class Workload:
     bs: str
     iodepth: int
     metrics: tuple[Metric, ...]  # what the table shows for this workload
+    pin: str | None = None  # PIN_SAME, PIN_CROSS, or None: unpinned
 
     @property
     def direction(self) -> str:
         return "write" if "write" in self.rw else "read"
+
+
+def _qd1(rw: str) -> list[Workload]:
+    """A QD1 latency workload, unpinned and in both pinned placements."""
+    base = f"{rw}-4k-qd1"
+    lat = (IOPS, LAT_MEAN, LAT_P99)
+    return [
+        Workload(f"{base}-lat", rw, "4k", 1, lat),
+        Workload(f"{base}-{PIN_SAME}", rw, "4k", 1, lat, PIN_SAME),
+        Workload(f"{base}-{PIN_CROSS}", rw, "4k", 1, lat, PIN_CROSS),
+    ]
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -84,7 +105,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("randwrite-4k-qd16", "randwrite", "4k", 16, (IOPS,)),
         Workload("seqread-1m-qd8", "read", "1M", 8, (BW,)),
         Workload("seqwrite-1m-qd8", "write", "1M", 8, (BW,)),
-        Workload("randread-4k-qd1-lat", "randread", "4k", 1, (IOPS, LAT_MEAN, LAT_P99)),
+        *_qd1("randread"),
+        *_qd1("randwrite"),
     )
 }
 
@@ -249,6 +271,33 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def pin_server(server: Server, cpus: str) -> None:
+    """Move every process of the server, with all its threads, to ``cpus`` (a taskset list).
+    Children forked later (nbd-server's per-connection ones) inherit it."""
+    for pgid in server.pgids:
+        for pid in group_pids(pgid):
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, check=False, timeout=10
+            )
+
+
+def all_cpus() -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
 @dataclass(frozen=True)
 class Options:
     size: int
@@ -260,6 +309,8 @@ class Options:
     baseline: Path | None = None
     #: With --rbd: (ceph.conf, pool) of the throwaway Ceph every server's disk lives in.
     ceph: tuple[str, str] | None = None
+    thick: bool = True  # blockvirt's volume: thick (preallocated) or thin
+    baseline_args: tuple[str, ...] | None = None  # None: the same as blockvirt_args
 
 
 def spawn(server: Server, argv: Sequence[str], opts: Options, **kw: Any) -> None:
@@ -357,7 +408,9 @@ def start_nbd_server(server: Server, opts: Options) -> None:
     wait_for(f"nbd-server port {port}", lambda: port_open(port), server.alive, opts.start_timeout)
 
 
-def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> None:
+def start_blockvirt(
+    server: Server, opts: Options, root: Path = REPO_ROOT, extra: tuple[str, ...] | None = None
+) -> None:
     nbd_port, api_port = free_port(), free_port()
     while api_port == nbd_port:
         api_port = free_port()
@@ -380,7 +433,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
             f"{HOST}:{nbd_port}",
             "--api",
             f"{HOST}:{api_port}",
-            *opts.blockvirt_args,
+            *(opts.blockvirt_args if extra is None else extra),
         ],
         opts,
         cwd=root,
@@ -398,7 +451,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
         server.alive,
         opts.start_timeout,
     )
-    where = ["--thick"]
+    where: list[str] = []
     if opts.ceph is not None:  # the volume lives on an RBD pool of the throwaway Ceph
         conf, pool = opts.ceph
         attach = [
@@ -429,6 +482,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
         "--size",
         size_arg(opts.size),
         *where,
+        *(["--thick"] if opts.thick else []),
         "--api",
         api_url,
     ]
@@ -457,7 +511,7 @@ def start_blockvirt(server: Server, opts: Options, root: Path = REPO_ROOT) -> No
 
 def start_baseline(server: Server, opts: Options) -> None:
     assert opts.baseline is not None
-    start_blockvirt(server, opts, root=opts.baseline)
+    start_blockvirt(server, opts, root=opts.baseline, extra=opts.baseline_args)
 
 
 STARTERS: dict[str, Callable[[Server, Options], None]] = {
@@ -695,6 +749,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="every disk on a throwaway one-node Ceph (tests/cephcluster.py): blockvirt on an RBD "
         "pool against qemu-nbd's rbd driver (servers default to blockvirt,qemu-nbd; size to 256M)",
     )
+    p.add_argument(
+        "--baseline-arg",
+        action="append",
+        default=None,
+        metavar="ARG",
+        help="`serve` argument for the baseline instead of the --blockvirt-arg ones (repeatable): "
+        "with --baseline pointing at this very tree, compares two settings side by side",
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument(
@@ -708,6 +770,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=parse_size,
         default=1 << 30,
         help="disk size per server, e.g. 1G, 256M (default 1G)",
+    )
+    p.add_argument(
+        "--thick",
+        action="store_true",
+        help="blockvirt serves a thick volume (default: thin, as created by default; the fill "
+        "allocates every block either way)",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     p.add_argument(
@@ -751,6 +819,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown workloads {bad}; choose from {','.join(WORKLOADS)}")
     if args.reps < 1 or args.runtime <= 0 or args.ramp_time < 0:
         p.error("--reps must be >= 1, --runtime > 0, --ramp-time >= 0")
+    pinned = [w for w in args.workloads if WORKLOADS[w].pin is not None]
+    if pinned and shutil.which("taskset") is None:
+        p.error(f"pinned workloads {pinned} need taskset (util-linux)")
+    if any(WORKLOADS[w].pin == PIN_CROSS for w in args.workloads) and len(os.sched_getaffinity(0)) < 2:
+        p.error(f"{PIN_CROSS} workloads need two CPUs")
     if args.baseline is not None:
         if not (args.baseline / "blockvirt" / "__main__.py").exists():
             p.error(f"--baseline {args.baseline}: not a blockvirt source tree")
@@ -852,9 +925,14 @@ def one_run(
         "runtime": f"{args.runtime:g}",
         "ramp_time": f"{args.ramp_time:g}",
     }
+    if wl.pin is None:
+        pin_server(s, all_cpus())
+    else:
+        pin_server(s, str(SERVER_CPU))
+        params["cpus_allowed"] = str(SERVER_CPU if wl.pin == PIN_SAME else CROSS_CPU)
     if not args.no_sync:
         os.sync()
-    prefix = f"rep {rep + 1}/{args.reps} {wl.name:<20} {s.name:<11}"
+    prefix = f"rep {rep + 1}/{args.reps} {wl.name:<24} {s.name:<14}"
     try:
         job = run_fio(s.uri, wl.name, params, timeout, workdir)
         metrics = job_metrics(job, wl.direction)
@@ -906,6 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tuple(args.blockvirt_arg),
             args.baseline,
             ceph,
+            args.thick,
+            None if args.baseline_arg is None else tuple(args.baseline_arg),
         )
         try:
             start_all(servers, opts)
@@ -931,7 +1011,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {
             "config": {
                 "servers": args.servers,
-                "workloads": {w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads},
+                "workloads": {
+                    w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "pin": w.pin} for w in workloads
+                },
+                "pinning": {
+                    PIN_SAME: f"server and fio on CPU {SERVER_CPU}",
+                    PIN_CROSS: f"server on CPU {SERVER_CPU}, fio on CPU {CROSS_CPU}",
+                },
+                "blockvirt_volume": "thick" if args.thick else "thin",
                 "reps": args.reps,
                 "runtime_s": args.runtime,
                 "ramp_time_s": args.ramp_time,

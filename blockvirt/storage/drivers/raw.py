@@ -18,13 +18,21 @@ from blockvirt.storage.fileio import (
     FALLOC_FL_ZERO_RANGE,
     fallocate,
 )
-from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
+from blockvirt.storage.node import (
+    HOLE,
+    SPARSE_READ_MIN,
+    ZERO,
+    BlockNode,
+    Buffer,
+    Capabilities,
+    Segment,
+    StorageError,
+)
 
 #: Writes up to this size are copied into the page cache inline on the loop.
 INLINE_WRITE_MAX = 64 * 1024
-#: Reads at least this large look for holes first so they can be sent as hole chunks.
-SPARSE_READ_MIN = 256 * 1024
-#: At most this many hole/data segments in one READ reply.
+#: At most this many hole/data segments in one READ reply (reads of SPARSE_READ_MIN or more
+#: look for holes first so they can be sent as hole chunks).
 MAX_READ_SEGMENTS = 64
 #: At most this many extents per block-status answer (clients loop for the rest).
 MAX_EXTENTS = 16384

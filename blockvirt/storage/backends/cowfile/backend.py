@@ -371,25 +371,40 @@ class FileBackend:
                 f"chain of {volume.name!r} is {depth - 1} layers deep (limit {MAX_CHAIN_DEPTH}): "
                 "delete snapshots or flatten first",
             )
-        # Everything slow happens outside the drain: the new layer's files are made (and
-        # synced) first, and the frozen head's final commit (an fdatasync that can take a
-        # while under write load) runs after I/O has resumed. FLUSH waits for it.
+        # Everything slow happens outside the drain, and off the loop: the new layer's files
+        # are made (and synced), and the catalog commits the new tree (an fsync that waits
+        # for the file system's journal under write load) while I/O goes on. Writes that land
+        # in the old head meanwhile belong to the snapshot too: they were concurrent with it.
+        # The drain then only puts the new head on top (memory only, microseconds), so no
+        # request waits for storage. The frozen head's final commit runs after I/O has resumed;
+        # FLUSH waits for it.
         new_id = new_layer_id()
         await executor.run(
             Layer.create, self.io, self._pool(volume.pool).path, new_id, volume.size, thick=False
         )
+        old = node.head
+        now = time.time()
+        lrec = LayerRecord(new_id, volume.pool, old.id, volume.size, False, now)
+        new_head = self.st.layers.acquire(lrec, writable=True)
+        try:
+            await executor.run(self._commit_snapshot, volume.name, snap, lrec)
+        except BaseException:
+            self.st.layers.release(new_head)
+            raise
         async with head.drained():
-            old = node.head
-            now = time.time()
-            with self.catalog.transaction() as t:
-                t.add_layer(LayerRecord(new_id, volume.pool, old.id, volume.size, False, now))
-                t.add_snapshot(SnapshotRow(volume.name, snap, old.id, now))
-                t.set_head(volume.name, new_id)
-            lrec = self.catalog.layer(new_id)
-            assert lrec is not None
-            node.freeze_head(self.st.layers.acquire(lrec, writable=True))
+            assert node.head is old, "the head changed under the tree lock"
+            node.freeze_head(new_head)
         self._background(node.commit_frozen())
         return SnapshotResult(depth)
+
+    def _commit_snapshot(self, volume: str, snap: str, lrec: LayerRecord) -> None:
+        """The snapshot in the catalog: the new head over the old one, which the snapshot
+        keeps (in an executor thread: see snapshot_create)."""
+        assert lrec.parent is not None
+        with self.catalog.transaction_off_loop() as t:
+            t.add_layer(lrec)
+            t.add_snapshot(SnapshotRow(volume, snap, lrec.parent, lrec.created))
+            t.set_head(volume, lrec.id)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

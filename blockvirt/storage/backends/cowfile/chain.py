@@ -8,19 +8,27 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from blockvirt.storage import buffers, executor
 from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, oserror, timed_pwrite
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, DATA
 from blockvirt.storage.backends.cowfile.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
-from blockvirt.storage.node import HOLE, ZERO, BlockNode, Buffer, Capabilities, Segment, StorageError
+from blockvirt.storage.node import (
+    HOLE,
+    SPARSE_READ_MIN,
+    ZERO,
+    BlockNode,
+    Buffer,
+    Capabilities,
+    Segment,
+    StorageError,
+)
 
 #: Writes up to this size are done inline on the loop (a copy into the page cache): handing
 #: them to a thread costs more than the copy. See `WriteGuard` for when that stops.
 INLINE_WRITE_MAX = 1024 * 1024
-#: Reads at least this large look for zero runs to send as holes.
-SPARSE_READ_MIN = 256 * 1024
 #: At most this many bytes are mapped per block-status request (clients ask again).
 BLOCK_STATUS_SPAN = 1 << 30
 
@@ -47,6 +55,10 @@ class ChainNode(BlockNode):
         self._locks: dict[int, asyncio.Future[None]] = {}  # blocks under read-modify-write
         self.guard = WriteGuard()
         self._frozen: list[Layer] = []  # former heads whose final commit is owed
+        #: Buffered (non-FUA) writes so far, and how many of them a finished commit of the
+        #: head covers: equal, the head's file holds no dirty data but FUA writes' (see _write).
+        self._buffered = 0
+        self._synced = 0
         #: Why the volume is failed (writes refused), or None. See _commit_head.
         self.failed: str | None = None
 
@@ -111,7 +123,11 @@ class ChainNode(BlockNode):
         return out
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        buf = buffers.get(length)
+        buf = bytearray(length) if length < buffers.MIN_POOLED else buffers.get(length)
+        first = offset >> BLOCK_SHIFT
+        owner = self.merged.sole_owner(first, ((offset + length - 1) >> BLOCK_SHIFT) - first + 1)
+        if owner > 0:  # one layer holds the whole range (the common small read): one call
+            return buf if self.io.preadv_nowait(self._fds[owner], buf, offset) else None
         view = memoryview(buf)
         for fd, off, n in self._plan(offset, length):
             part = view[off - offset : off - offset + n]
@@ -186,16 +202,22 @@ class ChainNode(BlockNode):
             or (self.io.faulty and self.io.slow_writes(self.layers[0].fd))
         ):
             return False
-        head = self.head
+        head = self.layers[0]
         first = offset >> BLOCK_SHIFT
         count = ((offset + n - 1) >> BLOCK_SHIFT) - first + 1
         in_place = head.map.all_data_in(first, count)
         if not in_place and (offset | n) & (BLOCK - 1):
             return False  # a partial block not held by the head: read-modify-write (async)
         try:
-            self.guard.note(timed_pwrite(self.io, head.fd, data, offset, False))
+            t0 = perf_counter()
+            self.io.pwrite(head.fd, data, offset)
+            seconds = perf_counter() - t0
         except OSError as e:
             raise oserror(e, "write") from e
+        guard = self.guard
+        if guard.suspect or seconds > WriteGuard.STALL:  # else the guard has nothing to learn
+            guard.note_inline(seconds)
+        self._buffered += 1
         if not in_place:
             head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)
@@ -220,7 +242,7 @@ class ChainNode(BlockNode):
             if not dsync:
                 self.guard.note(seconds)
         else:
-            self.guard.note(timed_pwrite(self.io, fd, data, offset, dsync))
+            self.guard.note_inline(timed_pwrite(self.io, fd, data, offset, dsync))
 
     async def _current_block(self, block: int) -> bytes:
         """The block's contents as the chain reads it now."""
@@ -236,14 +258,19 @@ class ChainNode(BlockNode):
         first = offset >> BLOCK_SHIFT
         last = (offset + n - 1) >> BLOCK_SHIFT
         count = last - first + 1
+        if not fua:
+            self._buffered += 1
         await self._wait_locks(first, last)
         if head.map.all_data_in(first, count):
-            if fua and not head.states_durable(first, count):
-                # In place, but the blocks' DATA state is not journaled yet: a dsync write
-                # alone would not survive a crash. Write, then commit.
+            if fua and (self._buffered == self._synced or not head.states_durable(first, count)):
+                # Write to the page cache, then commit (group commit: FUA writes in flight
+                # together share one fdatasync). Needed when the blocks' DATA state is not
+                # journaled yet (a dsync write alone would not survive a crash); and cheaper
+                # than a dsync write of its own per request in a thread when the file holds
+                # no other dirty data (qemu's default cache mode makes every write FUA).
                 await self._pwrite(head.fd, data, offset)
                 await self._commit_head()
-            else:
+            else:  # other writes' dirty data would be synced too: sync just this one
                 await self._pwrite(head.fd, data, offset, dsync=fua)
             return
         head_part = offset & (BLOCK - 1)
@@ -343,8 +370,11 @@ class ChainNode(BlockNode):
         """Commit the head. A commit that fails with EIO marks the volume failed: after a
         failed sync the kernel may have dropped the dirty data (Linux does), so nothing
         written since the last good commit can be promised any more."""
+        covered = self._buffered
         try:
             await self.head.commit()
+            if covered > self._synced:
+                self._synced = covered
         except StorageError as e:
             if e.errno == errno.EIO and self.failed is None:
                 self.failed = f"a commit failed ({e}); writes are refused until the volume is reset"

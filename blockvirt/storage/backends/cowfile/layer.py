@@ -266,21 +266,30 @@ class WriteGuard:
     """Decides whether buffered writes may run inline on the event loop.
 
     A page-cache write normally takes microseconds, but the kernel can stall a writer (dirty
-    page throttling, a slow disk). One inline write slower than STALL sends every write of
-    this node to the thread pool, where only that volume waits; inline writes resume once
-    the pool has seen FAST_STREAK quick writes in a row.
+    page throttling, a slow disk). Writes slower than STALL send every write of this node to
+    the thread pool, where only that volume waits; inline writes resume once the pool has seen
+    FAST_STREAK quick writes in a row.
+
+    An inline write is judged by `note_inline`: on a loaded machine one write in a few
+    thousand looks slow only because the loop's thread was preempted in the middle of it,
+    and sending the next 256 writes to threads for that costs far more than the stall would.
+    The kernel throttles a dirtying writer again and again (every few dozen pages), so an
+    inline stall counts once a second one follows within CONFIRM_WITHIN inline writes.
     """
 
     STALL = 0.005
     QUICK = 0.001
     FAST_STREAK = 256
+    CONFIRM_WITHIN = 256
 
-    __slots__ = ("inline", "stalls", "streak")
+    __slots__ = ("inline", "stalls", "streak", "suspect")
 
     def __init__(self) -> None:
         self.inline = True
         self.streak = 0
         self.stalls = 0
+        #: Inline writes left during which a second stall confirms the first (0: none seen).
+        self.suspect = 0
 
     def note(self, seconds: float) -> None:
         if seconds > self.STALL:
@@ -292,6 +301,18 @@ class WriteGuard:
             self.streak += 1
             if self.streak >= self.FAST_STREAK:
                 self.inline = True
+
+    def note_inline(self, seconds: float) -> None:
+        """An inline write took `seconds` (callers may skip quick writes while no stall is
+        suspected: then nothing changes)."""
+        if seconds > self.STALL:
+            if self.suspect:
+                self.suspect = 0
+                self.note(seconds)
+            else:
+                self.suspect = self.CONFIRM_WITHIN
+        elif self.suspect:
+            self.suspect -= 1
 
 
 def timed_pwrite(io: FileIO, fd: int, data: Buffer, offset: int, dsync: bool) -> float:

@@ -78,6 +78,9 @@ class LayerMap:
         if self.all_data:
             return True
         pages = self.pages
+        if count == 1:  # the common small write: one bit, no masks of a 4096-bit page
+            bits = pages.get(first // PAGE_BLOCKS)
+            return bits is not None and bool(bits[0] >> (first % PAGE_BLOCKS) & 1)
         for page, i, n in _page_spans(first, count):
             bits = pages.get(page)
             m = _mask(i, n)
@@ -116,6 +119,19 @@ class LayerMap:
         assert not self.all_data, "preallocated layers never change state"
         assert first >= 0 and first + count <= self.nblocks, (first, count, self.nblocks)
         pages = self.pages
+        if count == 1:  # the common small write (an allocating 4 KiB write): one bit
+            page, i = divmod(first, PAGE_BLOCKS)
+            bits = pages.get(page)
+            if bits is None and (data_on or zero_on):
+                bits = pages[page] = [0, 0]
+            if bits is not None:
+                bit = 1 << i
+                bits[0] = bits[0] | bit if data_on else bits[0] & ~bit
+                bits[1] = bits[1] | bit if zero_on else bits[1] & ~bit
+                if not bits[0] and not bits[1]:
+                    del pages[page]
+            self.dirty.add(first // CLUSTER_BLOCKS)
+            return
         for page, i, n in _page_spans(first, count):
             m = _mask(i, n)
             bits = pages.get(page)

@@ -80,6 +80,20 @@ class MergedIndex:
     def owner(self, block: int) -> int:
         return self.page(block // PAGE_BLOCKS)[block % PAGE_BLOCKS]
 
+    def sole_owner(self, first: int, count: int) -> int:
+        """The owner of every block of a range inside one page, or -1 if they differ (or the
+        range crosses a page): the common small read, answered without building runs."""
+        page, i = divmod(first, PAGE_BLOCKS)
+        if i + count > PAGE_BLOCKS:
+            return -1
+        owners = self._pages.get(page)
+        if owners is None:
+            owners = self.page(page)
+        else:
+            self._pages.move_to_end(page)  # page() written out: this runs for every read
+        v = owners[i]
+        return v if count == 1 or _uniform(owners, i, i + count, v) else -1
+
     def runs(self, first: int, count: int) -> list[tuple[int, int]]:
         """(owner, blocks) runs covering the range, in order."""
         out: list[tuple[int, int]] = []

@@ -1,0 +1,63 @@
+"""Adaptive polling's policy (pure: time is an argument) and the selector around it."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+
+from blockvirt.server.polling import PollingSelector, PollPolicy
+
+W = 100e-6
+
+
+def test_an_idle_or_slow_server_never_spins() -> None:
+    p = PollPolicy(W)
+    assert p.spin_until(0.0, None) is None  # nothing seen yet
+    p.waited(5e-3)  # requests 5 ms apart: a spin would not have caught the next one
+    assert p.spin_until(1.0, None) is None
+    assert p.spins == 0
+
+
+def test_dense_traffic_spins_for_the_window_at_most() -> None:
+    p = PollPolicy(W)
+    p.waited(20e-6)
+    assert p.spin_until(1.0, None) == 1.0 + W
+    assert p.spin_until(1.0, 0.25) == 1.0 + W  # a timer due later
+    assert p.spin_until(1.0, 30e-6) is None  # a timer due sooner: sleep until it
+    assert p.spin_until(1.0, 0) is None  # callbacks ready: never wait
+    assert p.spins == 2
+
+
+def test_a_spin_that_finds_nothing_stops_spinning_until_traffic_is_dense_again() -> None:
+    p = PollPolicy(W)
+    p.waited(20e-6)
+    assert p.spin_until(1.0, None) is not None
+    p.missed()
+    assert p.spin_until(2.0, 0.25) is None  # an idle server's timer ticks do not spin
+    p.waited(10e-6)
+    assert p.spin_until(3.0, None) is not None
+
+
+def test_window_zero_is_off() -> None:
+    p = PollPolicy(0.0)
+    p.waited(0.0)
+    assert p.spin_until(1.0, None) is None
+
+
+def test_selector_finds_what_the_inner_one_finds() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        sel = PollingSelector(W)
+        sel.register(a, selectors.EVENT_READ, "a")
+        assert sel.select(0) == []
+        sel.policy.waited(0.0)  # dense: the next wait spins first
+        assert sel.select(0.001) == []  # spun, found nothing, then waited out the timeout
+        assert not sel.policy.dense
+        b.send(b"x")
+        sel.policy.waited(0.0)
+        ready = sel.select(None)
+        assert [(k.data, ev) for k, ev in ready] == [("a", selectors.EVENT_READ)]
+        assert sel.policy.dense and sel.policy.spins == 2
+        assert sel.get_key(a).data == "a" and len(sel.get_map()) == 1
+        sel.unregister(a)
+        sel.close()
