@@ -116,7 +116,8 @@ def new_loop(kind: str, busy_poll_us: float) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop()
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
     if busy_poll_us > 0:
         return asyncio.SelectorEventLoop(PollingSelector(busy_poll_us / 1e6))
     return asyncio.SelectorEventLoop()
