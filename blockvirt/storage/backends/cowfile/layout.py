@@ -6,6 +6,11 @@
 
 A batch is one commit (one FLUSH). Replay applies batches in order and stops at the first
 one that is torn or fails its CRC: everything after it was never acknowledged as durable.
+
+The header is declared with construct (read and written once per layer open or create).
+Batches stay precompiled `struct`s: one is encoded per commit, on the FLUSH path, and replay
+unpacks up to 65536 entries per batch with `iter_unpack`, where a declarative parser per
+entry costs ~100x more.
 """
 
 from __future__ import annotations
@@ -15,13 +20,40 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from construct import (
+    Bytes,
+    Checksum,
+    ChecksumError,
+    Const,
+    ConstError,
+    ConstructError,
+    Int32ub,
+    Int64ub,
+    Padding,
+    RawCopy,
+    Struct,
+    this,
+)
+
 MAGIC = b"BVLAYER1"
 VERSION = 1
 FLAG_ALL_DATA = 1  # thick layer: every block is DATA, no entries ever
 HEADER_SIZE = 4096
 
-_HEADER = struct.Struct(">8sIIIQ16s")  # magic, version, flags, block size, reserved, layer id
-_HEADER_CRC = struct.Struct(">I")
+#: The header block: the fields, their CRC32, zeros to HEADER_SIZE.
+_HEADER_FIELDS = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int32ub,
+    "flags" / Int32ub,
+    "block_size" / Int32ub,
+    "reserved" / Int64ub,
+    "layer_id" / Bytes(16),
+)
+_HEADER = Struct(
+    "body" / RawCopy(_HEADER_FIELDS),
+    "crc" / Checksum(Int32ub, zlib.crc32, this.body.data),
+    Padding(HEADER_SIZE - _HEADER_FIELDS.sizeof() - 4),
+)
 BATCH_MAGIC = 0x42564A54  # "BVJT"
 _BATCH = struct.Struct(">IIQI")  # magic, count, sequence, crc
 _ENTRY = struct.Struct(">QHH")
@@ -47,24 +79,32 @@ class Header:
 
 
 def encode_header(h: Header) -> bytes:
-    body = _HEADER.pack(MAGIC, VERSION, h.flags, h.block_size, 0, h.layer_id)
-    raw = body + _HEADER_CRC.pack(zlib.crc32(body))
-    return raw + bytes(HEADER_SIZE - len(raw))
+    fields = {
+        "version": VERSION,
+        "flags": h.flags,
+        "block_size": h.block_size,
+        "reserved": 0,
+        "layer_id": h.layer_id,
+    }
+    return bytes(_HEADER.build({"body": {"value": fields}}))
 
 
 def decode_header(raw: bytes) -> Header:
-    if len(raw) < _HEADER.size + 4:
+    if len(raw) < _HEADER_FIELDS.sizeof() + 4:
         raise LayoutError("file too short for a layer header")
-    body = raw[: _HEADER.size]
-    (crc,) = _HEADER_CRC.unpack_from(raw, _HEADER.size)
-    magic, version, flags, block_size, _, layer_id = _HEADER.unpack(body)
-    if magic != MAGIC:
-        raise LayoutError("not a blockvirt layer map (bad magic)")
-    if zlib.crc32(body) != crc:
-        raise LayoutError("layer header checksum mismatch")
-    if version != VERSION:
-        raise LayoutError(f"unsupported layer map version {version}")
-    return Header(flags, block_size, layer_id)
+    try:
+        # Only the fields and the CRC: the padding of a header read short is not checked.
+        parsed = _HEADER.parse(bytes(raw[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0"))
+    except ConstError:
+        raise LayoutError("not a blockvirt layer map (bad magic)") from None
+    except ChecksumError:
+        raise LayoutError("layer header checksum mismatch") from None
+    except ConstructError as e:
+        raise LayoutError(f"unreadable layer header: {e}") from None
+    fields = parsed.body.value
+    if fields.version != VERSION:
+        raise LayoutError(f"unsupported layer map version {fields.version}")
+    return Header(fields.flags, fields.block_size, fields.layer_id)
 
 
 def encode_batches(seq: int, entries: Iterable[tuple[int, int, int]]) -> tuple[bytes, int]:
