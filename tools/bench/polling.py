@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for name, flag in variants.items():
                 # A thin volume, as created by default, filled through the server.
-                opts = _run.Options(args.size, work, work, args.python, 60.0, (flag,), None, False)
+                opts = _run.Options(args.size, work, work, args.python, 60.0, (flag,), thick=False)
                 s = _run.Server(name)
                 _run.start_blockvirt(s, opts)
                 _run.fill(s, args.size, 600, work)
