@@ -75,7 +75,7 @@ if [[ ! -x .venv/bin/python ]]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 extra=""
-(( want_test )) && extra="[test]"
+(( want_test )) && extra="[test,fast]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
 if (( want_test )); then
     # Coverage-guided fuzzing (tools/fuzz/fuzz_nbd.py). A wheel exists for CPython 3.11 on
