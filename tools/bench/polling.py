@@ -77,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A thin volume, as created by default, filled through the server.
                 opts = _run.Options(args.size, work, work, args.python, 60.0, (flag,), thick=False)
                 s = _run.Server(name)
+                servers[name] = s  # stopped in `finally` even if its start or fill fails
                 _run.start_blockvirt(s, opts)
                 _run.fill(s, args.size, 600, work)
-                servers[name] = s
             for rep in range(args.reps):
                 order = list(servers) if rep % 2 == 0 else list(reversed(servers))
                 for rate in rates:

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     with tempfile.TemporaryDirectory(prefix="blockvirt-profile-") as tmp:
         work = Path(tmp)
-        opts = _run.Options(args.size, work, work, args.python, 60.0, tuple(args.serve_arg), None, False)
+        opts = _run.Options(args.size, work, work, args.python, 60.0, tuple(args.serve_arg), thick=False)
         s = _run.Server("blockvirt")
         try:
             _run.start_blockvirt(s, opts, root=args.root)
