@@ -29,6 +29,7 @@ from blockvirt.qos.manager import QosManager
 from blockvirt.server.exports import ExportRegistry
 from blockvirt.server.limits import Limits, SecurityCounters
 from blockvirt.server.listener import NbdServer
+from blockvirt.server.polling import describe
 from blockvirt.server.tls import server_context
 from blockvirt.storage.backend import VolumeBackend
 from blockvirt.storage.backends.cowfile.backend import FileBackend
@@ -244,6 +245,7 @@ class Service:
         self.volumes.node.nbd = self.nbd.address
         self.volumes.node.api = self.api_url
         log.info("API and /metrics on %s", self.api_url)
+        log.info("%s", describe(asyncio.get_running_loop()))
         if cfg.ready_file:
             info = {"nbd": self.nbd.address, "api": self.api_url, "pid": os.getpid()}
             _write_ready_file(cfg.ready_file, info)

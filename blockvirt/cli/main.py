@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -405,9 +404,6 @@ def _serve(args: argparse.Namespace) -> int:
         loop = new_loop(args.loop, busy_poll)
     except ImportError:
         raise UsageError("blockvirt serve: --loop uvloop needs uvloop (blockvirt[fast])") from None
-    logging.getLogger("blockvirt").info(
-        "event loop: %s, adaptive polling %s", args.loop, f"{busy_poll:g} us" if busy_poll else "off"
-    )
     try:
         with asyncio.Runner(loop_factory=lambda: loop) as runner:
             runner.run(Service(cfg).run())

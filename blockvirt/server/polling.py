@@ -121,3 +121,13 @@ def new_loop(kind: str, busy_poll_us: float) -> asyncio.AbstractEventLoop:
     if busy_poll_us > 0:
         return asyncio.SelectorEventLoop(PollingSelector(busy_poll_us / 1e6))
     return asyncio.SelectorEventLoop()
+
+
+def describe(loop: asyncio.AbstractEventLoop) -> str:
+    """The loop and its polling window, for the start-up log."""
+    if type(loop).__module__.startswith("uvloop"):
+        return "event loop: uvloop, adaptive polling off"
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, PollingSelector) and selector.policy.window > 0:
+        return f"event loop: asyncio, adaptive polling {selector.policy.window * 1e6:g} us"
+    return "event loop: asyncio, adaptive polling off"
