@@ -13,6 +13,7 @@ kernel picks, and a data directory under pytest's tmp_path; it is stopped after 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -55,6 +56,21 @@ class BlockvirtServer:
         self._log: Any = None
 
     @property
+    def node_name(self) -> str:
+        """Its `--node-name`: as given in extra_args, else one per data directory. Two test
+        servers on one host that attach the same RBD pool must not share the host name (the
+        pool would refuse the second), while a server restarted on its data directory comes
+        back as the node it was."""
+        args = list(self.extra_args)
+        if "--node-name" in args:
+            return args[args.index("--node-name") + 1]
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        return f"test-{digest}"
+
+    def _node_args(self) -> list[str]:
+        return [] if "--node-name" in self.extra_args else ["--node-name", self.node_name]
+
+    @property
     def log_path(self) -> Path:
         return self.data_dir.parent / f"{self.data_dir.name}.server.log"
 
@@ -85,6 +101,7 @@ class BlockvirtServer:
             "--log-level",
             self.log_level,
             *token_args,
+            *self._node_args(),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)

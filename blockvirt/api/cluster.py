@@ -41,8 +41,8 @@ async def move_volume(request: web.Request) -> web.Response:
     node = validate_name(field(body, "node", str), "node")
     wait = field(body, "wait", bool, True)
     started = time.monotonic()
-    await vm.move(name, node)
-    if wait:
+    moving = await vm.move(name, node)  # False: here already, nothing to wait for
+    if wait and moving:
         deadline = started + MOVE_WAIT
         while _owner(vm, name) != node:
             if time.monotonic() > deadline:
@@ -50,9 +50,8 @@ async def move_volume(request: web.Request) -> web.Response:
                     "conflict", f"volume {name!r} did not reach node {node} in {MOVE_WAIT:g} s"
                 )
             await asyncio.sleep(0.05)
-    return web.json_response(
-        {"volume": name, "node": node, "seconds": round(time.monotonic() - started, 3), "done": wait}
-    )
+    seconds = round(time.monotonic() - started, 3)
+    return web.json_response({"volume": name, "node": node, "seconds": seconds, "done": wait or not moving})
 
 
 async def drain_node(request: web.Request) -> web.Response:

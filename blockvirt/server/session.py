@@ -660,8 +660,15 @@ class NbdSession(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             if abort:
                 transport.abort()
-            else:
-                transport.close()
+                return
+            if self._reading_paused:
+                # asyncio's TLS transport (3.11) that saw the client's EOF while we paused
+                # reading (a DISC, then the client's shutdown) finishes its own shutdown only
+                # once reading resumes; close() alone then never closes the socket. Nothing
+                # more is parsed: every path here has stopped taking requests.
+                transport.resume_reading()
+                self._reading_paused = False
+            transport.close()
 
     async def _finish(self) -> None:
         """Release the volume once every task is done (runs once per session)."""

@@ -173,11 +173,14 @@ class VolumeManager:
     def cluster_view(self) -> list[dict[str, Any]]:
         return [c for b in self.backends.values() for c in b.cluster_view()]
 
-    async def move(self, name: str, node: str) -> None:
-        """Ask the volume's owner to hand it to `node` (a planned move, no data copied)."""
+    async def move(self, name: str, node: str) -> bool:
+        """Ask the volume's owner to hand it to `node` (a planned move, no data copied).
+        False when there is nothing to move: `node` is this one and no other node serves the
+        volume (this node serves it, or takes it at its first open)."""
         if node == self.node.name and self.served_elsewhere(name) is None:
-            return
+            return False
         await self.backend_of(name).want(name, node)
+        return True
 
     async def drain_node(self, node: str) -> list[tuple[str, str]]:
         """Move every volume `node` serves to the other live nodes of its pool, in turn.

@@ -74,13 +74,30 @@ async def test_another_node_and_a_restart_see_the_same_pool(
             assert seen == {k: v for k, v in before.items() if k != "local"}
             assert seen["disk"]["qos"] == {"shares": 200, "reservation": 50, "limit": 700, "bps_limit": 0}
             assert [s["name"] for s in seen["disk"]["snapshots"]] == ["s1", "s2", "s3"]
+            # Snapshots are immutable: any node reads them beside the owner.
             for export, want in data.items():
-                assert await contents(second, export) == want, export
+                if "@" in export:
+                    assert await contents(second, export) == want, export
+            # A head is served by the node that owns it: the other one names the owner.
+            with pytest.raises(NbdClientError, match=f"served by node {first.node_name} at "):
+                await contents(second, "disk")
+            # Handed over (no data copied), the second node serves the same bytes.
+            for name in ("disk", "thick", "copy"):
+                cli_json(second, "volume", "move", name, "--node", second.node_name)
+            for export in ("disk", "thick"):
+                assert await contents(second, export) == data[export], export
             # The access rules apply there too: read-only for 127.0.0.1, "copy" refused.
             async with await NbdClient.connect(second.uri("disk")) as c:
                 assert c.export.read_only
-            with pytest.raises(NbdClientError):
+            with pytest.raises(NbdClientError, match=r"no export named 'copy' for this client"):
                 await NbdClient.connect(second.uri("copy"))
+            # A volume no node has opened yet moves at once; a file volume stays on its node.
+            cli_json(first, "volume", "move", "local", "--node", first.node_name)
+            r = first.cli("volume", "move", "local", "--node", second.node_name)
+            assert r.returncode != 0 and "in a file pool: only this node can serve it" in r.stderr, r.stderr
+            # Back to the first node before the second one stops.
+            for name in ("disk", "thick", "copy"):
+                cli_json(second, "volume", "move", name, "--node", first.node_name)
     finally:
         first.stop()
 

@@ -155,7 +155,7 @@ async def test_slow_pool_never_stalls_other_volumes(server: BlockvirtServer) -> 
     # The fast volume never waited for the slow device (one operation there takes 50 ms).
     assert lat[int(0.99 * len(lat))] < 0.025, (statistics.median(lat), lat[-5:])
     lag_p99 = metric(server, 'blockvirt_event_loop_lag_seconds_bucket{le="0.025"}')
-    lag_all = metric(server, 'blockvirt_event_loop_lag_seconds_count')
+    lag_all = metric(server, "blockvirt_event_loop_lag_seconds_count")
     assert lag_p99 >= 0.99 * lag_all  # the event loop itself was never held 25 ms
 
 

@@ -159,7 +159,7 @@ def _settled_rss(pid: int, seconds: float = 2.0) -> int:
     return last
 
 
-CLIENTS = int(os.environ.get('HOSTILE_CLIENTS', '12'))
+CLIENTS = int(os.environ.get("HOSTILE_CLIENTS", "12"))
 
 
 @pytest.mark.slow

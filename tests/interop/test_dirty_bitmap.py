@@ -225,7 +225,6 @@ def test_a_reply_holds_at_most_16384_extents(blockvirt_server: BlockvirtServer) 
         h.shutdown()
 
 
-
 # --------------------------------------------------------------------------- scale
 
 

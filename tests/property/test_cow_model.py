@@ -121,7 +121,6 @@ async def _open(data_dir: str) -> VolumeManager:
     return vm
 
 
-
 async def _check_export(vm: VolumeManager, export: str, want: bytes | bytearray, *, deep: bool) -> None:
     vol = vm.volume(export)
     assert vol is not None, f"{export} is gone"

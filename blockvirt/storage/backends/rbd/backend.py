@@ -714,7 +714,7 @@ class RbdBackend:
         return cached if cached is not None else VolumeFigures(0, 0, 1)
 
     def failed(self, node: BlockNode) -> str | None:
-        return node.failed if isinstance(node, RbdNode) else None
+        return (node.failed or node.open_error) if isinstance(node, RbdNode) else None
 
     def _ancestors(self, catalog: RbdCatalog, volume: str, point: str | None) -> list[str]:
         """The snapshots `point` (a snapshot, or None: the head) descends from, nearest first."""

@@ -53,8 +53,12 @@ class RbdNode(BlockNode):
         self.thick = thick
         self.label = label
         self.volume = volume
-        #: Why the volume cannot serve now (its image could not be opened), or None.
+        #: Why this node may no longer serve the volume (fenced, moved, its lock taken): final,
+        #: every request gets ESHUTDOWN so the client reconnects to the node that has it.
         self.failed: str | None = None
+        #: Why the last open of the image failed (e.g. removed outside blockvirt), or None:
+        #: each request tries again and gets that error; `volume info` shows it meanwhile.
+        self.open_error: str | None = None
 
     # ------------------------------------------------------------ image
     async def image(self) -> AsyncImage:
@@ -74,8 +78,8 @@ class RbdNode(BlockNode):
         except BaseException as e:
             if opening.done() and self._opening is opening:
                 self._opening = None  # a later request tries again
-            if isinstance(e, StorageError) and self.failed != str(e):
-                self.failed = str(e)  # `volume info` says why until an open works
+            if isinstance(e, StorageError) and self.open_error != str(e):
+                self.open_error = str(e)  # logged once, and shown until an open works
                 log.error("%s", e, extra={"volume": self.label})
             raise
         if self._opening is not opening or self.failed is not None:
@@ -83,7 +87,7 @@ class RbdNode(BlockNode):
             await img.close()
             raise StorageError(errno.ESHUTDOWN, f"{self.label}: {self.failed or 'closed'}")
         self._image = img
-        self.failed = None
+        self.open_error = None
         if img.size != self._size:  # resized by another node since the catalog said
             self._size = img.size
         return img
