@@ -3,6 +3,7 @@ the CLI and the asyncio NBD client against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -241,4 +242,41 @@ async def test_thick_grow_and_restart(tmp_path: Path) -> None:
             assert c.size == 6 * MiB
             assert await c.read(0, 2 * MiB) == b"t" * 2 * MiB
             assert await c.read(2 * MiB, 4 * MiB) == bytes(4 * MiB)
+        assert s.cli("check", "--data-dir", str(s.data_dir)).returncode == 0
+
+
+@pytest.mark.parametrize("thick", [False, True], ids=["thin", "thick"])
+async def test_snapshot_delete_after_a_grow_keeps_the_grown_data(tmp_path: Path, thick: bool) -> None:
+    """s1 (2 MiB) < s2 (grown to 6 MiB, data past s1's end) < head: deleting s1 lays s2 over
+    s1's layer (a commit), which must first grow that layer. Then a restart reads the same."""
+    old, new = 2 * MiB, 6 * MiB
+    low, high = os.urandom(old), os.urandom(64 * KiB)  # s2 holds less than s1: a commit
+    with BlockvirtServer(tmp_path / "data") as s:
+        uri = s.create_volume("g", old, thick=thick)
+        async with await NbdClient.connect(uri) as c:
+            await c.write(0, low)
+            await c.flush()
+        s.api.post("/api/v1/volumes/g/snapshots", {"name": "s1"})
+        cli_json(s, "volume", "resize", "g", "6M")
+        async with await NbdClient.connect(uri) as c:
+            await c.write(4 * MiB, high)
+            await c.flush()
+        s.api.post("/api/v1/volumes/g/snapshots", {"name": "s2"})
+        out = s.api.delete("/api/v1/volumes/g/snapshots/s1")
+        assert out["job"], out
+        job = s.api.get(f"/api/v1/jobs/{out['job']}")
+        for _ in range(200):
+            if job["state"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.05)
+            job = s.api.get(f"/api/v1/jobs/{out['job']}")
+        assert job["kind"] == "commit" and job["state"] == "done", job
+        want = low + bytes(4 * MiB - old) + high + bytes(new - 4 * MiB - len(high))
+        for export in ("g", "g@s2"):
+            async with await NbdClient.connect(s.uri(export)) as c:
+                assert c.size == new and await c.read(0, new) == want, export
+    with BlockvirtServer(tmp_path / "data") as s:
+        for export in ("g", "g@s2"):
+            async with await NbdClient.connect(s.uri(export)) as c:
+                assert await c.read(0, new) == want, export
         assert s.cli("check", "--data-dir", str(s.data_dir)).returncode == 0

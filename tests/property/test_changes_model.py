@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from blockvirt.jobs.runners import register_all
@@ -174,6 +174,21 @@ async def scenario(data_dir: str, steps: list[tuple[str, int | bool, int | bool]
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, min_size=1, max_size=30))
+# Found by this test: a commit whose child had grown past its hidden parent's end.
+@example(
+    [
+        ("snapshot", False, 0),
+        ("snapshot", False, 0),
+        ("write", 0, 1),
+        ("write", 0, 8193),
+        ("snapshot", False, 0),
+        ("write", 0, 1),
+        ("grow", 512, 0),
+        ("snapshot", False, 0),
+        ("delete", 0, False),
+        ("delete", 1, True),
+    ]
+)
 def test_changes_cover_the_model(steps: list[tuple[str, int | bool, int | bool]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(str(Path(tmp) / "data"), steps))

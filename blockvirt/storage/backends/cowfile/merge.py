@@ -17,6 +17,7 @@ from blockvirt.storage.backends.cowfile import gc
 from blockvirt.storage.backends.cowfile import stream as streaming
 from blockvirt.storage.backends.cowfile.chain import ChainNode
 from blockvirt.storage.backends.cowfile.layer import Layer
+from blockvirt.storage.backends.cowfile.layer_map import BLOCK
 from blockvirt.storage.backends.cowfile.state import FileState
 from blockvirt.storage.catalog import LayerRecord
 from blockvirt.storage.work import JobKind, WorkContext
@@ -58,6 +59,8 @@ async def run_commit(st: FileState, ctx: WorkContext) -> None:
         return
     target = st.layers.acquire(tgt_rec, writable=True)
     try:
+        if src_rec.size > target.size:
+            _grow_for(st, target, src_rec.size)
         source = st.layers.acquire(src_rec)
         try:
             await streaming.overlay(
@@ -72,6 +75,19 @@ async def run_commit(st: FileState, ctx: WorkContext) -> None:
         await _swap_in_parent(st, ctx, parent=target, child=src_rec)
     finally:
         st.layers.release(target)
+
+
+def _grow_for(st: FileState, parent: Layer, size: int) -> None:
+    """The child grew after its parent was frozen: the parent must hold the child's blocks
+    past its own end. The new blocks are UNALLOC (a thick layer's read as its zeroed file),
+    which reads as before: where an ancestor reaches, the child's resize marked them ZERO
+    or holds them, and the overlay copies that. The size goes to the catalog before any
+    block is laid there, so a restart after a crash opens the layer with room for them
+    (its journal's states past the recorded end would be cut off)."""
+    parent.resize_file(size)
+    parent.map.grow(-(-size // BLOCK))
+    with st.catalog.transaction() as t:
+        t.set_layer_size(parent.id, size)
 
 
 async def _swap_in_parent(st: FileState, ctx: WorkContext, *, parent: Layer, child: LayerRecord) -> None:
