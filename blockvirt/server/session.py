@@ -97,6 +97,8 @@ class NbdSession(asyncio.BufferedProtocol):
         self.tx: ServerTransmission | None = None
         self.disp: Dispatcher | None = None
         self.volume: Export | None = None
+        #: The client has left: the export no longer counts this session as a user (leave()).
+        self._left = False
         self.peer = ""
         self.address = ""  # the peer's IP address, without port
         self.view: ExportView | None = None
@@ -241,6 +243,7 @@ class NbdSession(asyncio.BufferedProtocol):
         self._handshake_timer = self._request_timer = self._idle_timer = self._reply_timer = None
         self._give_parked()
         self._release_admission()  # a closed connection no longer counts, however long it drains
+        self._leaving()
         if not self._closing:
             self._closing = True
             self.server.track(self.loop.create_task(self._finish()))
@@ -622,6 +625,7 @@ class NbdSession(asyncio.BufferedProtocol):
     async def _disconnect(self) -> None:
         """NBD_CMD_DISC: finish in-flight requests, flush, then close (no reply)."""
         self._closing = True
+        self._leaving()
         await self._drain_and_flush()
         self._close()
         await self._finish()
@@ -636,6 +640,13 @@ class NbdSession(asyncio.BufferedProtocol):
         await self._drain_and_flush()
         self._close()
         await self._finish()
+
+    def _leaving(self) -> None:
+        """The client is gone (DISC, or its connection closed): an edit of the volume need not
+        refuse for it, only wait for its last requests and flush (Export.leave)."""
+        if self.volume is not None and not self._left:
+            self._left = True
+            self.volume.leave()
 
     def _release_admission(self) -> None:
         if self._admitted:
@@ -679,7 +690,10 @@ class NbdSession(asyncio.BufferedProtocol):
         if self.disp is not None:
             await self.disp.close()
         if self.volume is not None:
-            self.volume.users -= 1
+            if self._left:
+                self.volume.left()
+            else:
+                self.volume.users -= 1
             self.volume = None
         self.server.sessions.discard(self)
         self._release_admission()

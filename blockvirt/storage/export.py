@@ -38,6 +38,11 @@ class Export(FilterNode):
         self.snapshot = snapshot
         #: Open NBD sessions on this export (the server counts them).
         self.users = 0
+        #: Sessions whose client has left while their last requests and flush finish: they no
+        #: longer count as users, but an edit waits for them (settled()) before it refuses.
+        self.leaving = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
         self.stats = stats if stats is not None else VolumeStats()
         self._paused = False
         self._resume = asyncio.Event()
@@ -46,6 +51,21 @@ class Export(FilterNode):
         self._idle: asyncio.Future[None] | None = None
         self._edit = asyncio.Lock()
         self._open_fast_paths()
+
+    def leave(self) -> None:
+        """A session's client left (DISC, or the connection closed); its ending runs on."""
+        self.users -= 1
+        self.leaving += 1
+        self._settled.clear()
+
+    def left(self) -> None:
+        """A session that leave() counted has finished."""
+        self.leaving -= 1
+        if not self.leaving:
+            self._settled.set()
+
+    async def settled(self) -> None:
+        await self._settled.wait()
 
     @property
     def export_name(self) -> str:

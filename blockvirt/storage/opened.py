@@ -3,11 +3,16 @@ backend on first use and shared by every session that opens the same name."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 
 from blockvirt.storage.backend import VolumeBackend, VolumeRecord
 from blockvirt.storage.export import Export
 from blockvirt.storage.stats import VolumeStats
+
+#: How long an edit waits for sessions whose clients left to finish (their last flush).
+SETTLE_TIMEOUT = 10.0
 
 
 class OpenExports:
@@ -44,6 +49,15 @@ class OpenExports:
     def of_volume(self, volume: str) -> list[Export]:
         """The volume's open exports: its head and its snapshots."""
         return [e for e in self if e.volume == volume]
+
+    async def settle(self, volume: str) -> None:
+        """Wait (at most SETTLE_TIMEOUT) for the volume's sessions whose clients have left to
+        finish: a delete right after a client disconnected must not be refused because the
+        server is still flushing that client's writes."""
+        pending = [e.settled() for e in self.of_volume(volume) if e.leaving]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), SETTLE_TIMEOUT)
 
     def users(self, volume: str, *, heads_only: bool = False) -> int:
         return sum(e.users for e in self.of_volume(volume) if not heads_only or e.snapshot is None)

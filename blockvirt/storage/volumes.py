@@ -287,6 +287,7 @@ class VolumeManager:
             return await self.backend_of_pool(prec).create(name, size, thick=thick, pool=pool)
 
     async def delete(self, name: str) -> None:
+        await self.exports_cache.settle(name)
         async with self.tree_lock:
             backend, rec = self.locate(name)
             self._check_idle(name, "delete the volume")
@@ -298,6 +299,7 @@ class VolumeManager:
         """Reopen a failed volume from what its storage holds (after the device is fixed):
         what was written since its last good commit is gone, as after a crash. Returns what
         the failure was."""
+        await self.exports_cache.settle(name)
         async with self.tree_lock:
             backend, rec = self.locate(name)
             self._check_idle(name, "reset the volume")
@@ -313,6 +315,7 @@ class VolumeManager:
         size), or shrink it: only with `force`, and never under connected clients.
         Snapshots keep their own size. Returns the old size and the new record."""
         validate_size(size)
+        await self.exports_cache.settle(name)
         async with self.tree_lock:
             backend, rec = self.locate(name)
             job = self.jobs.busy(name)
@@ -371,6 +374,7 @@ class VolumeManager:
     async def snapshot_revert(self, name: str, snap: str, *, force: bool = False) -> dict[str, Any]:
         """Put the volume on a new empty head over SNAP. Newer snapshots stay (a branch); the
         current head's unsnapshotted data is discarded."""
+        await self.exports_cache.settle(name)
         async with self.tree_lock:
             backend, rec = self.locate(name)
             self._require_snap(backend, name, snap)
@@ -412,6 +416,7 @@ class VolumeManager:
     async def snapshot_delete(self, name: str, snap: str) -> DeleteResult:
         """Forget the snapshot; what its data becomes is the backend's business (merged away
         by a job, or kept while branches share it)."""
+        await self.exports_cache.settle(name)
         async with self.tree_lock:
             backend, rec = self.locate(name)
             self._require_snap(backend, name, snap)

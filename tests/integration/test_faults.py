@@ -206,3 +206,19 @@ async def test_second_signal_forces_exit(server: BlockvirtServer) -> None:
     await asyncio.gather(*writes, return_exceptions=True)
     await c.close()
     server.stop()
+
+
+async def test_an_edit_right_after_a_client_left_waits_for_its_last_flush(server: BlockvirtServer) -> None:
+    """A client writes without FLUSH and disconnects: the server flushes for it (slow here).
+    A delete meanwhile waits for that flush instead of refusing a client that is gone; a
+    client still connected is refused at once."""
+    uri = server.create_volume("leaving", 4 * MiB, pool="bad")
+    fault(server, ops=["sync"], delay_ms=800)
+    async with await NbdClient.connect(uri) as c:
+        await c.write(0, b"x" * 4096)
+        with pytest.raises(ApiError, match="has 1 connected client"):
+            server.api.delete("/api/v1/volumes/leaving")
+    t0 = time.monotonic()
+    server.api.delete("/api/v1/volumes/leaving")  # waits for the server's flush, then deletes
+    assert time.monotonic() - t0 >= 0.5
+    assert "leaving" not in [v["name"] for v in server.api.get("/api/v1/volumes")["volumes"]]
