@@ -690,10 +690,8 @@ class NbdSession(asyncio.BufferedProtocol):
         if self.disp is not None:
             await self.disp.close()
         if self.volume is not None:
-            if self._left:
-                self.volume.left()
-            else:
-                self.volume.users -= 1
+            self._leaving()  # no-op if the client's leaving was seen already
+            self.volume.left()
             self.volume = None
         self.server.sessions.discard(self)
         self._release_admission()

@@ -214,7 +214,9 @@ async def test_migration_copies_are_background(server: BlockvirtServer, tmp_path
     baseline = await rate(busy, 2.0, qd=16)
     assert 1600 <= baseline <= 2100, baseline  # the pool's cap binds
     job = server.api.post("/api/v1/volumes/mover/migrate", {"pool": "other"})
-    during = await rate(busy, 2.0, qd=16)
+    # 3 s, not 2: the job's start (opening the target, inserting its mirror) is a smaller
+    # part of the window; the copy itself needs ~9 s at its share, so it still runs after.
+    during = await rate(busy, 3.0, qd=16)
     state = server.api.get(f"/api/v1/jobs/{job['id']}")
     assert state["state"] == "running" and state["done"] > 0, state  # moving, slowly
     assert during >= 0.85 * baseline, (during, baseline)  # the volume kept ~1000/1100 of it
