@@ -74,6 +74,8 @@ class ServiceConfig:
     tls_mode: str = "require"  # or "allow"
     #: Per-export accounting, /metrics and the loop-lag monitor (off: `serve --no-metrics`).
     metrics: bool = True
+    #: Large cached reads are sent from the page cache's pages (off: `serve --no-zero-copy`).
+    zero_copy: bool = True
     #: A file holding the API's bearer token; required when the API is not on loopback.
     api_token_file: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -215,6 +217,7 @@ class Service:
             tls_context=tls_context,
             limits=cfg.limits,
             counters=SecurityCounters(),
+            zero_copy=cfg.zero_copy,
         )
         self.volumes.listen(self.qos)
         self.volumes.listen(_Disconnect(self.nbd))

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no per-volume accounting on the data path; /metrics and volume stats answer an error",
     )
     serve.add_argument(
+        "--no-zero-copy",
+        dest="zero_copy",
+        action="store_false",
+        help="copy every read into a buffer before sending it (default: reads of 64 KiB and "
+        "more that the page cache holds are sent from it directly; see docs/performance.md)",
+    )
+    serve.add_argument(
         "--loop",
         choices=["asyncio", "uvloop"],
         default="asyncio",
@@ -381,6 +388,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         tls_mode=args.tls or "require",
         metrics=args.metrics,
+        zero_copy=args.zero_copy,
         fault_injection=args.fault_injection,
         api_token_file=args.api_token_file,
         limits=limits,

@@ -105,6 +105,10 @@ class Dispatcher:
         #: larger of this and the node's size now. (Shrinking is refused while connected.)
         self.size = size
         self.read_only = bool(tflags & TransmissionFlag.READ_ONLY)
+        #: Inline replies are sent (or copied) before the session yields to the loop, so
+        #: large reads may answer with views of the page cache (see read_view_nowait). The
+        #: session sets this when its transport copies what it cannot send at once.
+        self.borrow = False
         # The fast path's histograms, at hand (they exist from the first session on).
         metered = self.metered
         self._read_lat = self.stats.latency_of("read") if metered else Latency()
@@ -284,7 +288,9 @@ class Dispatcher:
                     return self._not_now()
             if self.tx.structured and not cmd.flags & _DF:
                 # The node decides whether looking for holes pays (large reads only).
-                segs = self.node.read_sparse_nowait(cmd.offset, cmd.length)
+                node = self.node
+                read = node.read_view_nowait if self.borrow else node.read_sparse_nowait
+                segs = read(cmd.offset, cmd.length)
                 if segs is None:
                     return self._prepay(cmd, admitted) if admitted else self._not_now()
                 if admitted == 2:

@@ -31,6 +31,7 @@ class NbdServer:
         tls_context: ssl.SSLContext | None = None,
         limits: Limits | None = None,
         counters: SecurityCounters | None = None,
+        zero_copy: bool = True,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -40,6 +41,9 @@ class NbdServer:
         self.limits = limits if limits is not None else Limits()
         self.admission = Admission(self.limits)
         self.counters = counters if counters is not None else SecurityCounters()
+        #: Large cached reads may be answered with views of the page cache (see
+        #: Dispatcher.borrow); off, every read is copied into a buffer first.
+        self.zero_copy = zero_copy
         #: Floods (refusals, denials) log a line per second per kind, not one per event.
         self.log_throttle = LogThrottle()
         self.sessions: set[NbdSession] = set()

@@ -395,6 +395,9 @@ class NbdSession(asyncio.BufferedProtocol):
             self.server.registry.qos_for(vol),
             self.server.registry.bitmaps(vol, ev.contexts),
         )
+        # Inline replies reach the transport before the session yields; this one copies
+        # what it does not send at once, so they may carry views of the page cache.
+        self.disp.borrow = self._recycle and self.server.zero_copy
         log.info(
             "session %d (%s): opened export %r%s",
             self.id,

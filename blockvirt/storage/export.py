@@ -77,17 +77,18 @@ class Export(FilterNode):
 
     # ------------------------------------------------------------ the gate
     # While the gate is open, the synchronous fast paths cost nothing here: the instance's
-    # read_nowait / read_sparse_nowait / write_nowait are the top node's own bound methods
+    # read_nowait / read_sparse_nowait / read_view_nowait / write_nowait are the top node's own bound methods
     # (every inline request skips one call). Closing the gate drops them, so the class's
     # methods below answer, and refuse; opening it binds the (possibly new) top again.
     def _open_fast_paths(self) -> None:
         child = self.child
         self.read_nowait = child.read_nowait  # type: ignore[method-assign]
         self.read_sparse_nowait = child.read_sparse_nowait  # type: ignore[method-assign]
+        self.read_view_nowait = child.read_view_nowait  # type: ignore[method-assign]
         self.write_nowait = child.write_nowait  # type: ignore[method-assign]
 
     def _close_fast_paths(self) -> None:
-        for name in ("read_nowait", "read_sparse_nowait", "write_nowait"):
+        for name in ("read_nowait", "read_sparse_nowait", "read_view_nowait", "write_nowait"):
             self.__dict__.pop(name, None)
 
     @contextlib.asynccontextmanager
@@ -166,6 +167,11 @@ class Export(FilterNode):
         if self._paused:
             return None
         return self.child.read_sparse_nowait(offset, length)
+
+    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        if self._paused:
+            return None
+        return self.child.read_view_nowait(offset, length)
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         if self._paused:

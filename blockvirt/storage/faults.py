@@ -157,6 +157,11 @@ class FaultyFileIO(FileIO):
             return False  # a slow or failing device: go through pread, in the pool's threads
         return super().preadv_nowait(fd, buf, offset)
 
+    def view_nowait(self, fd: int, offset: int, length: int) -> memoryview | None:
+        if self._rule(fd, "read") is not None:
+            return None  # as preadv_nowait
+        return super().view_nowait(fd, offset, length)
+
     def pwrite(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False
     ) -> None:

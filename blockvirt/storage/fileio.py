@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -23,6 +24,72 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _DSYNC = getattr(os, "RWF_DSYNC", 0)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+#: cachestat(2) (Linux 6.5+; new system calls have one number on every architecture): how
+#: many pages of a file range are in the page cache, without touching them.
+_SYS_CACHESTAT = 451
+_syscall = _libc.syscall
+_syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+_syscall.restype = ctypes.c_long
+#: Only view_nowait uses these, on the event loop's thread.
+_CS_RANGE = _CachestatRange()
+_CS = _Cachestat()
+_CS_RANGE_P = ctypes.addressof(_CS_RANGE)
+_CS_P = ctypes.addressof(_CS)
+_PAGE = mmap.PAGESIZE
+#: Views are worth a system call from this size on (below it, pread's copy is as cheap).
+VIEW_MIN = 64 * 1024
+#: Address space given to file mappings at most (sparse thin files are mapped whole).
+_MAP_BUDGET = 32 << 40
+
+
+class _Maps:
+    """Read-only shared mappings of open data files, by file descriptor (process-wide, as
+    descriptors are). A mapping is dropped when its file is closed or truncated through
+    FileIO; views handed out keep it alive until they are released."""
+
+    def __init__(self) -> None:
+        self.by_fd: dict[int, mmap.mmap] = {}
+        self.mapped = 0
+        #: False once the kernel said it has no cachestat(2): views are never offered then.
+        self.supported = True
+
+    def get(self, fd: int, end: int) -> mmap.mmap | None:
+        m = self.by_fd.get(fd)
+        if m is not None and end <= len(m):
+            return m
+        self.drop(fd)  # absent, or the file grew since it was mapped
+        size = os.fstat(fd).st_size
+        if end > size or self.mapped + size > _MAP_BUDGET:
+            return None
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.by_fd[fd] = m
+        self.mapped += size
+        return m
+
+    def drop(self, fd: int) -> None:
+        m = self.by_fd.pop(fd, None)
+        if m is not None:
+            self.mapped -= len(m)
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still out: the mapping goes with the last one
+
+
+MAPS = _Maps()
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -50,6 +117,7 @@ class FileIO:
         return os.open(path, flags, 0o600)
 
     def close(self, fd: int) -> None:
+        MAPS.drop(fd)
         os.close(fd)
 
     def size(self, fd: int) -> int:
@@ -59,6 +127,7 @@ class FileIO:
         return os.fstat(fd).st_blocks * 512
 
     def truncate(self, fd: int, size: int) -> None:
+        MAPS.drop(fd)  # a mapping past the new end would fault (SIGBUS) where it is read
         os.ftruncate(fd, size)
 
     def preallocate(self, fd: int, size: int) -> None:
@@ -83,6 +152,34 @@ class FileIO:
             memoryview(buf)[n:] = bytes(len(buf) - n)
             return True
         return False
+
+    def view_nowait(self, fd: int, offset: int, length: int) -> memoryview | None:
+        """The range's bytes as a read-only view of the page cache (no copy), if every page
+        of it is cached and inside the file; else None (read it with pread).
+
+        The view is borrowed: it shows the file as it is when read, so the caller must hand
+        it on (a socket send copies it) before it next yields to the event loop. Only pages
+        the page cache holds are touched, so no read from the disk (nor its errors) happens
+        through the mapping. For the event loop's thread only.
+        """
+        if not MAPS.supported:
+            return None
+        end = offset + length
+        try:
+            m = MAPS.get(fd, end)
+        except (OSError, ValueError):
+            return None
+        if m is None:
+            return None
+        _CS_RANGE.off = offset
+        _CS_RANGE.len = length
+        if _syscall(_SYS_CACHESTAT, fd, _CS_RANGE_P, _CS_P, 0) != 0:
+            if ctypes.get_errno() == errno.ENOSYS:
+                MAPS.supported = False
+            return None
+        if _CS.nr_cache != (end + _PAGE - 1) // _PAGE - offset // _PAGE:
+            return None
+        return memoryview(m)[offset:end]
 
     def pwrite(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False

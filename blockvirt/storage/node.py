@@ -75,6 +75,12 @@ class BlockNode(abc.ABC):
         data = self.read_nowait(offset, length)
         return None if data is None else [(offset, length, data)]
 
+    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        """Like read_sparse_nowait, but the data may be views of storage's own cache
+        (no copy), which show later writes: the caller hands them on (a socket send copies
+        them) before it next yields to the event loop, and keeps no reference."""
+        return self.read_sparse_nowait(offset, length)
+
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         """Complete a (non-FUA) write without blocking the loop if possible; True if done."""
         return False
@@ -138,6 +144,11 @@ class FilterNode(BlockNode):
 
     def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
         return self.child.read_sparse_nowait(offset, length)
+
+    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        # A filter that changes what reads return overrides this too (or makes it answer
+        # read_sparse_nowait's copies).
+        return self.child.read_view_nowait(offset, length)
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         return self.child.write_nowait(offset, data)

@@ -218,6 +218,9 @@ class MemFileIO(FileIO):
         buf[:] = self.pread(fd, len(buf), offset)
         return True
 
+    def view_nowait(self, fd: int, offset: int, length: int) -> memoryview | None:
+        return memoryview(self.pread(fd, length, offset))  # a copy: these inodes are not files
+
     def pwrite(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False
     ) -> None:

@@ -15,6 +15,7 @@ from blockvirt.storage import buffers, executor
 from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, oserror, timed_pwrite
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, DATA
 from blockvirt.storage.backends.cowfile.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
+from blockvirt.storage.fileio import VIEW_MIN
 from blockvirt.storage.node import (
     HOLE,
     SPARSE_READ_MIN,
@@ -150,6 +151,27 @@ class ChainNode(BlockNode):
             if not self.io.preadv_nowait(fd, memoryview(buf), off):
                 return None
             out.append((off, n, buf))
+        return out
+
+    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        if length < SPARSE_READ_MIN:
+            return self.read_sparse_nowait(offset, length)
+        io = self.io
+        out: list[Segment] = []
+        for fd, off, n in self._plan(offset, length):
+            if fd < 0:
+                out.append((off, n, None))
+                continue
+            # A large cached run goes to the socket straight from the page cache: one copy
+            # of the data (into the socket) instead of two.
+            view = io.view_nowait(fd, off, n) if n >= VIEW_MIN else None
+            if view is None:
+                buf = buffers.get(n)
+                if not io.preadv_nowait(fd, memoryview(buf), off):
+                    return None
+                out.append((off, n, buf))
+            else:
+                out.append((off, n, view))
         return out
 
     def _read_blocking(self, plan: list[tuple[int, int, int]], offset: int, length: int) -> bytearray:
