@@ -18,13 +18,13 @@ from blockvirt.storage.backends.cowfile.layer_map import BLOCK, PAGE_BLOCKS, Lay
 
 FULL = (1 << PAGE_BLOCKS) - 1
 
-#: A layer's page table: (all_data, page -> [data bits, zero bits]).
+#: A layer's page table: (all_data, page -> (data bits, zero bits)).
 PageTable = tuple[bool, Mapping[int, Sequence[int]]]
 
 
 def table(m: LayerMap) -> PageTable:
-    """A copy of the map's page table that later new pages do not change (cheap: one dict
-    copy; a page's bits may still grow, which only adds)."""
+    """A copy of the map's page table that later changes do not reach (cheap: one dict
+    copy; the pages are immutable tuples)."""
     return m.all_data, m.pages.copy()
 
 

@@ -28,6 +28,11 @@ from blockvirt.storage.node import Buffer, StorageError
 
 #: Rewrite the journal as one compact batch once it is this large and mostly superseded.
 COMPACT_AT = 8 * 1024 * 1024
+#: A commit reads this many changed clusters' states per loop turn (about a millisecond at
+#: worst, one cluster per page) ...
+STATES_PER_TURN = 512
+#: ... and, before compacting the journal, this many pages' states.
+PAGES_PER_TURN = 32
 #: Layer files (and their temp files) in a pool directory: the only files blockvirt removes.
 LAYER_FILE_RE = re.compile(r"[0-9a-f]{32}\.(?:data|map)(?:\.tmp)?")
 
@@ -213,25 +218,44 @@ class Layer:
     async def _commit(self) -> None:
         if self.map_fd is None:
             return
-        # Taken before the data sync, on the loop: every state change included here belongs
-        # to a write whose data the sync below covers.
-        entries = self.map.take_dirty()
-        compact = None
-        if entries and self.map_end > COMPACT_AT:
-            live = list(self.map.clusters())
-            if len(live) * layout.ENTRY_SIZE * 4 < self.map_end:
-                compact = live
         self._committing = True
+        taken: dict[int, None] = {}
         try:
+            # States are read before the data sync, on the loop: each one read shows only
+            # writes whose data was written before it was read, which the sync below covers.
+            # Many clusters take milliseconds, so they are read a slice per loop turn and
+            # requests go on in between (a state read later is just as covered; a cluster
+            # changed after it was read is dirty again, for the next commit).
+            taken = self.map.swap_dirty()
+            clusters = list(taken)
+            # Encoded here too, a slice at a time: a thread doing per-entry Python work would
+            # hold the interpreter against the loop (whose every system call gives it away).
+            body: list[bytes] = []
+            for i in range(0, len(clusters), STATES_PER_TURN):
+                if i:
+                    await asyncio.sleep(0)
+                body.append(layout.encode_entries(self.map.states(clusters[i : i + STATES_PER_TURN])))
+            compact = None
+            if clusters and self.map_end > COMPACT_AT:
+                pages = list(self.map.pages)
+                live: list[bytes] = []
+                for i in range(0, len(pages), PAGES_PER_TURN):
+                    await asyncio.sleep(0)
+                    live.append(layout.encode_entries(self.map.live_states(pages[i : i + PAGES_PER_TURN])))
+                if sum(map(len, live)) * 4 < self.map_end:
+                    compact = b"".join(live)
             await self._run(self.io.fdatasync, self.fd)
             if compact is not None:
                 await self._run(self._compact, compact)
-            elif entries:
-                await self._run(self._append, entries)
-        except OSError as e:
-            # Not journaled: keep the entries dirty so the next commit retries them.
-            self.map.dirty.update(c for c, _, _ in entries)
-            raise oserror(e, "commit") from e
+            elif clusters:
+                await self._run(self._append, b"".join(body))
+        except BaseException as e:
+            # Not journaled (failed, or cancelled at shutdown): the clusters stay dirty, so
+            # the next commit journals them.
+            self.map.dirty.update(taken)
+            if isinstance(e, OSError):
+                raise oserror(e, "commit") from e
+            raise
         finally:
             self._committing = False
 
@@ -241,20 +265,20 @@ class Layer:
         else:
             fn(*args)  # type: ignore[operator]
 
-    def _append(self, entries: list[tuple[int, int, int]]) -> None:
+    def _append(self, body: bytes) -> None:
         assert self.map_fd is not None
-        raw, seq = layout.encode_batches(self.seq, entries)
+        raw, seq = layout.frame_batches(self.seq, body)
         self.io.pwrite(self.map_fd, raw, self.map_end)
         self.io.fdatasync(self.map_fd)
         self.map_end += len(raw)
         self.seq = seq
 
-    def _compact(self, live: list[tuple[int, int, int]]) -> None:
+    def _compact(self, body: bytes) -> None:
         """Replace the journal by one batch of the current state (atomic rename)."""
         assert self.map_fd is not None
         _, map_path = layer_paths(self.pool_dir, self.id)
         header = layout.decode_header(self.io.read_file(map_path)[: layout.HEADER_SIZE])
-        raw, seq = layout.encode_batches(self.seq, live)
+        raw, seq = layout.frame_batches(self.seq, body)
         self.io.write_file_atomic(map_path, layout.encode_header(header) + raw)
         self.io.close(self.map_fd)
         self.map_fd = self.io.open(map_path, write=True)

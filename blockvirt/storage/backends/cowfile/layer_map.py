@@ -9,7 +9,11 @@ so whole-range tests and updates are a few big-integer operations. Changed 64 Ki
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from itertools import compress
 
 BLOCK = 4096
 BLOCK_SHIFT = 12
@@ -24,6 +28,18 @@ UNALLOC, DATA, ZERO = 0, 1, 2
 
 def _mask(i: int, n: int) -> int:
     return ((1 << n) - 1) << i
+
+
+#: Below this many changed clusters in a page, shifting per cluster is cheaper than words.
+_FEW = 4
+
+
+def _words(bits: int) -> array[int]:
+    """A page's 4096-bit integer as 256 16-bit words, cluster 0 first."""
+    words = array("H", bits.to_bytes(PAGE_BLOCKS // 8, "little"))
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words
 
 
 def _page_spans(first: int, count: int) -> Iterator[tuple[int, int, int]]:
@@ -52,15 +68,19 @@ class LayerMap:
     def __init__(self, nblocks: int, *, all_data: bool = False) -> None:
         self.nblocks = nblocks
         self.all_data = all_data
-        self.pages: dict[int, list[int]] = {}  # page -> [data bits, zero bits]
-        self.dirty: set[int] = set()  # clusters changed since the last commit
+        # page -> (data bits, zero bits): tuples of ints, which the cyclic garbage collector
+        # stops tracking (lists it would walk at every full collection: a million of them
+        # on a big chain made the loop stall for tens of milliseconds).
+        self.pages: dict[int, tuple[int, int]] = {}
+        #: Clusters changed since the last commit (the keys). A dict of ints rather than a
+        #: set: the garbage collector leaves it alone, where it would walk a set's every key.
+        self.dirty: dict[int, None] = {}
 
     # ------------------------------------------------------------ queries
     def page_bits(self, page: int) -> tuple[int, int]:
         if self.all_data:
             return FULL_PAGE, 0
-        bits = self.pages.get(page)
-        return (bits[0], bits[1]) if bits is not None else (0, 0)
+        return self.pages.get(page, (0, 0))
 
     def state(self, block: int) -> int:
         if self.all_data:
@@ -102,19 +122,8 @@ class LayerMap:
 
     def clusters(self) -> Iterator[tuple[int, int, int]]:
         """Every cluster that is not entirely UNALLOC: (cluster, data, zero)."""
-        for page in sorted(self.pages):
-            data, zero = self.pages[page]
-            used = data | zero
-            for c in range(CLUSTERS_PER_PAGE):
-                shift = c * CLUSTER_BLOCKS
-                if used >> shift & CLUSTER_MASK:
-                    yield (
-                        page * CLUSTERS_PER_PAGE + c,
-                        data >> shift & CLUSTER_MASK,
-                        zero >> shift & CLUSTER_MASK,
-                    )
+        yield from self.live_states(sorted(self.pages))
 
-    # ------------------------------------------------------------ changes
     def _set(self, first: int, count: int, data_on: bool, zero_on: bool) -> None:
         assert not self.all_data, "preallocated layers never change state"
         assert first >= 0 and first + count <= self.nblocks, (first, count, self.nblocks)
@@ -122,15 +131,16 @@ class LayerMap:
         if count == 1:  # the common small write (an allocating 4 KiB write): one bit
             page, i = divmod(first, PAGE_BLOCKS)
             bits = pages.get(page)
-            if bits is None and (data_on or zero_on):
-                bits = pages[page] = [0, 0]
-            if bits is not None:
+            if bits is not None or data_on or zero_on:
+                data, zero = bits if bits is not None else (0, 0)
                 bit = 1 << i
-                bits[0] = bits[0] | bit if data_on else bits[0] & ~bit
-                bits[1] = bits[1] | bit if zero_on else bits[1] & ~bit
-                if not bits[0] and not bits[1]:
+                data = data | bit if data_on else data & ~bit
+                zero = zero | bit if zero_on else zero & ~bit
+                if data or zero:
+                    pages[page] = (data, zero)
+                elif bits is not None:
                     del pages[page]
-            self.dirty.add(first // CLUSTER_BLOCKS)
+            self.dirty[first // CLUSTER_BLOCKS] = None
             return
         for page, i, n in _page_spans(first, count):
             m = _mask(i, n)
@@ -138,13 +148,16 @@ class LayerMap:
             if bits is None:
                 if not (data_on or zero_on):
                     continue
-                bits = pages[page] = [0, 0]
-            bits[0] = bits[0] | m if data_on else bits[0] & ~m
-            bits[1] = bits[1] | m if zero_on else bits[1] & ~m
-            if not bits[0] and not bits[1]:
-                del pages[page]
+                bits = (0, 0)
+            data = bits[0] | m if data_on else bits[0] & ~m
+            zero = bits[1] | m if zero_on else bits[1] & ~m
+            if data or zero:
+                pages[page] = (data, zero)
+            else:
+                pages.pop(page, None)
         if count:
-            self.dirty.update(range(first // CLUSTER_BLOCKS, (first + count - 1) // CLUSTER_BLOCKS + 1))
+            last = (first + count - 1) // CLUSTER_BLOCKS
+            self.dirty.update(dict.fromkeys(range(first // CLUSTER_BLOCKS, last + 1)))
 
     def set_data(self, first: int, count: int) -> None:
         self._set(first, count, True, False)
@@ -165,16 +178,60 @@ class LayerMap:
         if bits is None:
             if not (data or zero):
                 return
-            bits = self.pages[page] = [0, 0]
-        bits[0] = bits[0] & ~m | data << shift
-        bits[1] = bits[1] & ~m | zero << shift
-        if not bits[0] and not bits[1]:
+            bits = (0, 0)
+        d = bits[0] & ~m | data << shift
+        z = bits[1] & ~m | zero << shift
+        if d or z:
+            self.pages[page] = (d, z)
+        else:
             del self.pages[page]
 
     def take_dirty(self) -> list[tuple[int, int, int]]:
         """The changed clusters' complete states, for the journal; clears the dirty set."""
-        out = [(c, *self.cluster(c)) for c in sorted(self.dirty)]
-        self.dirty.clear()
+        return self.states(self.swap_dirty())
+
+    def swap_dirty(self) -> dict[int, None]:
+        """The changed clusters; the dirty set starts afresh."""
+        out, self.dirty = self.dirty, {}
+        return out
+
+    def states(self, clusters: Iterable[int]) -> list[tuple[int, int, int]]:
+        """(cluster, data, zero) of these clusters, sorted, as `cluster` gives them. Where
+        many share a page, its two integers are cut into 16-bit words once rather than
+        shifted per cluster."""
+        cl = sorted(clusters)
+        out: list[tuple[int, int, int]] = []
+        i, n = 0, len(cl)
+        while i < n:
+            page = cl[i] // CLUSTERS_PER_PAGE
+            base = page * CLUSTERS_PER_PAGE
+            j = bisect_left(cl, base + CLUSTERS_PER_PAGE, i)
+            data, zero = self.page_bits(page)
+            if j - i < _FEW:
+                for c in cl[i:j]:
+                    shift = (c - base) * CLUSTER_BLOCKS
+                    out.append((c, data >> shift & CLUSTER_MASK, zero >> shift & CLUSTER_MASK))
+            elif j - i == CLUSTERS_PER_PAGE:  # the whole page changed
+                out += zip(range(base, base + CLUSTERS_PER_PAGE), _words(data), _words(zero), strict=True)
+            else:
+                d, z = _words(data), _words(zero)
+                out += [(c, d[c - base], z[c - base]) for c in cl[i:j]]
+            i = j
+        return out
+
+    def live_states(self, pages: Iterable[int]) -> list[tuple[int, int, int]]:
+        """(cluster, data, zero) of every cluster of these pages that is not entirely
+        UNALLOC (the journal's compacted form)."""
+        out: list[tuple[int, int, int]] = []
+        for page in pages:
+            data, zero = self.page_bits(page)
+            used = data | zero
+            if not used:
+                continue
+            base = page * CLUSTERS_PER_PAGE
+            held = list(compress(range(base, base + CLUSTERS_PER_PAGE), _words(used)))
+            d, z = _words(data), _words(zero)
+            out += [(c, d[c - base], z[c - base]) for c in held]
         return out
 
     def truncate(self, nblocks: int) -> None:
@@ -195,8 +252,8 @@ class LayerMap:
         last_page = self.nblocks // PAGE_BLOCKS
         for page in [p for p in self.pages if p >= last_page]:
             keep = (1 << max(0, self.nblocks - page * PAGE_BLOCKS)) - 1
-            bits = self.pages[page]
-            bits[0] &= keep
-            bits[1] &= keep
-            if not bits[0] and not bits[1]:
+            data, zero = self.pages[page]
+            if data & keep or zero & keep:
+                self.pages[page] = (data & keep, zero & keep)
+            else:
                 del self.pages[page]

@@ -109,15 +109,26 @@ def decode_header(raw: bytes) -> Header:
 
 def encode_batches(seq: int, entries: Iterable[tuple[int, int, int]]) -> tuple[bytes, int]:
     """Journal bytes for these entries (split into batches); returns (bytes, next seq)."""
-    out: list[bytes] = []
-    chunk: list[bytes] = []
-    items = list(entries)
-    for start in range(0, max(len(items), 1), MAX_BATCH_ENTRIES):
-        part = items[start : start + MAX_BATCH_ENTRIES]
-        chunk = [_ENTRY.pack(c, d, z) for c, d, z in part]
-        body = b"".join(chunk)
-        crc = zlib.crc32(body, zlib.crc32(_BATCH.pack(BATCH_MAGIC, len(part), seq, 0)))
-        out.append(_BATCH.pack(BATCH_MAGIC, len(part), seq, crc) + body)
+    return frame_batches(seq, encode_entries(entries))
+
+
+def encode_entries(entries: Iterable[tuple[int, int, int]]) -> bytes:
+    """The entries' bytes, without batch framing (see frame_batches)."""
+    return b"".join([_ENTRY.pack(c, d, z) for c, d, z in entries])
+
+
+def frame_batches(seq: int, body: bytes) -> tuple[bytes, int]:
+    """Entries' bytes (encode_entries) framed as batches of at most MAX_BATCH_ENTRIES, at
+    least one; returns (bytes, next seq). No per-entry work, so a thread can do it without
+    holding the interpreter long (the checksum releases it)."""
+    out: list[bytes | memoryview] = []
+    view = memoryview(body)
+    step = MAX_BATCH_ENTRIES * ENTRY_SIZE
+    for start in range(0, max(len(body), 1), step):
+        part = view[start : start + step]
+        count = len(part) // ENTRY_SIZE
+        crc = zlib.crc32(part, zlib.crc32(_BATCH.pack(BATCH_MAGIC, count, seq, 0)))
+        out += (_BATCH.pack(BATCH_MAGIC, count, seq, crc), part)
         seq += 1
     return b"".join(out), seq
 

@@ -1,0 +1,43 @@
+"""LayerMap.states (the journal's per-cluster states, cut a page at a time) against the
+block-by-block states of the same map."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockvirt.storage.backends.cowfile.layer_map import CLUSTER_BLOCKS, DATA, PAGE_BLOCKS, ZERO, LayerMap
+
+NBLOCKS = 3 * PAGE_BLOCKS + 100  # three full pages and a partial one
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "zero", "unalloc"]),
+        st.integers(0, NBLOCKS - 1),
+        st.integers(1, 2 * PAGE_BLOCKS),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=ops, whole_page=st.booleans())
+def test_states_are_each_clusters_blocks(ops: list[tuple[str, int, int]], whole_page: bool) -> None:
+    m = LayerMap(NBLOCKS)
+    for op, first, count in ops:
+        count = min(count, NBLOCKS - first)
+        {"data": m.set_data, "zero": m.set_zero, "unalloc": m.set_unalloc}[op](first, count)
+    if whole_page:
+        m.dirty.update(dict.fromkeys(range(PAGE_BLOCKS // CLUSTER_BLOCKS, 2 * PAGE_BLOCKS // CLUSTER_BLOCKS)))
+    dirty = sorted(m.dirty)
+    entries = m.take_dirty()
+    assert not m.dirty
+    assert [c for c, _, _ in entries] == dirty
+    live = m.live_states(m.pages)  # the compacted journal: every cluster not all UNALLOC
+    held = {b // CLUSTER_BLOCKS for b in range(NBLOCKS) if m.state(b) != 0}
+    assert sorted(c for c, _, _ in live) == sorted(held)
+    for c, data, zero in entries + live:
+        for k in range(CLUSTER_BLOCKS):
+            block = c * CLUSTER_BLOCKS + k
+            state = m.state(block) if block < NBLOCKS else 0
+            assert (data >> k & 1, zero >> k & 1) == (state == DATA, state == ZERO), (c, k)
