@@ -77,9 +77,10 @@ class Export(FilterNode):
 
     # ------------------------------------------------------------ the gate
     # While the gate is open, the synchronous fast paths cost nothing here: the instance's
-    # read_nowait / read_sparse_nowait / read_view_nowait / write_nowait are the top node's own bound methods
-    # (every inline request skips one call). Closing the gate drops them, so the class's
-    # methods below answer, and refuse; opening it binds the (possibly new) top again.
+    # read_nowait / read_sparse_nowait / read_view_nowait / write_nowait are the top node's
+    # own bound methods (every inline request skips one call). Closing the gate drops them,
+    # so the class's methods below answer, and refuse; opening it binds the (possibly new)
+    # top again.
     def _open_fast_paths(self) -> None:
         child = self.child
         self.read_nowait = child.read_nowait  # type: ignore[method-assign]

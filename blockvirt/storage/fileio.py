@@ -70,9 +70,11 @@ class _Maps:
         m = self.by_fd.get(fd)
         if m is not None and end <= len(m):
             return m
-        self.drop(fd)  # absent, or the file grew since it was mapped
         size = os.fstat(fd).st_size
-        if end > size or self.mapped + size > _MAP_BUDGET:
+        if end > size:
+            return None  # past the end: the mapping (if any) stays
+        self.drop(fd)  # absent, or the file grew since it was mapped
+        if self.mapped + size > _MAP_BUDGET:
             return None
         m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self.by_fd[fd] = m

@@ -30,7 +30,7 @@ def test_states_are_each_clusters_blocks(ops: list[tuple[str, int, int]], whole_
     if whole_page:
         m.dirty.update(dict.fromkeys(range(PAGE_BLOCKS // CLUSTER_BLOCKS, 2 * PAGE_BLOCKS // CLUSTER_BLOCKS)))
     dirty = sorted(m.dirty)
-    entries = m.take_dirty()
+    entries = m.states(m.swap_dirty())
     assert not m.dirty
     assert [c for c, _, _ in entries] == dirty
     live = m.live_states(m.pages)  # the compacted journal: every cluster not all UNALLOC

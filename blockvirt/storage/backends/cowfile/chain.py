@@ -139,39 +139,31 @@ class ChainNode(BlockNode):
         return buf
 
     def read_sparse_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        return self._segments_nowait(offset, length, views=False)
+
+    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
+        return self._segments_nowait(offset, length, views=True)
+
+    def _segments_nowait(self, offset: int, length: int, *, views: bool) -> Sequence[Segment] | None:
         if length < SPARSE_READ_MIN:
             data = self.read_nowait(offset, length)
             return None if data is None else [(offset, length, data)]
-        out: list[Segment] = []
-        for fd, off, n in self._plan(offset, length):
-            if fd < 0:
-                out.append((off, n, None))
-                continue
-            buf = buffers.get(n)
-            if not self.io.preadv_nowait(fd, memoryview(buf), off):
-                return None
-            out.append((off, n, buf))
-        return out
-
-    def read_view_nowait(self, offset: int, length: int) -> Sequence[Segment] | None:
-        if length < SPARSE_READ_MIN:
-            return self.read_sparse_nowait(offset, length)
         io = self.io
         out: list[Segment] = []
         for fd, off, n in self._plan(offset, length):
             if fd < 0:
                 out.append((off, n, None))
                 continue
-            # A large cached run goes to the socket straight from the page cache: one copy
-            # of the data (into the socket) instead of two.
-            view = io.view_nowait(fd, off, n) if n >= VIEW_MIN else None
-            if view is None:
-                buf = buffers.get(n)
-                if not io.preadv_nowait(fd, memoryview(buf), off):
-                    return None
-                out.append((off, n, buf))
-            else:
+            # With views, a large cached run goes to the socket straight from the page
+            # cache: one copy of the data (into the socket) instead of two.
+            view = io.view_nowait(fd, off, n) if views and n >= VIEW_MIN else None
+            if view is not None:
                 out.append((off, n, view))
+                continue
+            buf = buffers.get(n)
+            if not io.preadv_nowait(fd, memoryview(buf), off):
+                return None
+            out.append((off, n, buf))
         return out
 
     def _read_blocking(self, plan: list[tuple[int, int, int]], offset: int, length: int) -> bytearray:

@@ -186,10 +186,6 @@ class LayerMap:
         else:
             del self.pages[page]
 
-    def take_dirty(self) -> list[tuple[int, int, int]]:
-        """The changed clusters' complete states, for the journal; clears the dirty set."""
-        return self.states(self.swap_dirty())
-
     def swap_dirty(self) -> dict[int, None]:
         """The changed clusters; the dirty set starts afresh."""
         out, self.dirty = self.dirty, {}
