@@ -17,6 +17,36 @@ T = TypeVar("T")
 _pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 POOL_SIZE = 16
 
+#: Work in flight on other threads that will want the interpreter lock back: blocking calls
+#: (to start and to hand their result to the loop) and Ceph aio ops (whose completions run
+#: Python on Ceph's threads). Adaptive polling does not spin while any is in flight: a spinning
+#: loop releases the lock only for instants, and the thread waiting for it starves until the
+#: loop sleeps or the interpreter's 5 ms switch interval ends (server/polling.py).
+_offloaded = 0
+
+
+def offloaded() -> int:
+    """How many offloaded calls and aio ops are in flight."""
+    return _offloaded
+
+
+def begin_offload() -> None:
+    global _offloaded
+    _offloaded += 1
+
+
+def end_offload() -> None:
+    global _offloaded
+    _offloaded -= 1
+
+
+async def _offload(submit: Callable[[], asyncio.Future[T]]) -> T:
+    begin_offload()  # before the thread can start
+    try:
+        return await submit()
+    finally:
+        end_offload()
+
 
 def pool(key: str = "") -> concurrent.futures.ThreadPoolExecutor:
     """The threads for `key` (a pool directory; "" for work tied to no pool)."""
@@ -29,15 +59,16 @@ def pool(key: str = "") -> concurrent.futures.ThreadPoolExecutor:
 
 async def run_in(key: str, fn: Callable[..., T], *args: object) -> T:
     """Run a blocking call on the threads of pool directory `key`."""
-    return await asyncio.get_running_loop().run_in_executor(pool(key), fn, *args)
+    loop = asyncio.get_running_loop()
+    return await _offload(lambda: loop.run_in_executor(pool(key), fn, *args))
 
 
 async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run a blocking call off the loop (bounded pool, shared by every node)."""
     loop = asyncio.get_running_loop()
     if kwargs:
-        return await loop.run_in_executor(pool(), lambda: fn(*args, **kwargs))
-    return await loop.run_in_executor(pool(), fn, *args)  # type: ignore[arg-type]
+        return await _offload(lambda: loop.run_in_executor(pool(), lambda: fn(*args, **kwargs)))
+    return await _offload(lambda: loop.run_in_executor(pool(), fn, *args))  # type: ignore[arg-type]
 
 
 class FlushCoalescer:
@@ -55,6 +86,10 @@ class FlushCoalescer:
         async with self._lock:
             if self._finished >= want:
                 return
+            # One loop turn before the sync starts: requests taken from the same receive
+            # (several FUA writes of one batch) write and join this sync instead of waiting
+            # for the next one. They still arrive before it starts, so it covers them.
+            await asyncio.sleep(0)
             self._started += 1
             generation = self._started
             await self._do_flush()

@@ -61,3 +61,27 @@ def test_selector_finds_what_the_inner_one_finds() -> None:
         assert sel.get_key(a).data == "a" and len(sel.get_map()) == 1
         sel.unregister(a)
         sel.close()
+
+
+def test_no_spin_while_other_threads_want_the_interpreter_back() -> None:
+    # A thread doing a commit's fdatasync (or a Ceph completion) needs the interpreter lock
+    # to start and to hand its result over; a spinning loop would starve it.
+    p = PollPolicy(W)
+    p.waited(20e-6)
+    assert p.spin_until(1.0, None, offloaded=1) is None
+    assert p.dense  # still dense: the next wait without threads in flight spins
+    assert p.spin_until(1.0, None, offloaded=0) == 1.0 + W
+
+
+def test_selector_asks_how_many_calls_are_offloaded() -> None:
+    a, b = socket.socketpair()
+    busy = [1]
+    with a, b:
+        sel = PollingSelector(W, offloaded=lambda: busy[0])
+        sel.register(a, selectors.EVENT_READ, "a")
+        sel.policy.waited(0.0)
+        assert sel.select(0.001) == []
+        assert sel.policy.spins == 0 and sel.policy.dense  # slept instead of spinning
+        busy[0] = 0
+        assert sel.select(0.001) == []
+        assert sel.policy.spins == 1

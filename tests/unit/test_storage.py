@@ -373,6 +373,19 @@ async def test_concurrent_callers_share_a_sync() -> None:
     assert sync.calls == 2
 
 
+async def test_callers_of_one_loop_turn_share_the_first_sync() -> None:
+    # Several FUA writes from one receive: each wrote before it asked for a flush, so the
+    # sync that starts after them covers them all.
+    sync = FakeSync()
+    fc = FlushCoalescer(sync)
+    callers = [asyncio.ensure_future(fc.flush()) for _ in range(8)]
+    await sync.wait_calls(1)
+    await _settle()
+    sync.gates[0].set()
+    await asyncio.gather(*callers)
+    assert sync.calls == 1
+
+
 async def test_caller_arriving_during_a_sync_waits_for_the_next() -> None:
     sync = FakeSync()
     fc = FlushCoalescer(sync)

@@ -8,6 +8,9 @@
    own "seconds") while fio randwrite runs against the volume, on a small and a huge thin volume.
 3. ``alloc``: fio 4k randwrite IOPS on a fresh thin volume (every write allocates), on a thick
    volume (writes in place), and on nbdkit's file plugin over a sparse raw file.
+4. ``fua``: 4k sequential write IOPS at QD16 with FUA on every write (``qemu-img bench -t
+   writethrough``; fio's nbd engine cannot set FUA) and without (``-t writeback``), on a thick
+   blockvirt volume, nbdkit's file plugin and qemu-nbd over preallocated raw files.
 
 Every measurement is interleaved (per repetition, each variant in turn, order rotated). Stdlib
 only; the server helpers come from ``run.py`` beside this file. ``python tools/bench/chain.py -h``.
@@ -67,7 +70,7 @@ job_metrics = _run.job_metrics
 tool_version = _run.tool_version
 csv_list = _run.csv_list
 
-PARTS = ("chain", "snap", "alloc")
+PARTS = ("chain", "snap", "alloc", "fua")
 FIO_SLACK_S = 60.0
 MAX_RUN = 4 << 20  # longest single qemu-io write when laying out a chain
 
@@ -196,19 +199,20 @@ class Ctx:
 # --------------------------------------------------------------------------- servers
 
 
-def start_blockvirt(ctx: Ctx) -> tuple[Any, Api]:
-    server = Server("blockvirt")
+def start_blockvirt(ctx: Ctx, root: Path = REPO_ROOT, label: str = "blockvirt") -> tuple[Any, Api]:
+    """A blockvirt server from the tree at `root` (this one, or --baseline)."""
+    server = Server(label)
     ctx.servers.append(server)
     nbd_port, api_port = free_port(), free_port()
     while api_port == nbd_port:
         api_port = free_port()
-    data_dir = ctx.workdir / "blockvirt-data"
+    data_dir = ctx.workdir / f"{label}-data"
     data_dir.mkdir()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     argv = [ctx.args.python, "-m", "blockvirt", "serve", "--data-dir", str(data_dir)]
     argv += ["--nbd", f"{HOST}:{nbd_port}", "--api", f"{HOST}:{api_port}", *ctx.args.blockvirt_arg]
-    spawn(server, argv, ctx.opts, cwd=REPO_ROOT, env=env)
+    spawn(server, argv, ctx.opts, cwd=root, env=env)
     timeout = ctx.args.start_timeout
     wait_for(f"blockvirt API port {api_port}", lambda: port_open(api_port), server.alive, timeout)
     wait_for(f"blockvirt NBD port {nbd_port}", lambda: port_open(nbd_port), server.alive, timeout)
@@ -630,6 +634,100 @@ def part_alloc(ctx: Ctx, bv: Any, api: Api, results: dict[str, Any]) -> list[str
     return errors
 
 
+# --------------------------------------------------------------------------- 4: FUA writes
+
+
+def bench_writes(ctx: Ctx, uri: str, count: int, *, fua: bool, depth: int = 16) -> float:
+    """IOPS of `count` 4k writes at `depth` from offset 0 by qemu-img bench; with `fua`,
+    qemu's writethrough cache mode sets FUA on every write."""
+    argv = ["qemu-img", "bench", "-f", "raw", "-w", "-t", "writethrough" if fua else "writeback"]
+    argv += ["-c", str(count), "-d", str(depth), "-s", "4k", "--pattern=165", uri]  # not zeros
+    out = checked(argv, timeout=ctx.fio_timeout() + count / 500)
+    for line in out.splitlines():
+        if line.startswith("Run completed in "):
+            return count / float(line.split()[3])
+    raise ServerError(f"qemu-img bench printed no timing: {out[-300:]}")
+
+
+def part_fua(ctx: Ctx, bv: Any, api: Api, results: dict[str, Any]) -> list[str]:
+    args = ctx.args
+    errors: list[str] = []
+    variants = ["blockvirt-thick", "nbdkit-file", "qemu-nbd-raw"]
+    before: tuple[Any, Api] | None = None
+    if args.baseline is not None:
+        before = start_blockvirt(ctx, args.baseline, "before")
+        variants.append("before-thick")
+    modes = ("fua", "plain", "fua-qd1")
+    count = min(args.fua_count, args.size // 4096)
+    samples: dict[tuple[str, str], list[float]] = {(v, m): [] for v in variants for m in modes}
+    for rep in range(args.reps):
+        k = rep % len(variants)
+        for variant in variants[k:] + variants[:k]:
+            server = None
+            name = f"fua-{rep}"
+            image = ctx.workdir / f"{name}.raw"
+            try:
+                if variant.endswith("-thick"):
+                    srv, vapi = (bv, api) if variant == "blockvirt-thick" or before is None else before
+                    vapi.create(name, args.size, thick=True)
+                    uri = srv.uri + name
+                else:
+                    with open(image, "wb") as f:  # preallocated like the thick volume
+                        os.posix_fallocate(f.fileno(), 0, args.size)
+                    if variant == "nbdkit-file":
+                        server = start_nbdkit_file(ctx, variant, image)
+                    else:
+                        server = start_qemu_nbd(ctx, variant, image, "raw")
+                    uri = server.uri
+                for mode in modes[rep % 2 :] + modes[: rep % 2]:
+                    ctx.sync()
+                    if mode == "fua-qd1":
+                        iops = bench_writes(ctx, uri, count // 4, fua=True, depth=1)
+                    else:
+                        iops = bench_writes(ctx, uri, count, fua=mode == "fua")
+                    samples[(variant, mode)].append(iops)
+                    log(f"[fua] rep {rep + 1}/{args.reps} {variant:<15} {mode:<5} {fmt_iops(iops)} IOPS")
+            except (ServerError, OSError) as exc:
+                errors.append(f"fua: {variant} rep {rep + 1}: {exc}")
+                log(f"[fua] rep {rep + 1} {variant} FAILED: {exc}")
+            finally:
+                if server is not None:
+                    stop_server(ctx, server)
+                    image.unlink(missing_ok=True)
+                elif variant.endswith("-thick"):
+                    try:
+                        (api if variant == "blockvirt-thick" or before is None else before[1]).delete(name)
+                    except ServerError as exc:
+                        errors.append(f"fua: deleting {name}: {exc}")
+    medians = {key: median_or_none(s) for key, s in samples.items()}
+    if before is not None:
+        stop_server(ctx, before[0])
+    peers = [v for v in variants if not v.endswith("-thick")]
+    best_fua = max((medians[(v, "fua")] or 0.0 for v in peers), default=0.0)
+    best_qd1 = max((medians[(v, "fua-qd1")] or 0.0 for v in peers), default=0.0)
+    rows = []
+    summary: dict[str, Any] = {}
+    for v in variants:
+        fua, plain, qd1 = medians[(v, "fua")], medians[(v, "plain")], medians[(v, "fua-qd1")]
+        summary[v] = {m: {"median_iops": medians[(v, m)], "samples": samples[(v, m)]} for m in modes}
+        rows.append(
+            [
+                v,
+                fmt_iops(fua),
+                fmt_iops(plain),
+                fmt_ratio(fua / plain if fua and plain else None),
+                fmt_ratio(fua / best_fua if fua and best_fua else None),
+                fmt_iops(qd1),
+                fmt_ratio(qd1 / best_qd1 if qd1 and best_qd1 else None),
+            ]
+        )
+    print(f"\n== 4. 4k sequential writes, IOPS, FUA on each or none (QD16 x{count}, QD1 x{count // 4}) ==")
+    print(table(["target", "FUA", "plain", "FUA/plain", "FUA/best peer", "FUA QD1", "QD1/best peer"], rows))
+    print("qemu-img bench -t writethrough (FUA) / -t writeback; preallocated volume and files.")
+    results["fua"] = {"summary": summary, "count": count}
+    return errors
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -659,6 +757,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--snap-warmup", type=float, default=1.0, help="fio seconds before the first snapshot")
     p.add_argument("--snap-small", type=parse_size, default=1 << 30, help="small thin volume (1G)")
     p.add_argument("--snap-big", type=parse_size, default=1 << 40, help="big thin volume (1T)")
+    p.add_argument("--fua-count", type=int, default=40000, help="writes per part-4 run (40000)")
+    p.add_argument("--baseline", type=Path, metavar="DIR", help="part 4 also runs blockvirt from this tree")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs blockvirt")
     p.add_argument("--blockvirt-arg", action="append", default=[], metavar="ARG",
@@ -689,7 +789,7 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("fio", "qemu-io"):
+    for tool in ("fio", "qemu-io", "qemu-img"):
         if shutil.which(tool) is None:
             log(f"{tool} not found on PATH")
             return 2
@@ -705,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             bv, api = start_blockvirt(ctx)
             log(f"[blockvirt] up at {bv.uri}")
-            parts = {"chain": part_chain, "snap": part_snap, "alloc": part_alloc}
+            parts = {"chain": part_chain, "snap": part_snap, "alloc": part_alloc, "fua": part_fua}
             for part in args.parts:
                 errors += parts[part](ctx, bv, api, results)
                 if not bv.alive():

@@ -12,7 +12,7 @@ from time import perf_counter
 from typing import Any
 
 from blockvirt.storage import buffers, executor
-from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, oserror, timed_pwrite
+from blockvirt.storage.backends.cowfile.layer import Layer, WriteGuard, no_small_sync, oserror, timed_pwrite
 from blockvirt.storage.backends.cowfile.layer_map import BLOCK, BLOCK_SHIFT, DATA
 from blockvirt.storage.backends.cowfile.merged import DEFAULT_BUDGET_PAGES, ZERO_OWNER, MergedIndex
 from blockvirt.storage.fileio import VIEW_MIN
@@ -59,9 +59,20 @@ class ChainNode(BlockNode):
         #: Buffered (non-FUA) writes so far, and how many of them a finished commit of the
         #: head covers: equal, the head's file holds no dirty data but FUA writes' (see _write).
         self._buffered = 0
+        self._sync_waiters = 0  # requests in _commit_head
         self._synced = 0
         #: Why the volume is failed (writes refused), or None. See _commit_head.
         self.failed: str | None = None
+        self._small_sync = self._only_fua_unsynced  # one bound method, compared by identity
+        if writable:
+            self.head.small_sync = self._small_sync
+
+    def _only_fua_unsynced(self) -> bool:
+        """The head's file holds no dirty data but FUA writes' (a sync of it is short), and
+        one request at most waits for the sync: with more, a sync in a thread lets the loop
+        take the next requests meanwhile, which serves a deep queue better than saving the
+        hand-over to the thread."""
+        return self._buffered == self._synced and self._sync_waiters <= 1
 
     async def _exec(self, fn: Callable[..., Any], *args: object) -> Any:
         """A blocking call on the threads of the head's pool (a slow pool stalls only its own
@@ -99,7 +110,12 @@ class ChainNode(BlockNode):
 
     def set_layers(self, layers: Sequence[Layer], *, keep_index: bool) -> None:
         """Swap the chain (only while drained). `keep_index` when an empty head was added."""
+        for lay in self.layers:
+            if lay.small_sync is self._small_sync:
+                lay.small_sync = no_small_sync  # a former head: its dirty data is not counted here
         self.layers = list(layers)
+        if self.writable:
+            self.head.small_sync = self._small_sync
         self.merged.set_chain([(lay.slot, lay.map) for lay in self.layers], keep=keep_index)
         self._fds = {lay.slot: lay.fd for lay in self.layers}
         self._depth = {lay.slot: i + 1 for i, lay in enumerate(self.layers)}
@@ -358,6 +374,7 @@ class ChainNode(BlockNode):
         if end > full_end * BLOCK:
             await self._write(full_end * BLOCK, bytes(end - full_end * BLOCK), False)
         first, count = full_first, full_end - full_first
+        self._buffered += 1  # the head's file (its metadata at least) holds unsynced changes
         await self._wait_locks(first, full_end - 1)
         head = self.head
         start, nbytes = first * BLOCK, count * BLOCK
@@ -385,6 +402,7 @@ class ChainNode(BlockNode):
         failed sync the kernel may have dropped the dirty data (Linux does), so nothing
         written since the last good commit can be promised any more."""
         covered = self._buffered
+        self._sync_waiters += 1
         try:
             await self.head.commit()
             if covered > self._synced:
@@ -393,6 +411,8 @@ class ChainNode(BlockNode):
             if e.errno == errno.EIO and self.failed is None:
                 self.failed = f"a commit failed ({e}); writes are refused until the volume is reset"
             raise
+        finally:
+            self._sync_waiters -= 1
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -481,7 +501,11 @@ class ChainNode(BlockNode):
         return sum(n for owner, n in self.merged.runs(first, last - first) if owner)
 
     async def close(self) -> None:
-        """Nothing: layers belong to the registry, which closes them when unused."""
+        """Layers belong to the registry, which closes them when unused; the head forgets
+        this node's count of unsynced writes."""
+        for lay in self.layers:
+            if lay.small_sync is self._small_sync:
+                lay.small_sync = no_small_sync
 
 
 async def _call(fn: Callable[..., None], *args: object) -> None:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import rbd
 
+from blockvirt.storage import executor
 from blockvirt.storage.backends.rbd.bridge import completion
 from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception
@@ -187,8 +188,10 @@ class AsyncImage:
             self._slots.release()
             self._check_open()
         self._begin()
+        executor.begin_offload()  # its completion runs Python on a Ceph thread
 
         def settled(rv: int) -> None:
+            executor.end_offload()
             self._slots.release()
             self._end()
             self._failed(rv)
