@@ -110,9 +110,7 @@ class ChainNode(BlockNode):
 
     def set_layers(self, layers: Sequence[Layer], *, keep_index: bool) -> None:
         """Swap the chain (only while drained). `keep_index` when an empty head was added."""
-        for lay in self.layers:
-            if lay.small_sync is self._small_sync:
-                lay.small_sync = no_small_sync  # a former head: its dirty data is not counted here
+        self._forget_head()  # a former head's dirty data is not counted here
         self.layers = list(layers)
         if self.writable:
             self.head.small_sync = self._small_sync
@@ -503,9 +501,12 @@ class ChainNode(BlockNode):
     async def close(self) -> None:
         """Layers belong to the registry, which closes them when unused; the head forgets
         this node's count of unsynced writes."""
-        for lay in self.layers:
-            if lay.small_sync is self._small_sync:
-                lay.small_sync = no_small_sync
+        self._forget_head()
+
+    def _forget_head(self) -> None:
+        """The head no longer asks this node whether its file holds only FUA writes."""
+        if self.head.small_sync is self._small_sync:
+            self.head.small_sync = no_small_sync
 
 
 async def _call(fn: Callable[..., None], *args: object) -> None:

@@ -108,7 +108,7 @@ class Layer:
         #: (first, count) block ranges guest writes are filling: a stream leaves them alone.
         self.filling: list[tuple[int, int]] = []
         #: Whether the file holds so little dirty data that a sync of it is quick: set by the
-        #: chain whose head this is (true while only FUA writes are unsynced; see _sync).
+        #: chain whose head this is (true while only FUA writes are unsynced; see _sync_inline).
         self.small_sync: Callable[[], bool] = no_small_sync
         self.sync_guard = SyncGuard()
 
