@@ -127,6 +127,9 @@ class Dispatcher:
         #: Bumped by every completed non-FUA write: a FLUSH only clears `unflushed` if no
         #: write completed while it ran (such a write need not be covered by it).
         self._dirtied = 0
+        #: FUA writes written inline and not answered yet: (cookie, start time). One sync
+        #: covers them all when the session has taken the requests at hand (settle_fua).
+        self.fua_pending: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------ validation
     def check(self, cmd: Command) -> CommandError | None:
@@ -177,6 +180,10 @@ class Dispatcher:
         The common READ and WRITE (no flags, inside the size negotiated, and a READ shorter
         than SPARSE_READ_MIN) need no other validation, and take a short path to the node;
         everything else goes through check() and try_now().
+
+        A FUA WRITE the node can take inline is written and answered by an empty list: its
+        reply waits in `fua_pending` for the sync that the session asks for (settle_fua)
+        once it has taken the requests at hand, so a burst of FUA writes shares one sync.
         """
         t = type(cmd)
         if t is ReadCmd:
@@ -188,15 +195,21 @@ class Dispatcher:
                     return self.error_reply(cmd, e)
         elif (
             t is WriteCmd
-            and not cmd.flags
             and not self.read_only
             and cmd.offset + cmd.length <= self.size
             and cmd.data is not None  # type: ignore[attr-defined]  # None: too large, check() says
         ):
-            try:
-                return self._write_now(cmd)
-            except StorageError as e:
-                return self.error_reply(cmd, e)
+            flags = cmd.flags
+            if not flags:
+                try:
+                    return self._write_now(cmd)
+                except StorageError as e:
+                    return self.error_reply(cmd, e)
+            if flags == _FUA and cmd.length:
+                try:
+                    return self._fua_write_now(cmd)
+                except StorageError as e:
+                    return self.error_reply(cmd, e)
         err = self.check(cmd)
         if err is not None:
             return self.error_reply(cmd, err)
@@ -261,6 +274,71 @@ class Dispatcher:
         self.unflushed = True
         self._dirtied += 1
         return [self.tx.ok(cmd.cookie)]
+
+    def _fua_write_now(self, cmd: Command) -> Out | None:
+        """A valid FUA WRITE (see serve_inline): written now, answered by settle_fua."""
+        qos = self.qos
+        admitted = 0
+        if qos is not None and qos.active:
+            admitted = qos.try_admit(cmd.length)
+            if not admitted:
+                return self._not_now()
+        if not self.node.write_fua_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+            return self._prepay(cmd, admitted) if admitted else self._not_now()
+        if admitted == 2:
+            qos.finished(None)  # type: ignore[union-attr]
+        if self.metered:
+            now = perf_counter()
+            self.fua_pending.append((cmd.cookie, self._t0))
+            self._t0 = now
+            self.stats.write_bytes += cmd.length
+        else:
+            self.fua_pending.append((cmd.cookie, 0.0))
+        return []
+
+    def settle_fua(self) -> Out | None:
+        """Make the pending FUA writes durable without awaiting if the node can: their
+        replies (errors if the sync failed). None: the node must await it; the caller takes
+        `fua_pending` over and awaits settle_fua_later with it."""
+        pending = self.fua_pending
+        try:
+            done = self.node.sync_nowait()
+        except StorageError as e:
+            self.fua_pending = []
+            return self._fua_failed(pending, e)
+        if not done:
+            return None
+        self.fua_pending = []
+        return self._fua_done(pending)
+
+    async def settle_fua_later(self, pending: list[tuple[int, float]]) -> Out:
+        """The pending FUA writes made durable by an awaited sync (see settle_fua)."""
+        try:
+            await self.node.sync()
+        except (StorageError, OSError) as e:
+            log.warning("FUA write's sync failed: %s", e)
+            return self._fua_failed(pending, e)
+        return self._fua_done(pending)
+
+    def _fua_done(self, pending: list[tuple[int, float]]) -> Out:
+        tx = self.tx
+        if self.metered:
+            now = perf_counter()
+            lat = self._write_lat
+            for _, t0 in pending:
+                lat.observe(now - t0)
+        return [tx.ok(cookie) for cookie, _ in pending]
+
+    def _fua_failed(self, pending: list[tuple[int, float]], e: StorageError | OSError) -> Out:
+        errno = nbd_errno(e.errno)
+        out: Out = []
+        for cookie, _ in pending:
+            if self.metered:
+                self.stats.fail("write")
+            else:
+                self.stats.errors += 1
+            out.append(self.tx.error(cookie, errno, str(e)))
+        return out
 
     # ------------------------------------------------------------ fast path
     def begin(self) -> None:

@@ -36,7 +36,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
 from blockvirt.server.acl import ClientIdentity, certificate_names, parse_address
-from blockvirt.server.dispatch import Dispatcher
+from blockvirt.server.dispatch import Dispatcher, Out
 from blockvirt.server.exports import ExportView
 from blockvirt.server.limits import (
     REFUSED_SHUTTING_DOWN,
@@ -526,9 +526,41 @@ class NbdSession(asyncio.BufferedProtocol):
                     batched = 0
                     disp.begin()  # sending is not part of the next request's service time
         finally:
+            if disp.fua_pending and not transport.is_closing():
+                # One sync for the FUA writes of this burst, then their replies.
+                settled = disp.settle_fua()
+                if settled is None:
+                    self._spawn_settle()
+                else:
+                    batch += settled
             if batch and not transport.is_closing():
                 _emit(transport, batch, self._recycle)
             self._watch_input()
+
+    def _spawn_settle(self) -> None:
+        """The pending FUA writes need an awaited sync: one task for all of them."""
+        disp = self.disp
+        assert disp is not None
+        pending, disp.fua_pending = disp.fua_pending, []
+        self.inflight += 1
+        task = self.loop.create_task(self._settle(pending))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if self.inflight >= self.max_inflight:
+            self._blocked = True
+            self._update_reading()
+
+    async def _settle(self, pending: list[tuple[int, float]]) -> None:
+        disp = self.disp
+        assert disp is not None and self.tx is not None
+        try:
+            out = await disp.settle_fua_later(pending)
+        except Exception:
+            log.exception("session %d: internal error on a FUA write's sync", self.id, extra=self._ids())
+            out = [self.tx.error(cookie, Errno.EIO, "internal server error") for cookie, _ in pending]
+        finally:
+            self.inflight -= 1
+        self._replied(out, 0)
 
     def _spawn(self, cmd: Command) -> None:
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
@@ -560,6 +592,10 @@ class NbdSession(asyncio.BufferedProtocol):
             self.inflight_bytes -= nbytes
         if type(cmd) is WriteCmd:
             self.tx.recycle(cmd.data)  # storage is done with the payload
+        self._replied(out, nbytes)
+
+    def _replied(self, out: Out, nbytes: int) -> None:
+        """Send a task's replies, give back what it held, and read on if it was held up."""
         transport = self.transport
         if transport is not None and not self._lost:
             _emit(transport, out, self._recycle)

@@ -81,6 +81,11 @@ class FlushCoalescer:
         self._started = 0
         self._finished = 0
 
+    @property
+    def busy(self) -> bool:
+        """A sync is under way or waited for."""
+        return self._lock.locked()
+
     async def flush(self) -> None:
         want = self._started + 1
         async with self._lock:

@@ -20,6 +20,9 @@ from blockvirt.storage.backend import VolumeRecord
 from blockvirt.storage.node import BlockNode, Buffer, FilterNode, Segment
 from blockvirt.storage.stats import VolumeStats
 
+#: The synchronous paths that the root binds to the top node's own methods while it is open.
+_FAST_PATHS = ("read_nowait", "read_sparse_nowait", "read_view_nowait", "write_nowait", "write_fua_nowait")
+
 
 class Export(FilterNode):
     """The root node of an export; `base` is the backend's node at the bottom."""
@@ -87,9 +90,10 @@ class Export(FilterNode):
         self.read_sparse_nowait = child.read_sparse_nowait  # type: ignore[method-assign]
         self.read_view_nowait = child.read_view_nowait  # type: ignore[method-assign]
         self.write_nowait = child.write_nowait  # type: ignore[method-assign]
+        self.write_fua_nowait = child.write_fua_nowait  # type: ignore[method-assign]
 
     def _close_fast_paths(self) -> None:
-        for name in ("read_nowait", "read_sparse_nowait", "read_view_nowait", "write_nowait"):
+        for name in _FAST_PATHS:
             self.__dict__.pop(name, None)
 
     @contextlib.asynccontextmanager
@@ -179,6 +183,11 @@ class Export(FilterNode):
             return False
         return self.child.write_nowait(offset, data)
 
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        if self._paused:
+            return False
+        return self.child.write_fua_nowait(offset, data)
+
     async def read(self, offset: int, length: int) -> Buffer:
         await self._enter()
         try:
@@ -214,7 +223,8 @@ class Export(FilterNode):
         finally:
             self._leave()
 
-    # FLUSH, CACHE and block status pass ungated, as they always did: none of them changes
+    # FLUSH (and sync_nowait, the second half of an inline FUA write), CACHE and block
+    # status pass ungated, as they always did: none of them changes
     # what the graph holds, and a drain must not wait for an fdatasync (a snapshot under
     # write load would then stall every initiator for as long as the sync takes).
 

@@ -85,6 +85,22 @@ class BlockNode(abc.ABC):
         """Complete a (non-FUA) write without blocking the loop if possible; True if done."""
         return False
 
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        """The write half of a FUA write without blocking the loop, if the node can make it
+        durable later by sync_nowait or sync; True if written. The caller must not answer
+        the request before one of those has succeeded."""
+        return False
+
+    def sync_nowait(self) -> bool:
+        """Make every write completed so far durable without awaiting, if that is quick
+        (see write_fua_nowait); True if done, False: await sync() instead."""
+        return False
+
+    async def sync(self) -> None:
+        """Make every write completed so far durable: the second half of FUA writes taken
+        by write_fua_nowait (not a client's FLUSH, though it may cost one)."""
+        await self.flush()
+
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> Buffer: ...
 
@@ -152,6 +168,15 @@ class FilterNode(BlockNode):
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         return self.child.write_nowait(offset, data)
+
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        return self.child.write_fua_nowait(offset, data)
+
+    def sync_nowait(self) -> bool:
+        return self.child.sync_nowait()
+
+    async def sync(self) -> None:
+        await self.child.sync()
 
     async def read(self, offset: int, length: int) -> Buffer:
         return await self.child.read(offset, length)

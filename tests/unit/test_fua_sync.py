@@ -5,10 +5,17 @@ one was slow. Durability is the crash harness's business; this is about the choi
 from __future__ import annotations
 
 import asyncio
+import errno
+import struct
 from pathlib import Path
 
 import pytest
 
+from blockvirt.nbd.constants import CmdFlag, Errno
+from blockvirt.nbd.events import ExportInfo, WriteCmd
+from blockvirt.nbd.handshake import transmission_flags
+from blockvirt.nbd.transmission import ServerTransmission
+from blockvirt.server.dispatch import Dispatcher
 from blockvirt.storage import executor
 from blockvirt.storage.backends.cowfile.chain import ChainNode
 from blockvirt.storage.backends.cowfile.layer import Layer, SyncGuard, WriteGuard, no_small_sync
@@ -92,15 +99,16 @@ async def test_many_waiters_sync_in_one_thread_call(tmp_path: Path, monkeypatch:
     node.head.close()
 
 
-async def test_a_slow_inline_sync_sends_the_next_ones_to_threads(
+async def test_two_slow_inline_syncs_send_the_next_ones_to_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = _chain(tmp_path)
     syncs = Syncs(monkeypatch, delay=SyncGuard.SLOW * 1.5)
-    await node.write(0, b"s" * 4096, fua=True)  # inline, and slow
-    await node.write(4096, b"s" * 4096, fua=True)
+    await node.write(0, b"s" * 4096, fua=True)  # inline, and slow: suspect
+    await node.write(4096, b"s" * 4096, fua=True)  # inline, slow again: confirmed
     await node.write(8192, b"s" * 4096, fua=True)
-    assert (syncs.inline, syncs.threaded) == (1, 2)
+    await node.write(12288, b"s" * 4096, fua=True)
+    assert (syncs.inline, syncs.threaded) == (2, 2)
     node.head.close()
 
 
@@ -133,15 +141,31 @@ def test_a_former_head_forgets_the_chains_count(tmp_path: Path) -> None:
     new.close()
 
 
-def test_sync_guard_backs_off_after_a_slow_sync() -> None:
+def test_sync_guard_backs_off_when_a_second_slow_sync_confirms_the_first() -> None:
     g = SyncGuard()
     assert g.inline(0.0)
     g.note(SyncGuard.SLOW / 2, 1.0)
     assert g.inline(1.0)
-    g.note(SyncGuard.SLOW * 2, 2.0)
-    assert not g.inline(2.0 + SyncGuard.BACKOFF / 2)
-    assert g.inline(2.0 + SyncGuard.BACKOFF)
+    g.note(SyncGuard.SLOW * 2, 2.0)  # alone: a journal commit now and then
+    assert g.inline(2.0)
+    g.note(SyncGuard.SLOW * 2, 2.0 + SyncGuard.CONFIRM / 2)  # a second one soon after
+    assert not g.inline(2.5 + SyncGuard.BACKOFF / 2)
+    assert g.inline(2.0 + SyncGuard.CONFIRM / 2 + SyncGuard.BACKOFF)
     assert SyncGuard.SLOW == WriteGuard.STALL
+
+
+def test_sync_guard_forgives_slow_syncs_far_apart() -> None:
+    g = SyncGuard()
+    for i in range(10):  # one every 5 s, as the file system's journal commits
+        g.note(SyncGuard.SLOW * 1.4, 5.0 * i)
+        assert g.inline(5.0 * i)
+
+
+def test_sync_guard_backs_off_at_once_after_a_severe_sync() -> None:
+    g = SyncGuard()
+    g.note(SyncGuard.SEVERE * 1.1, 1.0)
+    assert not g.inline(1.0 + SyncGuard.BACKOFF / 2)
+    assert g.inline(1.0 + SyncGuard.BACKOFF)
 
 
 async def test_offloaded_calls_are_counted_while_in_flight() -> None:
@@ -162,3 +186,101 @@ async def test_offloaded_calls_are_counted_while_in_flight() -> None:
     with pytest.raises(OSError):
         await executor.run_in("", fail)
     assert executor.offloaded() == before
+
+
+# ---------------------------------------------------------------- FUA writes served inline
+
+
+def _fua(cookie: int, offset: int, fill: int) -> WriteCmd:
+    return WriteCmd(cookie, int(CmdFlag.FUA), offset, 4096, bytes([fill]) * 4096)
+
+
+def _replies(out: list[bytes | bytearray | memoryview]) -> list[tuple[int, int]]:
+    """(cookie, error) of simple replies."""
+    got = []
+    for b in out:
+        magic, error, cookie = struct.unpack(">IIQ", bytes(b)[:16])
+        assert magic == 0x67446698
+        got.append((cookie, error))
+    return got
+
+
+def _dispatcher(node: ChainNode) -> Dispatcher:
+    tflags = transmission_flags(ExportInfo("x", SIZE), structured=False)
+    return Dispatcher(node, SIZE, tflags, ServerTransmission(False), {})
+
+
+async def test_a_burst_of_fua_writes_is_answered_after_one_inline_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _chain(tmp_path)
+    d = _dispatcher(node)
+    syncs = Syncs(monkeypatch)
+    for i in range(16):
+        assert d.serve_inline(_fua(i + 1, i * 4096, i)) == []  # written, not answered yet
+    assert syncs.inline + syncs.threaded == 0
+    out = d.settle_fua()
+    assert out is not None and _replies(out) == [(i + 1, 0) for i in range(16)]
+    assert (syncs.inline, syncs.threaded) == (1, 0) and d.fua_pending == []
+    assert not d.unflushed  # FUA writes leave nothing for the session's last flush
+    lid = node.head.id
+    node.head.close()
+    again = Layer.open(REAL, str(tmp_path), lid, SIZE, writable=False)
+    assert bytes(await ChainNode([again], SIZE, writable=False).read(0, 16 * 4096)) == b"".join(
+        bytes([i]) * 4096 for i in range(16)
+    )
+    again.close()
+
+
+async def test_fua_writes_after_buffered_ones_take_the_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _chain(tmp_path)
+    d = _dispatcher(node)
+    assert d.serve_inline(WriteCmd(1, 0, 0, 4096, b"b" * 4096)) is not None  # buffered
+    assert d.serve_inline(_fua(2, 4096, 7)) is None  # a dsync write of its own (run())
+    assert d.fua_pending == []
+    await node.flush()
+    assert d.serve_inline(_fua(3, 8192, 7)) == []  # all synced: inline again
+    assert d.settle_fua() is not None
+    node.head.close()
+
+
+async def test_allocating_fua_writes_are_answered_after_an_awaited_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _chain(tmp_path, thick=False)
+    d = _dispatcher(node)
+    for i in range(4):
+        assert d.serve_inline(_fua(i + 1, i * 4096, 0x40 + i)) == []
+    assert d.settle_fua() is None  # the new blocks' states must be journaled: not inline
+    pending, d.fua_pending = d.fua_pending, []
+    out = await d.settle_fua_later(pending)
+    assert _replies(out) == [(i + 1, 0) for i in range(4)]
+    lid = node.head.id
+    node.head.close()
+    again = Layer.open(REAL, str(tmp_path), lid, SIZE, writable=False)
+    reread = ChainNode([again], SIZE, writable=False)
+    assert bytes(await reread.read(0, 4 * 4096)) == b"".join(bytes([0x40 + i]) * 4096 for i in range(4))
+    again.close()
+
+
+async def test_a_failed_inline_sync_fails_every_pending_fua_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _chain(tmp_path)
+    d = _dispatcher(node)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "device gone")
+
+    for i in range(3):
+        assert d.serve_inline(_fua(i + 1, i * 4096, 1)) == []
+    monkeypatch.setattr(REAL, "fdatasync", eio)
+    out = d.settle_fua()
+    assert out is not None and _replies(out) == [(i + 1, int(Errno.EIO)) for i in range(3)]
+    assert node.failed is not None  # nothing written since can be promised any more
+    later = _fua(9, 0, 1)
+    assert d.serve_inline(later) is None  # not inline any more: the general path refuses it
+    assert _replies(await d.run(later)) == [(9, int(Errno.EIO))]
+    node.head.close()

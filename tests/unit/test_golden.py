@@ -319,6 +319,7 @@ class Server:
                 return
             self.out += self.conn.data_to_send()
             if ev is None:
+                await self.settle()
                 return
             self.events.append(describe(ev))
             if isinstance(ev, Aborted) or (isinstance(ev, AccessDenied) and ev.closed):
@@ -342,6 +343,18 @@ class Server:
             return
         out = disp.serve_inline(cmd)  # what the session does: validate, then inline or not
         self.emit(out if out is not None else await disp.run(cmd))
+
+    async def settle(self) -> None:
+        """FUA writes taken inline are answered once the requests at hand are (as the
+        session does at the end of a receive)."""
+        disp = self.disp
+        if disp is None or not disp.fua_pending:
+            return
+        out = disp.settle_fua()
+        if out is None:
+            pending, disp.fua_pending = disp.fua_pending, []
+            out = await disp.settle_fua_later(pending)
+        self.emit(out)
 
 
 # ---------------------------------------------------------------- running a vector

@@ -41,6 +41,16 @@ class ChangeFilter(FilterNode):
             self._mark(offset, len(data))
         return done
 
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        try:
+            done = self.child.write_fua_nowait(offset, data)
+        except BaseException:
+            self._mark(offset, len(data))
+            raise
+        if done:
+            self._mark(offset, len(data))
+        return done
+
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         try:
             await self.child.write(offset, data, fua)

@@ -36,6 +36,15 @@ class MirrorFilter(FilterNode):
     def write_nowait(self, offset: int, data: Buffer) -> bool:
         return False  # every change waits for its copy: the async path
 
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        return False
+
+    def sync_nowait(self) -> bool:
+        return False  # the replica must be made durable too
+
+    async def sync(self) -> None:
+        await self.flush()
+
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         await self.child.write(offset, data, fua)
         await self.replica.changed(offset, len(data), fua)

@@ -220,6 +220,35 @@ class ChainNode(BlockNode):
 
     # ------------------------------------------------------------ writes
     def write_nowait(self, offset: int, data: Buffer) -> bool:
+        if not self._write_inline(offset, data):
+            return False
+        self._buffered += 1
+        return True
+
+    def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
+        """Only while the head's file holds no dirty data but FUA writes' (and no commit is
+        waited for): the sync that follows (sync_nowait, or flush) is then short. Otherwise
+        the general path picks a write of its own with O_DSYNC semantics (see _write)."""
+        if self._buffered != self._synced or self._sync_waiters or not self.writable:
+            return False
+        return self._write_inline(offset, data)
+
+    def sync_nowait(self) -> bool:
+        """Sync the head on the loop if its file holds no dirty data but FUA writes' and
+        their block states are journaled already (Layer.commit_nowait); False: sync()."""
+        if not self.writable:
+            return False
+        self._check_failed()
+        if self._buffered != self._synced or self._sync_waiters:
+            return False
+        try:
+            return self.head.commit_nowait()
+        except StorageError as e:
+            if e.errno == errno.EIO and self.failed is None:
+                self.failed = f"a commit failed ({e}); writes are refused until the volume is reset"
+            raise
+
+    def _write_inline(self, offset: int, data: Buffer) -> bool:
         n = len(data)
         if (
             self._locks
@@ -245,7 +274,6 @@ class ChainNode(BlockNode):
         guard = self.guard
         if guard.suspect or seconds > WriteGuard.STALL:  # else the guard has nothing to learn
             guard.note_inline(seconds)
-        self._buffered += 1
         if not in_place:
             head.map.set_data(first, count)
             self.merged.set_owner(first, count, head.slot)

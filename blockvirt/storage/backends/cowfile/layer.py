@@ -221,6 +221,19 @@ class Layer:
         thread anyway. It runs to the end; the next commit waits for it."""
         await asyncio.shield(self._flusher.flush())
 
+    def commit_nowait(self) -> bool:
+        """commit() on the loop, when it is one short fdatasync: no block state to journal,
+        no commit under way, and syncs inline allowed (_sync_inline). True if done."""
+        if self.map_fd is None or self._committing or self.map.dirty or self._flusher.busy:
+            return False
+        if not self._sync_inline():
+            return False
+        try:
+            self._timed(self.io.fdatasync, self.fd)
+        except OSError as e:
+            raise oserror(e, "commit") from e
+        return True
+
     async def _commit(self) -> None:
         if self.map_fd is None:
             return
@@ -381,25 +394,38 @@ class SyncGuard:
     """Whether small commits may sync on the event loop: while their syncs are quick.
 
     A device flush is usually tens of microseconds on an SSD with a protected cache or a
-    virtual disk (50-150 µs here, 1-2 ms now and then), but milliseconds on others. One
-    inline sync slower than SLOW (the write guard's stall) sends this layer's syncs to
-    threads for BACKOFF seconds, so a slow device stalls the loop once per BACKOFF at most
-    (pure: time is an argument)."""
+    virtual disk (50-150 µs here), but milliseconds on others. Now and then one is slow on
+    any device: here one in several thousand took 5-7 ms, about every five seconds (the
+    file system's journal commit). Sending every sync to threads after such a one made a
+    FUA write 4x slower for the next BACKOFF seconds, which under steady FUA load was most
+    of the time. So a slow sync counts only when another one confirms it within CONFIRM
+    seconds, or when it alone is SEVERE; then this layer's syncs go to threads for BACKOFF
+    seconds. A device that is slow for good stalls the loop twice per BACKOFF at most, for
+    SEVERE at most each (pure: time is an argument)."""
 
     SLOW = WriteGuard.STALL
+    SEVERE = 0.050
+    CONFIRM = 2.0
     BACKOFF = 10.0
 
-    __slots__ = ("slow_until",)
+    __slots__ = ("slow_until", "suspect_until")
 
     def __init__(self) -> None:
         self.slow_until = 0.0
+        #: Until when a slow sync seen alone waits for a second one to confirm it.
+        self.suspect_until = 0.0
 
     def inline(self, now: float) -> bool:
         return now >= self.slow_until
 
     def note(self, seconds: float, now: float) -> None:
-        if seconds > self.SLOW:
+        if seconds <= self.SLOW:
+            return
+        if seconds > self.SEVERE or now < self.suspect_until:
             self.slow_until = now + self.BACKOFF
+            self.suspect_until = 0.0
+        else:
+            self.suspect_until = now + self.CONFIRM
 
 
 def no_small_sync() -> bool:
