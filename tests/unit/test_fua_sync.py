@@ -56,6 +56,18 @@ def _chain(pool: Path, *, thick: bool = True) -> ChainNode:
     return ChainNode([head], SIZE, writable=True)
 
 
+async def _reopened(node: ChainNode, pool: Path, offset: int, length: int) -> bytes:
+    """Close the chain's head and read [offset, offset + length) from its files again: what
+    the journal and data file hold, as after a restart."""
+    lid = node.head.id
+    node.head.close()
+    again = Layer.open(REAL, str(pool), lid, SIZE, writable=False)
+    try:
+        return bytes(await ChainNode([again], SIZE, writable=False).read(offset, length))
+    finally:
+        again.close()
+
+
 async def test_a_lone_fua_write_syncs_on_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     node = _chain(tmp_path)
     syncs = Syncs(monkeypatch)
@@ -119,12 +131,7 @@ async def test_allocating_fua_writes_on_a_thin_volume_journal_inline_and_survive
     syncs = Syncs(monkeypatch)
     await node.write(5 * 4096, b"t" * 4096, fua=True)  # allocates: its state is journaled too
     assert syncs.threaded == 0 and syncs.inline == 2  # the data file, then the journal
-    lid = node.head.id
-    node.head.close()
-    again = Layer.open(REAL, str(tmp_path), lid, SIZE, writable=False)
-    reread = ChainNode([again], SIZE, writable=False)
-    assert bytes(await reread.read(5 * 4096, 4096)) == b"t" * 4096
-    again.close()
+    assert await _reopened(node, tmp_path, 5 * 4096, 4096) == b"t" * 4096
 
 
 def test_a_former_head_forgets_the_chains_count(tmp_path: Path) -> None:
@@ -223,13 +230,7 @@ async def test_a_burst_of_fua_writes_is_answered_after_one_inline_sync(
     assert out is not None and _replies(out) == [(i + 1, 0) for i in range(16)]
     assert (syncs.inline, syncs.threaded) == (1, 0) and d.fua_pending == []
     assert not d.unflushed  # FUA writes leave nothing for the session's last flush
-    lid = node.head.id
-    node.head.close()
-    again = Layer.open(REAL, str(tmp_path), lid, SIZE, writable=False)
-    assert bytes(await ChainNode([again], SIZE, writable=False).read(0, 16 * 4096)) == b"".join(
-        bytes([i]) * 4096 for i in range(16)
-    )
-    again.close()
+    assert await _reopened(node, tmp_path, 0, 16 * 4096) == b"".join(bytes([i]) * 4096 for i in range(16))
 
 
 async def test_fua_writes_after_buffered_ones_take_the_general_path(
@@ -257,12 +258,8 @@ async def test_allocating_fua_writes_are_answered_after_an_awaited_sync(
     pending, d.fua_pending = d.fua_pending, []
     out = await d.settle_fua_later(pending)
     assert _replies(out) == [(i + 1, 0) for i in range(4)]
-    lid = node.head.id
-    node.head.close()
-    again = Layer.open(REAL, str(tmp_path), lid, SIZE, writable=False)
-    reread = ChainNode([again], SIZE, writable=False)
-    assert bytes(await reread.read(0, 4 * 4096)) == b"".join(bytes([0x40 + i]) * 4096 for i in range(4))
-    again.close()
+    want = b"".join(bytes([0x40 + i]) * 4096 for i in range(4))
+    assert await _reopened(node, tmp_path, 0, 4 * 4096) == want
 
 
 async def test_a_failed_inline_sync_fails_every_pending_fua_write(

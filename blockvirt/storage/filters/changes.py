@@ -11,6 +11,8 @@ nothing otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from blockvirt.storage.extents import ExtentSet
 from blockvirt.storage.node import BlockNode, Buffer, FilterNode
 
@@ -31,9 +33,10 @@ class ChangeFilter(FilterNode):
         for s in self.sets:
             s.add(start, end - start)
 
-    def write_nowait(self, offset: int, data: Buffer) -> bool:
+    def _marked(self, write: Callable[[int, Buffer], bool], offset: int, data: Buffer) -> bool:
+        """A synchronous write through `write`: marked if done, or if it failed midway."""
         try:
-            done = self.child.write_nowait(offset, data)
+            done = write(offset, data)
         except BaseException:
             self._mark(offset, len(data))
             raise
@@ -41,15 +44,11 @@ class ChangeFilter(FilterNode):
             self._mark(offset, len(data))
         return done
 
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        return self._marked(self.child.write_nowait, offset, data)
+
     def write_fua_nowait(self, offset: int, data: Buffer) -> bool:
-        try:
-            done = self.child.write_fua_nowait(offset, data)
-        except BaseException:
-            self._mark(offset, len(data))
-            raise
-        if done:
-            self._mark(offset, len(data))
-        return done
+        return self._marked(self.child.write_fua_nowait, offset, data)
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         try:

@@ -239,7 +239,7 @@ class ChainNode(BlockNode):
         if not self.writable:
             return False
         self._check_failed()
-        if self._buffered != self._synced or self._sync_waiters:
+        if self._sync_waiters:  # the rest of the condition is Layer.small_sync's
             return False
         try:
             return self.head.commit_nowait()
