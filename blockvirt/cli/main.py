@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Testing: how often an unreachable pool is tried again, and its figures looked at.
     ceph.add_argument("--ceph-retry-interval", type=_positive_seconds, default=5.0, help=argparse.SUPPRESS)
     ceph.add_argument("--ceph-figures-interval", type=_positive_seconds, default=10.0, help=argparse.SUPPRESS)
+    ceph.add_argument(
+        "--ceph-binding-callbacks",
+        action="store_true",
+        help="complete RBD I/O through python3-rbd's per-op Python callbacks instead of librbd's "
+        "C API and an eventfd (slower; for comparison, or if the C path misbehaves)",
+    )
 
     vol = sub.add_parser("volume", help="manage volumes")
     _common(vol, top=False)
@@ -399,6 +405,7 @@ def _serve(args: argparse.Namespace) -> int:
             op_timeout=args.ceph_op_timeout,
             retry_interval=args.ceph_retry_interval,
             figures_interval=args.ceph_figures_interval,
+            native_aio=not args.ceph_binding_callbacks,
         ),
     )
     from blockvirt.server.polling import DEFAULT_WINDOW_US, new_loop

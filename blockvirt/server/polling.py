@@ -15,10 +15,11 @@ a server under a low request rate (gaps longer than the window) does not spin, a
 the spinning costs at most one window per wait: at most `rate x window` of one CPU.
 
 Nor does it spin while work handed to other threads is in flight (a commit's fdatasync, a
-Ceph op's completion): those threads need the interpreter lock to start and to hand their
-result back, a spinning loop lets go of it only for instants, and they would wait until the
-window ends (a FUA write at QD1 took 360 µs instead of 250). Their results wake the loop
-through its self-pipe anyway.
+Ceph op): those threads need the interpreter lock to start and to hand their result back, a
+spinning loop lets go of it only for instants, and they would wait until the window ends (a
+FUA write at QD1 took 360 µs instead of 250). A Ceph op needs no lock on its eventfd path,
+but takes hundreds of microseconds of librbd's threads, which a spin on the same CPU would
+slow. Their results wake the loop through its self-pipe or an eventfd anyway.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ T = TypeVar("T")
 _pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 POOL_SIZE = 16
 
-#: Work in flight on other threads that will want the interpreter lock back: blocking calls
-#: (to start and to hand their result to the loop) and Ceph aio ops (whose completions run
-#: Python on Ceph's threads). Adaptive polling does not spin while any is in flight: a spinning
-#: loop releases the lock only for instants, and the thread waiting for it starves until the
-#: loop sleeps or the interpreter's 5 ms switch interval ends (server/polling.py).
+#: Work in flight on other threads: blocking calls (which want the interpreter lock back to
+#: start and to hand their result to the loop) and Ceph aio ops (which need librbd's threads,
+#: and on python3-rbd's callback path the lock too). Adaptive polling does not spin while any
+#: is in flight: a spinning loop releases the lock only for instants, and takes the CPU those
+#: threads need (server/polling.py).
 _offloaded = 0
 
 

@@ -1,8 +1,13 @@
-"""The data path: librbd aio bridged to asyncio, and allocation reporting."""
+"""The data path: librbd aio bridged to asyncio, and allocation reporting.
+
+Every test here runs on both completion paths: librbd's C API with an eventfd (the default)
+and python3-rbd's per-op callbacks (`--ceph-binding-callbacks`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import time
@@ -10,7 +15,7 @@ import time
 import pytest
 import rbd
 
-from blockvirt.storage.backends.rbd.cluster import CephConnection
+from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
 from blockvirt.storage.backends.rbd.errors import RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
 from blockvirt.storage.backends.rbd.pool import RbdPool
@@ -22,6 +27,24 @@ pytestmark = pytest.mark.ceph
 KiB, MiB = 1 << 10, 1 << 20
 OBJ = 4 * MiB  # the default object size (order 22)
 UNALLOCATED = HOLE | ZERO
+
+
+@pytest.fixture(params=[True, False], ids=["eventfd", "callbacks"])
+def ceph_config(ceph_config: CephConfig, request: pytest.FixtureRequest) -> CephConfig:
+    return dataclasses.replace(ceph_config, native_aio=request.param)
+
+
+async def test_the_path_asked_for_is_the_one_used(image: AsyncImage, conn: CephConnection) -> None:
+    assert image.native is conn.config.native_aio
+    snap_view = None
+    await image.snapshot_create("s")
+    try:
+        snap_view = await AsyncImage.open(conn, image.name, snapshot="s")
+        assert snap_view.native is conn.config.native_aio
+    finally:
+        if snap_view is not None:
+            await snap_view.close()
+        await image.snapshot_remove("s")
 
 
 async def test_write_read_round_trips(image: AsyncImage) -> None:

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ IOPS = Metric("iops", "IOPS", True)
 BW = Metric("bw_bytes", "MB/s", True)
 LAT_MEAN = Metric("clat_mean_us", "mean lat µs", False)
 LAT_P99 = Metric("clat_p99_us", "p99 lat µs", False)
+#: CPU time of the server's processes (every thread) per request over the measured window: on
+#: two cores, what a server spends is taken from the client and, with --rbd, from the OSD.
+CPU = Metric("cpu_us_per_op", "CPU µs/op", False)
 
 
 #: CPU placements of a run (`Workload.pin`): server and fio on one CPU (what a request costs
@@ -90,7 +94,7 @@ class Workload:
 def _qd1(rw: str) -> list[Workload]:
     """A QD1 latency workload, unpinned and in both pinned placements."""
     base = f"{rw}-4k-qd1"
-    lat = (IOPS, LAT_MEAN, LAT_P99)
+    lat = (IOPS, LAT_MEAN, LAT_P99, CPU)
     return [
         Workload(f"{base}-lat", rw, "4k", 1, lat),
         Workload(f"{base}-{PIN_SAME}", rw, "4k", 1, lat, PIN_SAME),
@@ -101,10 +105,10 @@ def _qd1(rw: str) -> list[Workload]:
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload("randread-4k-qd16", "randread", "4k", 16, (IOPS,)),
-        Workload("randwrite-4k-qd16", "randwrite", "4k", 16, (IOPS,)),
-        Workload("seqread-1m-qd8", "read", "1M", 8, (BW,)),
-        Workload("seqwrite-1m-qd8", "write", "1M", 8, (BW,)),
+        Workload("randread-4k-qd16", "randread", "4k", 16, (IOPS, CPU)),
+        Workload("randwrite-4k-qd16", "randwrite", "4k", 16, (IOPS, CPU)),
+        Workload("seqread-1m-qd8", "read", "1M", 8, (BW, CPU)),
+        Workload("seqwrite-1m-qd8", "write", "1M", 8, (BW, CPU)),
         *_qd1("randread"),
         *_qd1("randwrite"),
     )
@@ -454,6 +458,8 @@ def start_blockvirt(
     where: list[str] = []
     if opts.ceph is not None:  # the volume lives on an RBD pool of the throwaway Ceph
         conf, pool = opts.ceph
+        if server.name == BASELINE:  # a Ceph pool of its own: two nodes' catalogs would clash
+            pool = f"{pool}-base"
         attach = [
             opts.python,
             "-m",
@@ -596,7 +602,54 @@ def job_metrics(job: dict[str, Any], direction: str) -> dict[str, float]:
         "bw_bytes": float(d["bw_bytes"]),
         "clat_mean_us": float(clat["mean"]) / 1000.0,
         "clat_p99_us": float(p99) / 1000.0,
+        "ios": float(d["total_ios"]),
     }
+
+
+def cpu_seconds(pgids: Sequence[int]) -> float:
+    """User + system CPU time, every thread, of every process in these process groups."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        # after the command: state, ppid, pgrp ... utime (14th field), stime (15th)
+        if int(fields[2]) in pgids:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWindow:
+    """The server's CPU time over fio's measured window (after the ramp, for the runtime),
+    sampled by timers while fio runs."""
+
+    def __init__(self, pgids: Sequence[int], ramp: float, runtime: float) -> None:
+        self._pgids = list(pgids)
+        self._marks: list[float] = []
+        self._timers = [threading.Timer(t, self._mark) for t in (ramp, ramp + runtime)]
+        self._whole = cpu_seconds(self._pgids)
+
+    def _mark(self) -> None:
+        self._marks.append(cpu_seconds(self._pgids))
+
+    def __enter__(self) -> CpuWindow:
+        for t in self._timers:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self._timers:
+            t.cancel()
+
+    def seconds(self) -> float:
+        """The window's CPU time; the whole run's if fio ended before the window did."""
+        if len(self._marks) == 2:
+            return self._marks[1] - self._marks[0]
+        return cpu_seconds(self._pgids) - self._whole
 
 
 def fill(server: Server, size: int, timeout: float, out_dir: Path) -> dict[str, Any]:
@@ -934,8 +987,10 @@ def one_run(
         os.sync()
     prefix = f"rep {rep + 1}/{args.reps} {wl.name:<24} {s.name:<14}"
     try:
-        job = run_fio(s.uri, wl.name, params, timeout, workdir)
+        with CpuWindow(s.pgids, args.ramp_time, args.runtime) as cpu:
+            job = run_fio(s.uri, wl.name, params, timeout, workdir)
         metrics = job_metrics(job, wl.direction)
+        metrics["cpu_us_per_op"] = cpu.seconds() * 1e6 / max(metrics["ios"], 1.0)
     except (FioError, KeyError, TypeError, ValueError) as exc:
         record["error"] = str(exc)
         log(f"{prefix} FAILED: {exc}")
@@ -973,6 +1028,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.callback(cluster.stop)
             cluster.start()
             cluster.create_pool("bench")
+            if args.baseline:
+                cluster.create_pool("bench-base")
             ceph = (str(cluster.conf_path), "bench")
             log(f"[ceph] up in {cluster.timings['start']:.1f}s ({cluster.conf_path})")
         opts = Options(

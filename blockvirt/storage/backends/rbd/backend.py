@@ -96,6 +96,7 @@ def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
         connect_timeout=t.connect_timeout,
         mon_op_timeout=t.connect_timeout,
         osd_op_timeout=t.op_timeout,
+        native_aio=t.native_aio,
     )
 
 

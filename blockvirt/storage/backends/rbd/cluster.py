@@ -59,6 +59,9 @@ class CephConfig:
     require_rbd: bool = True
     #: Threads for blocking control-plane calls.
     control_threads: int = 4
+    #: Data-path completions through librbd's C API and an eventfd (native.py) rather than
+    #: python3-rbd's per-op Python callbacks; False keeps the binding's way.
+    native_aio: bool = True
 
 
 class _Closeable(Protocol):

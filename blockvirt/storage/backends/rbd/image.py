@@ -1,9 +1,10 @@
 """AsyncImage: one open RBD image, for asyncio.
 
-Data path: read, write, discard, write_zeroes and flush go through librbd's aio calls and
-are bridged back to the loop (bridge.py); at most `queue_depth` are in flight, further
-callers wait. librbd queues each op on its own threads (rbd_non_blocking_aio), so submitting
-does not block the loop.
+Data path: read, write, discard, write_zeroes and flush go through librbd's aio calls; at
+most `queue_depth` are in flight, further callers wait. librbd queues each op on its own
+threads (rbd_non_blocking_aio), so submitting does not block the loop. Completions come back
+through an eventfd the loop watches (native.py), or, if that cannot be set up for an image
+or `CephConfig.native_aio` is off, through python3-rbd's callbacks (bridge.py).
 
 Control plane (open, close, resize, snapshots, locks, metadata, diff_iterate, flatten) is
 synchronous in the bindings and runs on the connection's control threads.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,12 +31,35 @@ from typing import Any, TypeVar
 import rbd
 
 from blockvirt.storage import executor
+from blockvirt.storage.backends.rbd import native
 from blockvirt.storage.backends.rbd.bridge import completion
 from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
-from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception
+from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception, rbd_error
 from blockvirt.storage.node import HOLE, ZERO, Buffer, StorageError
 
 T = TypeVar("T")
+
+log = logging.getLogger("blockvirt.rbd")
+
+_warned = False
+
+
+def _warn_no_handle(name: str) -> None:
+    """Once per process: the eventfd path was asked for and cannot be used."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "%s: librbd's C API or the image handle behind python3-rbd's Image was not found: "
+            "RBD I/O completes through the binding's callbacks (slower)",
+            name,
+        )
+
+
+#: How an op starts on each path: on the eventfd path (native.NativeIo, settled) -> future;
+#: on python3-rbd's, (its callback) -> None.
+NativeSubmit = Callable[[native.NativeIo, Callable[[int], None]], "asyncio.Future[Any]"]
+BindingSubmit = Callable[[Callable[..., None]], Any]
 
 #: (length, HOLE|ZERO flags), as BlockNode.block_status returns them.
 Extent = tuple[int, int]
@@ -78,6 +103,7 @@ class AsyncImage:
         cache: bool,
         read_only: bool,
         queue_depth: int,
+        handle: int | None = None,
     ) -> None:
         self._conn = conn
         self._session = session
@@ -94,6 +120,13 @@ class AsyncImage:
         self._idle.set()
         self._closing = False
         self._closed = False
+        #: The eventfd-completed data path, or None for python3-rbd's callbacks.
+        self._native: native.NativeIo | None = None
+        if handle is not None:
+            try:
+                self._native = native.NativeIo(handle, self._loop, rbd_error, name)
+            except OSError as e:
+                log.warning("%s: completions through python3-rbd's callbacks: %s", name, e)
         session.users.add(self)
 
     @classmethod
@@ -110,20 +143,23 @@ class AsyncImage:
         session = conn.session
         read_only = read_only or snapshot is not None
 
-        def do_open() -> tuple[Any, int, bool]:
+        def do_open() -> tuple[Any, int, bool, int | None]:
             image = rbd.Image(session.ioctx, name, snapshot=snapshot, read_only=read_only)
             try:
                 size = int(image.size())
                 cache = any(c["name"] == "rbd_cache" and c["value"] == "true" for c in image.config_list())
+                handle = native.image_handle(image, session.ioctx, name) if conn.config.native_aio else None
             except BaseException:
                 image.close()
                 raise
-            return image, size, cache
+            return image, size, cache, handle
 
         session.begin()  # until the image is registered with the session (its teardown closes it)
         try:
             try:
-                image, size, cache = await session.run(do_open)
+                image, size, cache, handle = await session.run(do_open)
+                if handle is None and conn.config.native_aio:
+                    _warn_no_handle(name)
             except (StorageError, CephError):
                 raise
             except Exception as e:
@@ -132,7 +168,7 @@ class AsyncImage:
                 raise err from e
             return cls(
                 conn, session, image, name,
-                size=size, cache=cache, read_only=read_only, queue_depth=queue_depth,
+                size=size, cache=cache, read_only=read_only, queue_depth=queue_depth, handle=handle,
             )  # fmt: skip
         finally:
             session.end()
@@ -181,14 +217,22 @@ class AsyncImage:
 
     # ------------------------------------------------------------------ data path
 
-    async def _aio(self, what: str, submit: Callable[[Callable[..., None]], Any]) -> Any:
+    @property
+    def native(self) -> bool:
+        """Whether completions come through the eventfd (native.py)."""
+        return self._native is not None
+
+    async def _aio(self, what: str, fast: NativeSubmit, slow: BindingSubmit) -> Any:
         self._check_open()
         await self._slots.acquire()
         if self._closing:  # closed while we waited for a slot
             self._slots.release()
             self._check_open()
         self._begin()
-        executor.begin_offload()  # its completion runs Python on a Ceph thread
+        # The loop does not spin while it is in flight (server/polling.py): an op takes
+        # hundreds of microseconds, longer than any spin, and librbd's threads need the CPU
+        # to complete it (and, on the binding's path, the interpreter lock).
+        executor.begin_offload()
 
         def settled(rv: int) -> None:
             executor.end_offload()
@@ -196,9 +240,12 @@ class AsyncImage:
             self._end()
             self._failed(rv)
 
+        nio = self._native
+        if nio is not None:
+            return await fast(nio, settled)
         fut, callback = completion(self._loop, f"{self.name}: {what}", settled)
         try:
-            submit(callback)
+            slow(callback)
         except Exception as e:
             settled(0)
             err = from_exception(e, f"{self.name}: {what}")
@@ -206,15 +253,19 @@ class AsyncImage:
             raise err from e
         return await fut
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Buffer:
         self._check_range(offset, length, write=False)
         if length == 0:
             return b""
-        data = await self._aio("read", lambda cb: self._image.aio_read(offset, length, cb))
+        data = await self._aio(
+            "read",
+            lambda nio, settled: nio.read(offset, length, settled),
+            lambda cb: self._image.aio_read(offset, length, cb),
+        )
         if data is None or len(data) != length:
             got = 0 if data is None else len(data)
             raise RbdError(errno.EIO, f"{self.name}: short read ({got} of {length} bytes)", errno.EIO)
-        return bytes(data)
+        return data if isinstance(data, bytearray) else bytes(data)
 
     async def write(self, data: Buffer, offset: int, fua: bool = False) -> None:
         if self.read_only:
@@ -223,7 +274,11 @@ class AsyncImage:
         if not data:
             return
         payload = data if isinstance(data, bytes | bytearray) else bytes(data)
-        await self._aio("write", lambda cb: self._image.aio_write(payload, offset, cb))
+        await self._aio(
+            "write",
+            lambda nio, settled: nio.write(offset, payload, settled),
+            lambda cb: self._image.aio_write(payload, offset, cb),
+        )
         if fua and self._cache:
             await self.flush()
 
@@ -231,16 +286,26 @@ class AsyncImage:
         """Give space back (advisory: small or unaligned pieces may keep their data)."""
         self._check_range(offset, length, write=True)
         if length:
-            await self._aio("discard", lambda cb: self._image.aio_discard(offset, length, cb))
+            await self._aio(
+                "discard",
+                lambda nio, settled: nio.discard(offset, length, settled),
+                lambda cb: self._image.aio_discard(offset, length, cb),
+            )
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Make the range read as zeros; objects it covers entirely are freed."""
         self._check_range(offset, length, write=True)
         if length:
-            await self._aio("write_zeroes", lambda cb: self._image.aio_write_zeroes(offset, length, cb))
+            await self._aio(
+                "write_zeroes",
+                lambda nio, settled: nio.write_zeroes(offset, length, settled),
+                lambda cb: self._image.aio_write_zeroes(offset, length, cb),
+            )
 
     async def flush(self) -> None:
-        await self._aio("flush", lambda cb: self._image.aio_flush(cb))
+        await self._aio(
+            "flush", lambda nio, settled: nio.flush(settled), lambda cb: self._image.aio_flush(cb)
+        )
 
     # ------------------------------------------------------------------ control plane
 
@@ -550,6 +615,8 @@ class AsyncImage:
         except RuntimeError:  # the executor is gone; the handle goes with the client
             pass
         finally:
+            if self._native is not None:  # nothing is in flight: no completion is to come
+                self._native.close()
             self._end()
 
     def _close_blocking(self) -> None:

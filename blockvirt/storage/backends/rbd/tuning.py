@@ -19,3 +19,6 @@ class RbdTuning:
     retry_interval: float = 5.0
     #: Pool usage and volume allocation are looked at this often (cached for metrics).
     figures_interval: float = 10.0
+    #: Data-path completions collected from an eventfd through librbd's C API, with no Python
+    #: on Ceph's threads (about half the CPU per op); False uses python3-rbd's callbacks.
+    native_aio: bool = True

@@ -1,0 +1,126 @@
+"""The eventfd completion path (native.py): finding the handle, errors, cancelled waiters, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from blockvirt.storage.backends.rbd import native
+from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
+from blockvirt.storage.backends.rbd.errors import RbdError, rbd_error
+from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.pool import RbdPool
+from tests.ceph.conftest import remove_image, unique
+
+pytestmark = pytest.mark.ceph
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_the_handle_is_found_and_checked(image: AsyncImage, conn: CephConnection) -> None:
+    raw, ioctx = image._image, conn.session.ioctx
+    handle = native.image_handle(raw, ioctx, image.name)
+    assert handle is not None
+    # Anything that does not match the image is refused rather than trusted.
+    assert native.image_handle(raw, ioctx, image.name + "-other") is None
+    assert native.image_handle(raw, object(), image.name) is None
+    assert native.image_handle(object(), ioctx, image.name) is None
+
+
+async def test_librbd_errors_reach_the_waiter(binding_conn: CephConnection) -> None:
+    # AsyncImage checks ranges itself; straight through NativeIo (on an image opened for the
+    # binding's callbacks, so it has no eventfd of its own), librbd's own refusal of a write
+    # past the end arrives as a failed completion.
+    name = unique()
+    await RbdPool(binding_conn).create(name, 16 * MiB)
+    img = await AsyncImage.open(binding_conn, name)
+    try:
+        handle = native.image_handle(img._image, binding_conn.session.ioctx, name)
+        assert handle is not None
+        seen: list[int] = []
+        nio = native.NativeIo(handle, asyncio.get_running_loop(), rbd_error, name)
+        try:
+            with pytest.raises(RbdError) as e:
+                await nio.write(1 << 40, b"x" * 4096, seen.append)
+            assert e.value.errno == errno.EINVAL and seen == [-errno.EINVAL]
+            await nio.write(8192, b"y" * 4096, seen.append)
+            assert bytes(await nio.read(8192, 4096, seen.append)) == b"y" * 4096
+            assert seen == [-errno.EINVAL, 0, 4096] and nio.inflight == 0  # a read returns its length
+        finally:
+            nio.close()
+    finally:
+        await img.close()
+        await remove_image(RbdPool(binding_conn), name)
+
+
+async def test_a_cancelled_waiter_leaves_the_op_to_finish(pool: RbdPool) -> None:
+    name = unique()
+    await pool.create(name, 64 * MiB)
+    img = await pool.open(name, queue_depth=8)
+    try:
+        assert img.native
+        data = os.urandom(256 * KiB)
+        writes = [asyncio.create_task(img.write(data, i * 256 * KiB)) for i in range(32)]
+        await asyncio.sleep(0)
+        for t in writes[::2]:
+            t.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
+        # Cancelled or not, every op ran to its end and gave its slot back.
+        async with asyncio.timeout(30):
+            while img.inflight:
+                await asyncio.sleep(0.01)
+        got = await asyncio.gather(*(img.read(i * 256 * KiB, 256 * KiB) for i in range(1, 32, 2)))
+        assert all(g == data for g in got)
+    finally:
+        await img.close()
+        await remove_image(pool, name)
+
+
+async def test_images_leave_no_descriptors_behind(pool: RbdPool) -> None:
+    name = unique()
+    await pool.create(name, 16 * MiB)
+    try:
+        first = await pool.open(name)
+        await first.write(b"a" * 4096, 0)
+        await first.close()  # the first open starts librbd's threads and sockets
+        before = _open_fds()
+        for _ in range(10):
+            img = await pool.open(name)
+            assert img.native
+            await img.write(b"b" * 4096, 0)
+            assert await img.read(0, 4096) == b"b" * 4096
+            await img.close()
+        assert _open_fds() <= before
+    finally:
+        await remove_image(pool, name)
+
+
+@pytest.fixture
+async def binding_conn(ceph_config: CephConfig) -> AsyncIterator[CephConnection]:
+    async with CephConnection(dataclasses.replace(ceph_config, native_aio=False)) as c:
+        yield c
+
+
+async def test_the_binding_path_when_asked(binding_conn: CephConnection) -> None:
+    # CephConfig.native_aio=False (serve --ceph-binding-callbacks) keeps python3-rbd's way.
+    name = unique()
+    await RbdPool(binding_conn).create(name, 16 * MiB)
+    try:
+        img = await AsyncImage.open(binding_conn, name)
+        try:
+            assert not img.native
+            await img.write(b"c" * 8192, 4096)
+            assert await img.read(4096, 8192) == b"c" * 8192
+        finally:
+            await img.close()
+    finally:
+        await remove_image(RbdPool(binding_conn), name)
