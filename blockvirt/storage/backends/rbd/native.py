@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -48,7 +47,6 @@ def _load() -> tuple[Any, Any] | None:
         (free, "rbd_aio_flush", i, [vp, vp]),
         (held, "rbd_aio_create_completion", i, [vp, vp, ctypes.POINTER(vp)]),
         (held, "rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
-        (held, "rbd_aio_get_arg", vp, [vp]),
         (held, "rbd_aio_release", None, [vp]),
         (held, "rbd_poll_io_events", i, [vp, ctypes.POINTER(vp), i]),
         (held, "rbd_set_image_notification", i, [vp, i, i]),
@@ -124,10 +122,11 @@ class NativeIo:
         self._loop = loop
         self._error = error
         self._label = label
+        #: In flight, by completion pointer (librbd reuses one only after it is released).
         self._ops: dict[int, _Op] = {}
-        self._tokens = itertools.count(1)
         self._comps = (ctypes.c_void_p * _BATCH)()
         self._comp = ctypes.c_void_p()
+        self._comp_out = ctypes.byref(self._comp)
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         r = self._held.rbd_set_image_notification(handle, self._fd, _EVENT_TYPE_EVENTFD)
         if r < 0:
@@ -140,19 +139,18 @@ class NativeIo:
 
     def _start(
         self, what: str, keep: Any, settled: Callable[[int], None], result: Any = None
-    ) -> tuple[int, Any, asyncio.Future[Any]]:
-        token = next(self._tokens)
-        comp = self._comp
-        r = self._held.rbd_aio_create_completion(token, None, ctypes.byref(comp))
+    ) -> tuple[int, asyncio.Future[Any]]:
+        r = self._held.rbd_aio_create_completion(None, None, self._comp_out)
         if r < 0:
             raise self._error(r, f"{self._label}: {what}")
+        comp = self._comp.value or 0  # not null: librbd made it
         fut = self._loop.create_future()
-        self._ops[token] = (fut, keep, result, settled, what)
-        return token, comp.value, fut
+        self._ops[comp] = (fut, keep, result, settled, what)
+        return comp, fut
 
-    def _submitted(self, token: int, comp: Any, r: int, what: str) -> None:
+    def _submitted(self, comp: int, r: int, what: str) -> None:
         if r < 0:  # refused before it started: librbd will not complete it
-            fut, _, _, settled, _ = self._ops.pop(token)
+            fut, _, _, settled, _ = self._ops.pop(comp)
             self._held.rbd_aio_release(comp)
             settled(r)
             fut.set_exception(self._error(r, f"{self._label}: {what}"))
@@ -160,31 +158,31 @@ class NativeIo:
     def write(self, offset: int, data: bytes | bytearray, settled: Settled) -> asyncio.Future[Any]:
         # bytes pass as they are; a bytearray (a large payload) through a view of its memory
         buf = data if type(data) is bytes else (ctypes.c_char * len(data)).from_buffer(data)
-        token, comp, fut = self._start("write", buf, settled)
-        self._submitted(token, comp, self._free.rbd_aio_write(self._h, offset, len(data), buf, comp), "write")
+        comp, fut = self._start("write", buf, settled)
+        self._submitted(comp, self._free.rbd_aio_write(self._h, offset, len(data), buf, comp), "write")
         return fut
 
     def read(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
         data = bytearray(length)
         buf = (ctypes.c_char * length).from_buffer(data)
-        token, comp, fut = self._start("read", buf, settled, data)
-        self._submitted(token, comp, self._free.rbd_aio_read(self._h, offset, length, buf, comp), "read")
+        comp, fut = self._start("read", buf, settled, data)
+        self._submitted(comp, self._free.rbd_aio_read(self._h, offset, length, buf, comp), "read")
         return fut
 
     def discard(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
-        token, comp, fut = self._start("discard", None, settled)
-        self._submitted(token, comp, self._free.rbd_aio_discard(self._h, offset, length, comp), "discard")
+        comp, fut = self._start("discard", None, settled)
+        self._submitted(comp, self._free.rbd_aio_discard(self._h, offset, length, comp), "discard")
         return fut
 
     def write_zeroes(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
-        token, comp, fut = self._start("write_zeroes", None, settled)
+        comp, fut = self._start("write_zeroes", None, settled)
         r = self._free.rbd_aio_write_zeroes(self._h, offset, length, comp, 0, 0)
-        self._submitted(token, comp, r, "write_zeroes")
+        self._submitted(comp, r, "write_zeroes")
         return fut
 
     def flush(self, settled: Settled) -> asyncio.Future[Any]:
-        token, comp, fut = self._start("flush", None, settled)
-        self._submitted(token, comp, self._free.rbd_aio_flush(self._h, comp), "flush")
+        comp, fut = self._start("flush", None, settled)
+        self._submitted(comp, self._free.rbd_aio_flush(self._h, comp), "flush")
         return fut
 
     # ------------------------------------------------------------ complete
@@ -200,21 +198,20 @@ class NativeIo:
             n = held.rbd_poll_io_events(self._h, comps, _BATCH)
             done = []
             for i in range(n):  # first take the whole batch out of librbd's hands
-                comp = comps[i]
-                done.append((held.rbd_aio_get_arg(comp), held.rbd_aio_get_return_value(comp)))
+                comp = comps[i] or 0
+                done.append((self._ops.pop(comp, None), held.rbd_aio_get_return_value(comp)))
                 held.rbd_aio_release(comp)
-            for token, rv in done:
+            for op, rv in done:
+                if op is None:
+                    continue
                 try:
-                    self._settle(token, rv)
+                    self._settle(op, rv)
                 except Exception:  # one op's bookkeeping must not strand the rest of the batch
                     log.exception("%s: settling an op failed", self._label)
             if n < _BATCH:
                 return
 
-    def _settle(self, token: int, rv: int) -> None:
-        op = self._ops.pop(token, None)
-        if op is None:
-            return
+    def _settle(self, op: _Op, rv: int) -> None:
         fut, _, result, settled, what = op
         settled(rv)
         if fut.done():  # the waiter was cancelled; the op still ran to its end

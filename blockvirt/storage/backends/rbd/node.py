@@ -115,15 +115,21 @@ class RbdNode(BlockNode):
 
     # ------------------------------------------------------------ I/O
     async def read(self, offset: int, length: int) -> Buffer:
+        img = self._image  # the open image without a coroutine per request
+        if img is None or img.closed or self.failed is not None:
+            img = await self.image()
         try:
-            return await (await self.image()).read(offset, length)
+            return await img.read(offset, length)
         except RbdError as e:
             self.lost(e)
             raise
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        img = self._image
+        if img is None or img.closed or self.failed is not None:
+            img = await self.image()
         try:
-            await (await self.image()).write(data, offset, fua)
+            await img.write(data, offset, fua)
         except RbdError as e:
             self.lost(e)
             raise
