@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from blockvirt.nbd.events import (
 )
 from blockvirt.nbd.exceptions import CommandError, nbd_errno
 from blockvirt.nbd.transmission import ServerTransmission, merge_extents
-from blockvirt.storage.node import SPARSE_READ_MIN, BlockNode, StorageError
+from blockvirt.storage.node import SPARSE_READ_MIN, BlockNode, Buffer, StorageError
 from blockvirt.storage.stats import LATENCY_BOUNDS, Latency, VolumeStats
 
 if TYPE_CHECKING:
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockvirt.dispatch")
 
 Out = list[bytes | bytearray | memoryview]
+#: serve_inline's answer for a request started by submission: its reply goes to `deliver`.
+SUBMITTED: Out = []
+#: Where a submitted request's reply goes: (reply, the request).
+Deliver = Callable[[Out, Command], None]
 
 _FIRST_BOUND = LATENCY_BOUNDS[0]
 _FUA = int(CmdFlag.FUA)
@@ -127,6 +131,9 @@ class Dispatcher:
         #: Bumped by every completed non-FUA write: a FLUSH only clears `unflushed` if no
         #: write completed while it ran (such a write need not be covered by it).
         self._dirtied = 0
+        #: Set by the session: replies of requests that the node started by submission
+        #: (BlockNode.read_submit/write_submit) go here when they end. None: no submission.
+        self.deliver: Deliver | None = None
         #: FUA writes written inline and not answered yet: (cookie, start time). One sync
         #: covers them all when the session has taken the requests at hand (settle_fua).
         self.fua_pending: list[tuple[int, float]] = []
@@ -230,6 +237,8 @@ class Dispatcher:
         # Below SPARSE_READ_MIN a sparse read is this very read (see storage.node).
         data = self.node.read_nowait(offset, length)
         if data is None:
+            if self.deliver is not None and self._read_submit(cmd, admitted):
+                return SUBMITTED
             return self._prepay(cmd, admitted) if admitted else self._not_now()
         if admitted == 2:
             qos.finished(None)  # type: ignore[union-attr]
@@ -257,6 +266,8 @@ class Dispatcher:
             if not admitted:
                 return self._not_now()
         if not self.node.write_nowait(cmd.offset, cmd.data):  # type: ignore[attr-defined]
+            if self.deliver is not None and self._write_submit(cmd, admitted):
+                return SUBMITTED
             return self._prepay(cmd, admitted) if admitted else self._not_now()
         if admitted == 2:
             qos.finished(None)  # type: ignore[union-attr]
@@ -295,6 +306,64 @@ class Dispatcher:
         else:
             self.fua_pending.append((cmd.cookie, 0.0))
         return []
+
+    def _read_submit(self, cmd: Command, admitted: int) -> bool:
+        """Start a small READ on a node that completes elsewhere (see BlockNode.read_submit);
+        its reply goes to `deliver` when it ends. False: not started."""
+        cookie, offset, length = cmd.cookie, cmd.offset, cmd.length
+        t0, deliver = self._t0, self.deliver
+        assert deliver is not None
+
+        def done(data: Buffer | None, err: StorageError | None) -> None:
+            if err is None:
+                out = self.tx.read_data(cookie, offset, data)  # type: ignore[arg-type]
+                if self.metered:
+                    self._read_lat.observe(perf_counter() - t0)
+                    self.stats.read_bytes += length
+            else:
+                out = self._submit_failed(cmd, err)
+            self._submit_ended(admitted, t0, err)
+            deliver(out, cmd)
+
+        if not self.node.read_submit(offset, length, done):
+            return False
+        if self.metered:
+            self._t0 = perf_counter()
+        return True
+
+    def _write_submit(self, cmd: Command, admitted: int) -> bool:
+        """As _read_submit, for a WRITE without flags."""
+        cookie, length = cmd.cookie, cmd.length
+        t0, deliver = self._t0, self.deliver
+        assert deliver is not None
+
+        def done(err: StorageError | None) -> None:
+            if err is None:
+                self.unflushed = True
+                self._dirtied += 1
+                out: Out = [self.tx.ok(cookie)]
+                if self.metered:
+                    self._write_lat.observe(perf_counter() - t0)
+                    self.stats.write_bytes += length
+            else:
+                out = self._submit_failed(cmd, err)
+            self._submit_ended(admitted, t0, err)
+            deliver(out, cmd)
+
+        if not self.node.write_submit(cmd.offset, cmd.data, done):  # type: ignore[attr-defined]
+            return False
+        if self.metered:
+            self._t0 = perf_counter()
+        return True
+
+    def _submit_ended(self, admitted: int, t0: float, err: StorageError | None) -> None:
+        if admitted == 2:  # counted in the pool's latency window (see run)
+            self.qos.finished(None if err is not None else perf_counter() - t0)  # type: ignore[union-attr]
+
+    def _submit_failed(self, cmd: Command, err: StorageError) -> Out:
+        self._failed(cmd)
+        log.warning("%s failed: %s", type(cmd).__name__, err)
+        return [self.tx.error(cmd.cookie, nbd_errno(err.errno), str(err))]
 
     def settle_fua(self) -> Out | None:
         """Make the pending FUA writes durable without awaiting if the node can: their

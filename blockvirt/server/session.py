@@ -36,7 +36,7 @@ from blockvirt.nbd.events import (
 from blockvirt.nbd.exceptions import ProtocolError
 from blockvirt.nbd.transmission import ServerTransmission
 from blockvirt.server.acl import ClientIdentity, certificate_names, parse_address
-from blockvirt.server.dispatch import Dispatcher, Out
+from blockvirt.server.dispatch import SUBMITTED, Dispatcher, Out
 from blockvirt.server.exports import ExportView
 from blockvirt.server.limits import (
     REFUSED_SHUTTING_DOWN,
@@ -108,6 +108,9 @@ class NbdSession(asyncio.BufferedProtocol):
         self.id = server.next_session_id()
         self.tasks: set[asyncio.Task[None]] = set()
         self.inflight = 0
+        #: Requests the node started by submission (no task): their replies come to _answered.
+        self.submitted = 0
+        self._none_submitted: asyncio.Future[None] | None = None
         self.inflight_bytes = 0
         self._blocked = False  # not taking new requests (backpressure, DISC or shutdown)
         self._ending = False  # DISC or shutdown: never unblocked again
@@ -398,6 +401,7 @@ class NbdSession(asyncio.BufferedProtocol):
         # Inline replies reach the transport before the session yields; this one copies
         # what it does not send at once, so they may carry views of the page cache.
         self.disp.borrow = self._recycle and self.server.zero_copy
+        self.disp.deliver = self._answered
         log.info(
             "session %d (%s): opened export %r%s",
             self.id,
@@ -516,6 +520,10 @@ class NbdSession(asyncio.BufferedProtocol):
                 if out is None:
                     self._spawn(cmd)
                     continue
+                if out is SUBMITTED:
+                    self.submitted += 1
+                    self._hold(cmd)
+                    continue
                 if t is WriteCmd:
                     tx.recycle(cmd.data)  # type: ignore[attr-defined]
                 batch += out
@@ -563,14 +571,33 @@ class NbdSession(asyncio.BufferedProtocol):
         self._replied(out, 0)
 
     def _spawn(self, cmd: Command) -> None:
+        nbytes = self._hold(cmd)
+        task = self.loop.create_task(self._run(cmd, nbytes))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _answered(self, out: Out, cmd: Command) -> None:
+        """A submitted request ended (Dispatcher.deliver): as _run's end, without a task."""
+        nbytes = cmd.length
+        self.inflight -= 1
+        self.inflight_bytes -= nbytes
+        self.submitted -= 1
+        if type(cmd) is WriteCmd:
+            self.tx.recycle(cmd.data)  # type: ignore[union-attr, attr-defined]
+        if not self.submitted and self._none_submitted is not None:
+            waiter, self._none_submitted = self._none_submitted, None
+            if not waiter.done():
+                waiter.set_result(None)
+        self._replied(out, nbytes)
+
+    def _hold(self, cmd: Command) -> int:
+        """Count a request that is not answered yet (its bytes against the limits), and stop
+        reading if that reaches them. Returns its bytes."""
         nbytes = cmd.length if type(cmd) is ReadCmd or type(cmd) is WriteCmd else 0
         self.inflight += 1
         self.inflight_bytes += nbytes
         if nbytes:
             self.server.take_bytes(nbytes)
-        task = self.loop.create_task(self._run(cmd, nbytes))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
         if self.inflight >= self.max_inflight or self.inflight_bytes >= self.max_inflight_bytes:
             self._blocked = True
             self._update_reading()
@@ -578,6 +605,7 @@ class NbdSession(asyncio.BufferedProtocol):
             self._blocked = True
             self.server.wait_for_bytes(self)
             self._update_reading()
+        return nbytes
 
     async def _run(self, cmd: Command, nbytes: int) -> None:
         disp = self.disp
@@ -652,6 +680,10 @@ class NbdSession(asyncio.BufferedProtocol):
     async def _drain_and_flush(self) -> None:
         if self.tasks:
             await asyncio.wait(set(self.tasks))
+        while self.submitted:
+            if self._none_submitted is None:
+                self._none_submitted = self.loop.create_future()
+            await asyncio.shield(self._none_submitted)
         disp = self.disp
         if disp is not None and disp.unflushed:
             # nbdcopy and fio never send FLUSH: make their data durable when they leave.

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from blockvirt.storage.backend import VolumeRecord
-from blockvirt.storage.node import BlockNode, Buffer, FilterNode, Segment
+from blockvirt.storage.node import BlockNode, Buffer, FilterNode, ReadDone, Segment, StorageError, WriteDone
 from blockvirt.storage.stats import VolumeStats
 
 #: The synchronous paths that the root binds to the top node's own methods while it is open.
@@ -187,6 +187,35 @@ class Export(FilterNode):
         if self._paused:
             return False
         return self.child.write_fua_nowait(offset, data)
+
+    # Submitted requests are counted in flight until their callback, so a drain waits for them.
+    def read_submit(self, offset: int, length: int, done: ReadDone) -> bool:
+        if self._paused:
+            return False
+        self._inflight += 1
+
+        def ended(data: Buffer | None, err: StorageError | None) -> None:
+            self._leave()
+            done(data, err)
+
+        if self.child.read_submit(offset, length, ended):
+            return True
+        self._leave()
+        return False
+
+    def write_submit(self, offset: int, data: Buffer, done: WriteDone) -> bool:
+        if self._paused:
+            return False
+        self._inflight += 1
+
+        def ended(err: StorageError | None) -> None:
+            self._leave()
+            done(err)
+
+        if self.child.write_submit(offset, data, ended):
+            return True
+        self._leave()
+        return False
 
     async def read(self, offset: int, length: int) -> Buffer:
         await self._enter()

@@ -10,10 +10,14 @@ the async method.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
+#: How a submitted read ends: its data, or the error.
+ReadDone = Callable[[Buffer | None, "StorageError | None"], None]
+#: How a submitted write ends: None, or the error.
+WriteDone = Callable[["StorageError | None"], None]
 
 #: A piece of a sparse read: (offset, length, data), data None meaning "reads as zeros".
 Segment = tuple[int, int, Buffer | None]
@@ -94,6 +98,18 @@ class BlockNode(abc.ABC):
     def sync_nowait(self) -> bool:
         """Make every write completed so far durable without awaiting, if that is quick
         (see write_fua_nowait); True if done, False: await sync() instead."""
+        return False
+
+    # Started now, answered by a callback: for nodes whose I/O completes elsewhere (librbd),
+    # a request needs no task of its own. `done` runs on the loop once the op has ended,
+    # never from within the call that started it. False: not started, use read()/write().
+    def read_submit(self, offset: int, length: int, done: ReadDone) -> bool:
+        """Start a read; `done(data, None)` or `done(None, error)` when it ends."""
+        return False
+
+    def write_submit(self, offset: int, data: Buffer, done: WriteDone) -> bool:
+        """Start a (non-FUA) write of `data` (left untouched until `done`); `done(None)` or
+        `done(error)` when it ends."""
         return False
 
     async def sync(self) -> None:

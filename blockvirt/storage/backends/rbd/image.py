@@ -35,6 +35,7 @@ from blockvirt.storage.backends.rbd import native
 from blockvirt.storage.backends.rbd.bridge import completion
 from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception, rbd_error
+from blockvirt.storage.backends.rbd.native import NativeIo
 from blockvirt.storage.node import HOLE, ZERO, Buffer, StorageError
 
 T = TypeVar("T")
@@ -252,6 +253,73 @@ class AsyncImage:
             self._failed(-err.errno)
             raise err from e
         return await fut
+
+    # Submitted ops (the NBD path's reads and writes; see BlockNode.read_submit): started now
+    # on the eventfd path if a slot is free, else refused (False) and the caller awaits the
+    # methods below instead. Range and mode errors are left to those methods to report.
+    def _take_slot(self, offset: int, length: int) -> NativeIo | None:
+        nio = self._native
+        if nio is None or self._closing or offset < 0 or offset + length > self._size:
+            return None
+        slots = self._slots
+        if slots.locked():
+            return None
+        slots._value -= 1  # what acquire() does when it need not wait
+        self._begin()
+        executor.begin_offload()
+        return nio
+
+    def _give_slot(self, rv: int) -> None:
+        executor.end_offload()
+        self._slots.release()
+        self._end()
+        self._failed(rv)
+
+    def read_submit(
+        self, offset: int, length: int, done: Callable[[Buffer | None, RbdError | None], None]
+    ) -> bool:
+        if not length:
+            return False
+        nio = self._take_slot(offset, length)
+        if nio is None:
+            return False
+        data = bytearray(length)
+
+        def settled(rv: int) -> None:
+            self._give_slot(rv)
+            if rv == length:
+                done(data, None)
+            elif rv < 0:
+                done(None, rbd_error(rv, f"{self.name}: read"))
+            else:
+                what = f"{self.name}: short read ({rv} of {length} bytes)"
+                done(None, RbdError(errno.EIO, what, errno.EIO))
+
+        try:
+            nio.read_cb(offset, data, settled)
+        except Exception:  # not started (no completion): the awaited path reports it
+            self._give_slot(0)
+            return False
+        return True
+
+    def write_submit(self, data: Buffer, offset: int, done: Callable[[RbdError | None], None]) -> bool:
+        if self.read_only or not data:
+            return False
+        nio = self._take_slot(offset, len(data))
+        if nio is None:
+            return False
+        payload = data if isinstance(data, bytes | bytearray) else bytes(data)
+
+        def settled(rv: int) -> None:
+            self._give_slot(rv)
+            done(None if rv >= 0 else rbd_error(rv, f"{self.name}: write"))
+
+        try:
+            nio.write_cb(offset, payload, settled)
+        except Exception:  # not started (no completion): the awaited path reports it
+            self._give_slot(0)
+            return False
+        return True
 
     async def read(self, offset: int, length: int) -> Buffer:
         self._check_range(offset, length, write=False)

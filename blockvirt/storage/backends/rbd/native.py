@@ -97,7 +97,7 @@ def image_handle(image: Any, ioctx: Any, name: str) -> int | None:
 Settled = Callable[[int], None]
 #: (future, what the op keeps alive until it ends, its result (None: the return value),
 #: settled, what it is)
-_Op = tuple["asyncio.Future[Any]", Any, Any, Callable[[int], None], str]
+_Op = tuple["asyncio.Future[Any] | None", Any, Any, Callable[[int], None], str]
 
 
 class NativeIo:
@@ -138,13 +138,13 @@ class NativeIo:
     # ------------------------------------------------------------ submit
 
     def _start(
-        self, what: str, keep: Any, settled: Callable[[int], None], result: Any = None
-    ) -> tuple[int, asyncio.Future[Any]]:
+        self, what: str, keep: Any, settled: Settled, result: Any = None, future: bool = True
+    ) -> tuple[int, asyncio.Future[Any] | None]:
         r = self._held.rbd_aio_create_completion(None, None, self._comp_out)
         if r < 0:
             raise self._error(r, f"{self._label}: {what}")
         comp = self._comp.value or 0  # not null: librbd made it
-        fut = self._loop.create_future()
+        fut = self._loop.create_future() if future else None
         self._ops[comp] = (fut, keep, result, settled, what)
         return comp, fut
 
@@ -152,37 +152,65 @@ class NativeIo:
         if r < 0:  # refused before it started: librbd will not complete it
             fut, _, _, settled, _ = self._ops.pop(comp)
             self._held.rbd_aio_release(comp)
+            if fut is None:  # a callback is never run from within the call that started it
+                self._loop.call_soon(settled, r)
+                return
             settled(r)
             fut.set_exception(self._error(r, f"{self._label}: {what}"))
 
+    # Each returns the op's future; the *_cb forms return nothing: `settled(rv)` is all the
+    # caller hears (a read's data is then in the bytearray it passed).
     def write(self, offset: int, data: bytes | bytearray, settled: Settled) -> asyncio.Future[Any]:
+        fut = self._write(offset, data, settled, True)
+        assert fut is not None
+        return fut
+
+    def write_cb(self, offset: int, data: bytes | bytearray, settled: Settled) -> None:
+        self._write(offset, data, settled, False)
+
+    def _write(
+        self, offset: int, data: bytes | bytearray, settled: Settled, future: bool
+    ) -> asyncio.Future[Any] | None:
         # bytes pass as they are; a bytearray (a large payload) through a view of its memory
         buf = data if type(data) is bytes else (ctypes.c_char * len(data)).from_buffer(data)
-        comp, fut = self._start("write", buf, settled)
+        comp, fut = self._start("write", buf, settled, None, future)
         self._submitted(comp, self._free.rbd_aio_write(self._h, offset, len(data), buf, comp), "write")
         return fut
 
     def read(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
-        data = bytearray(length)
+        fut = self._read(offset, bytearray(length), settled, True)
+        assert fut is not None
+        return fut
+
+    def read_cb(self, offset: int, into: bytearray, settled: Settled) -> None:
+        self._read(offset, into, settled, False)
+
+    def _read(
+        self, offset: int, data: bytearray, settled: Settled, future: bool
+    ) -> asyncio.Future[Any] | None:
+        length = len(data)
         buf = (ctypes.c_char * length).from_buffer(data)
-        comp, fut = self._start("read", buf, settled, data)
+        comp, fut = self._start("read", buf, settled, data, future)
         self._submitted(comp, self._free.rbd_aio_read(self._h, offset, length, buf, comp), "read")
         return fut
 
     def discard(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
         comp, fut = self._start("discard", None, settled)
         self._submitted(comp, self._free.rbd_aio_discard(self._h, offset, length, comp), "discard")
+        assert fut is not None
         return fut
 
     def write_zeroes(self, offset: int, length: int, settled: Settled) -> asyncio.Future[Any]:
         comp, fut = self._start("write_zeroes", None, settled)
         r = self._free.rbd_aio_write_zeroes(self._h, offset, length, comp, 0, 0)
         self._submitted(comp, r, "write_zeroes")
+        assert fut is not None
         return fut
 
     def flush(self, settled: Settled) -> asyncio.Future[Any]:
         comp, fut = self._start("flush", None, settled)
         self._submitted(comp, self._free.rbd_aio_flush(self._h, comp), "flush")
+        assert fut is not None
         return fut
 
     # ------------------------------------------------------------ complete
@@ -214,7 +242,7 @@ class NativeIo:
     def _settle(self, op: _Op, rv: int) -> None:
         fut, _, result, settled, what = op
         settled(rv)
-        if fut.done():  # the waiter was cancelled; the op still ran to its end
+        if fut is None or fut.done():  # the waiter was cancelled; the op still ran to its end
             return
         if rv < 0:
             fut.set_exception(self._error(rv, f"{self._label}: {what}"))

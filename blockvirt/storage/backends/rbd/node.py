@@ -2,7 +2,9 @@
 
 The image opens on first use (open() of the seam is synchronous; a handshake must not wait
 for Ceph), so the first request of the first session waits for it. Every request goes
-through librbd's aio calls (image.py), never blocking the loop; there is no inline fast path.
+through librbd's aio calls (image.py), never blocking the loop. Plain reads and writes are
+started from the session's parse loop and answered by callback (read_submit/write_submit),
+without a task each; the rest, and those that find no free slot, await.
 
 Zeroing: on a thin volume a zeroed or trimmed range gives its space back (write_zeroes frees
 whole objects); NBD_CMD_WRITE_ZEROES with NO_HOLE, and every zeroing of a thick volume,
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from blockvirt.storage.backends.rbd.errors import RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage
-from blockvirt.storage.node import HOLE, BlockNode, Buffer, Capabilities, StorageError
+from blockvirt.storage.node import HOLE, BlockNode, Buffer, Capabilities, ReadDone, StorageError, WriteDone
 
 log = logging.getLogger("blockvirt.rbd")
 
@@ -114,6 +116,32 @@ class RbdNode(BlockNode):
                 self._on_lost(e)
 
     # ------------------------------------------------------------ I/O
+    # Reads and writes start at once from the session's parse loop when the image is open
+    # and has a free slot (see BlockNode.read_submit); else they await below.
+    def read_submit(self, offset: int, length: int, done: ReadDone) -> bool:
+        img = self._image
+        if img is None or img.closed or self.failed is not None:
+            return False
+
+        def ended(data: Buffer | None, err: RbdError | None) -> None:
+            if err is not None:
+                self.lost(err)
+            done(data, err)
+
+        return img.read_submit(offset, length, ended)
+
+    def write_submit(self, offset: int, data: Buffer, done: WriteDone) -> bool:
+        img = self._image
+        if img is None or img.closed or self.failed is not None or not self.writable:
+            return False
+
+        def ended(err: RbdError | None) -> None:
+            if err is not None:
+                self.lost(err)
+            done(err)
+
+        return img.write_submit(data, offset, ended)
+
     async def read(self, offset: int, length: int) -> Buffer:
         img = self._image  # the open image without a coroutine per request
         if img is None or img.closed or self.failed is not None:
