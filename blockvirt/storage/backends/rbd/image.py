@@ -229,18 +229,8 @@ class AsyncImage:
         if self._closing:  # closed while we waited for a slot
             self._slots.release()
             self._check_open()
-        self._begin()
-        # The loop does not spin while it is in flight (server/polling.py): an op takes
-        # hundreds of microseconds, longer than any spin, and librbd's threads need the CPU
-        # to complete it (and, on the binding's path, the interpreter lock).
-        executor.begin_offload()
-
-        def settled(rv: int) -> None:
-            executor.end_offload()
-            self._slots.release()
-            self._end()
-            self._failed(rv)
-
+        self._op_begins()
+        settled = self._give_slot
         nio = self._native
         if nio is not None:
             return await fast(nio, settled)
@@ -265,11 +255,19 @@ class AsyncImage:
         if slots.locked():
             return None
         slots._value -= 1  # what acquire() does when it need not wait
-        self._begin()
-        executor.begin_offload()
+        self._op_begins()
         return nio
 
+    def _op_begins(self) -> None:
+        """An op holding a slot starts: counted in flight until _give_slot."""
+        self._begin()
+        # The loop does not spin while it is in flight (server/polling.py): an op takes
+        # hundreds of microseconds, longer than any spin, and librbd's threads need the CPU
+        # to complete it (and, on the binding's path, the interpreter lock).
+        executor.begin_offload()
+
     def _give_slot(self, rv: int) -> None:
+        """An op ended with return value `rv` (0 if it never started)."""
         executor.end_offload()
         self._slots.release()
         self._end()
@@ -295,12 +293,7 @@ class AsyncImage:
                 what = f"{self.name}: short read ({rv} of {length} bytes)"
                 done(None, RbdError(errno.EIO, what, errno.EIO))
 
-        try:
-            nio.read_cb(offset, data, settled)
-        except Exception:  # not started (no completion): the awaited path reports it
-            self._give_slot(0)
-            return False
-        return True
+        return self._started(lambda: nio.read_cb(offset, data, settled))
 
     def write_submit(self, data: Buffer, offset: int, done: Callable[[RbdError | None], None]) -> bool:
         if self.read_only or not data:
@@ -314,9 +307,14 @@ class AsyncImage:
             self._give_slot(rv)
             done(None if rv >= 0 else rbd_error(rv, f"{self.name}: write"))
 
+        return self._started(lambda: nio.write_cb(offset, payload, settled))
+
+    def _started(self, start: Callable[[], None]) -> bool:
+        """Start a submitted op that holds a slot; False (slot given back) if it did not start:
+        the awaited path then reports why."""
         try:
-            nio.write_cb(offset, payload, settled)
-        except Exception:  # not started (no completion): the awaited path reports it
+            start()
+        except Exception:
             self._give_slot(0)
             return False
         return True
