@@ -19,7 +19,9 @@ Ceph op): those threads need the interpreter lock to start and to hand their res
 spinning loop lets go of it only for instants, and they would wait until the window ends (a
 FUA write at QD1 took 360 µs instead of 250). A Ceph op needs no lock on its eventfd path,
 but takes hundreds of microseconds of librbd's threads, which a spin on the same CPU would
-slow. Their results wake the loop through its self-pipe or an eventfd anyway.
+slow. Their results wake the loop through its self-pipe or an eventfd anyway. Such a wait,
+when it is long, tells nothing about the clients, so it leaves the policy as it was: after
+the reply, the loop spins for the client's next request as it would have on a fast backend.
 """
 
 from __future__ import annotations
@@ -65,9 +67,16 @@ class PollPolicy:
         self.spins += 1
         return now + self.window
 
-    def waited(self, seconds: float) -> None:
-        """A wait that found events took `seconds` (spinning included)."""
-        self.dense = seconds <= self.window
+    def waited(self, seconds: float, offloaded: int = 0) -> None:
+        """A wait that found events took `seconds` (spinning included). A long wait that
+        began with `offloaded` work in flight was most likely ended by that work (a Ceph op,
+        a commit's sync), not by a client: it says nothing about the clients' pace, so it
+        leaves `dense` as it was. At QD1 on a slow backend the loop then spins for the
+        client's next request after each reply, instead of sleeping through it."""
+        if seconds <= self.window:
+            self.dense = True
+        elif not offloaded:
+            self.dense = False
 
     def missed(self) -> None:
         """A spin found nothing: the burst is over, block from now on until it starts again
@@ -104,7 +113,8 @@ class PollingSelector(selectors.BaseSelector):
             return inner.select(0)  # callbacks are ready: the loop is busy, no wait at all
         policy = self.policy
         start = time.monotonic()
-        deadline = policy.spin_until(start, timeout, self.offloaded())
+        busy = self.offloaded()
+        deadline = policy.spin_until(start, timeout, busy)
         if deadline is not None:
             while True:
                 ready = inner.select(0)
@@ -120,7 +130,7 @@ class PollingSelector(selectors.BaseSelector):
                 timeout = max(0.0, timeout - (now - start))
         ready = inner.select(timeout)
         if ready:
-            policy.waited(time.monotonic() - start)
+            policy.waited(time.monotonic() - start, busy)
         return ready
 
     def close(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import selectors
 import socket
+import threading
+import time
 
 from blockvirt.server.polling import PollingSelector, PollPolicy
 
@@ -85,3 +87,38 @@ def test_selector_asks_how_many_calls_are_offloaded() -> None:
         busy[0] = 0
         assert sel.select(0.001) == []
         assert sel.policy.spins == 1
+
+
+def test_a_long_wait_for_offloaded_work_keeps_the_clients_pace() -> None:
+    # QD1 on a slow backend: the client's next request comes within the window, the Ceph op
+    # or sync in between takes far longer. The long wait is the backend's, not the client's:
+    # after it the loop must spin for the next request again.
+    p = PollPolicy(W)
+    p.waited(20e-6)  # the client's request
+    p.waited(400e-6, offloaded=1)  # the op's completion
+    assert p.dense
+    assert p.spin_until(1.0, None, offloaded=0) == 1.0 + W
+    p.waited(400e-6, offloaded=0)  # a long wait with nothing in flight: the clients slowed
+    assert not p.dense
+
+
+def test_selector_keeps_the_pace_across_a_wait_for_offloaded_work() -> None:
+    # A real wait longer than the window: with work in flight it leaves the pace as it was,
+    # with nothing in flight it ends it.
+    a, b = socket.socketpair()
+    busy = [1]
+    with a, b:
+        sel = PollingSelector(W, offloaded=lambda: busy[0])
+        sel.register(a, selectors.EVENT_READ, "a")
+        for in_flight, dense_after in ((1, True), (0, False)):
+            busy[0] = in_flight
+            sel.policy.waited(0.0)
+            sender = threading.Timer(20 * W, b.send, (b"x",))
+            sender.start()
+            start = time.monotonic()
+            assert sel.select(1.0)
+            assert time.monotonic() - start > W
+            sender.join()
+            a.recv(1)
+            assert sel.policy.dense is dense_after
+        sel.close()
