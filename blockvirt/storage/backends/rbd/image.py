@@ -1,10 +1,13 @@
 """AsyncImage: one open RBD image, for asyncio.
 
 Data path: read, write, discard, write_zeroes and flush go through librbd's aio calls; at
-most `queue_depth` are in flight, further callers wait. librbd queues each op on its own
-threads (rbd_non_blocking_aio), so submitting does not block the loop. Completions come back
-through an eventfd the loop watches (native.py), or, if that cannot be set up for an image
-or `CephConfig.native_aio` is off, through python3-rbd's callbacks (bridge.py).
+most `queue_depth` are in flight, further callers wait. Ops are submitted on the caller's
+thread (CephConnection sets rbd_non_blocking_aio=false: one thread hop less per op); that
+does not block the loop because the owning node takes the image's exclusive lock in managed
+mode when it claims the volume (ownership.py), so no submission waits on a lock
+transition. Completions come back through an eventfd the loop watches (native.py), or, if
+that cannot be set up for an image or `CephConfig.native_aio` is off, through python3-rbd's
+callbacks (bridge.py).
 
 Control plane (open, close, resize, snapshots, locks, metadata, diff_iterate, flatten) is
 synchronous in the bindings and runs on the connection's control threads.
