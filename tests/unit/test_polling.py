@@ -6,10 +6,27 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from blockvirt.server.polling import PollingSelector, PollPolicy
 
 W = 100e-6
+
+
+@contextmanager
+def _watching(
+    offloaded: Callable[[], int] | None = None,
+) -> Iterator[tuple[PollingSelector, socket.socket, socket.socket]]:
+    """A polling selector watching `a` of a socket pair for reads; `b` sends to it."""
+    a, b = socket.socketpair()
+    with a, b:
+        sel = PollingSelector(W) if offloaded is None else PollingSelector(W, offloaded=offloaded)
+        sel.register(a, selectors.EVENT_READ, "a")
+        try:
+            yield sel, a, b
+        finally:
+            sel.close()
 
 
 def test_an_idle_or_slow_server_never_spins() -> None:
@@ -47,10 +64,7 @@ def test_window_zero_is_off() -> None:
 
 
 def test_selector_finds_what_the_inner_one_finds() -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        sel = PollingSelector(W)
-        sel.register(a, selectors.EVENT_READ, "a")
+    with _watching() as (sel, a, b):
         assert sel.select(0) == []
         sel.policy.waited(0.0)  # dense: the next wait spins first
         assert sel.select(0.001) == []  # spun, found nothing, then waited out the timeout
@@ -62,7 +76,6 @@ def test_selector_finds_what_the_inner_one_finds() -> None:
         assert sel.policy.dense and sel.policy.spins == 2
         assert sel.get_key(a).data == "a" and len(sel.get_map()) == 1
         sel.unregister(a)
-        sel.close()
 
 
 def test_no_spin_while_other_threads_want_the_interpreter_back() -> None:
@@ -76,11 +89,8 @@ def test_no_spin_while_other_threads_want_the_interpreter_back() -> None:
 
 
 def test_selector_asks_how_many_calls_are_offloaded() -> None:
-    a, b = socket.socketpair()
     busy = [1]
-    with a, b:
-        sel = PollingSelector(W, offloaded=lambda: busy[0])
-        sel.register(a, selectors.EVENT_READ, "a")
+    with _watching(lambda: busy[0]) as (sel, _a, _b):
         sel.policy.waited(0.0)
         assert sel.select(0.001) == []
         assert sel.policy.spins == 0 and sel.policy.dense  # slept instead of spinning
@@ -105,11 +115,8 @@ def test_a_long_wait_for_offloaded_work_keeps_the_clients_pace() -> None:
 def test_selector_keeps_the_pace_across_a_wait_for_offloaded_work() -> None:
     # A real wait longer than the window: with work in flight it leaves the pace as it was,
     # with nothing in flight it ends it.
-    a, b = socket.socketpair()
     busy = [1]
-    with a, b:
-        sel = PollingSelector(W, offloaded=lambda: busy[0])
-        sel.register(a, selectors.EVENT_READ, "a")
+    with _watching(lambda: busy[0]) as (sel, a, b):
         for in_flight, dense_after in ((1, True), (0, False)):
             busy[0] = in_flight
             sel.policy.waited(0.0)
@@ -121,4 +128,3 @@ def test_selector_keeps_the_pace_across_a_wait_for_offloaded_work() -> None:
             sender.join()
             a.recv(1)
             assert sel.policy.dense is dense_after
-        sel.close()
