@@ -85,9 +85,13 @@ class ServerTransmission:
 
     Large WRITE payloads are received straight into their own bytearray (see get_buffer), so
     the bytes the storage layer writes are the bytes the socket delivered, never copied.
+    Only what arrived in the same receive as the header is copied over; so the receive after
+    a large payload asks for one header, in case another large WRITE follows (a stream of 1M
+    writes would otherwise copy the first ~256 KiB of each, the receive buffer's worth).
     """
 
     __slots__ = (
+        "_header_next",
         "_payload",
         "_payload_have",
         "_payload_hdr",
@@ -109,6 +113,7 @@ class ServerTransmission:
         self._payload: bytearray | None = None  # a large WRITE payload being received
         self._payload_have = 0
         self._payload_hdr: tuple[int, int, int, int] | None = None
+        self._header_next = False  # a large payload just ended: receive one header alone
         # Payload buffers handed back after their WRITE completed, by size: reusing them saves
         # zero-filling and page-faulting a fresh buffer for every large write.
         self._pool: dict[int, list[bytearray]] = {}
@@ -134,6 +139,10 @@ class ServerTransmission:
         if payload is not None:
             self._grow_payload(_GROW_STEP)
             return memoryview(payload)[self._payload_have :]
+        if self._header_next:
+            self._header_next = False
+            if self.buffer.end == self.buffer.pos:
+                return self.buffer.get_buffer(hint)[:_REQ_SIZE]
         return self.buffer.get_buffer(hint)
 
     def _grow_payload(self, want: int) -> None:
@@ -175,6 +184,7 @@ class ServerTransmission:
                 return None
             payload = self._payload
             self._payload = self._payload_hdr = None
+            self._header_next = True
             return WriteCmd(cookie, flags, offset, length, payload)
         if self._skip:
             self._skip -= buf.skip(self._skip)

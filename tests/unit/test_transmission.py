@@ -228,6 +228,40 @@ def test_large_write_payload_goes_to_its_own_buffer() -> None:
     assert tx.next_event() == ReadCmd(4, 0, 0, 1)
 
 
+def test_after_a_large_payload_the_next_receive_takes_one_header() -> None:
+    # A stream of 1M writes: the receive after a payload would otherwise take the next
+    # header with ~256 KiB of its payload, to be copied into the payload's own buffer.
+    length = 1 << 20
+    first, second = b"\x01" * length, b"\x02" * length
+    tx = ServerTransmission(structured=False)
+    tx.receive_data(wire.request(Cmd.WRITE, 0, 1, 0, length))
+    assert tx.next_event() is None
+    view = tx.get_buffer(-1)
+    view[:] = first
+    del view
+    tx.buffer_updated(length)
+    assert tx.next_event() == WriteCmd(1, 0, 0, length, first)
+    view = tx.get_buffer(-1)
+    assert len(view) == REQ  # one header, nothing of its payload
+    view[:] = wire.request(Cmd.WRITE, 0, 2, length, length)
+    del view
+    tx.buffer_updated(REQ)
+    assert tx.next_event() is None
+    view = tx.get_buffer(-1)
+    assert len(view) == length  # the whole payload lands in its own buffer, nothing copied
+    view[:] = second
+    del view
+    tx.buffer_updated(length)
+    assert tx.next_event() == WriteCmd(2, 0, length, length, second)
+    # A small request after it: one short receive, then the buffer's full space again.
+    view = tx.get_buffer(-1)
+    view[:] = wire.request(Cmd.READ, 0, 3, 0, 512)
+    del view
+    tx.buffer_updated(REQ)
+    assert tx.next_event() == ReadCmd(3, 0, 0, 512)
+    assert len(tx.get_buffer(-1)) > REQ
+
+
 def test_large_write_payload_through_receive_data_with_next_request() -> None:
     length = 100_000
     payload = b"\x5a" * length
