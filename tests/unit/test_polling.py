@@ -116,15 +116,26 @@ def test_selector_keeps_the_pace_across_a_wait_for_offloaded_work() -> None:
     # A real wait longer than the window: with work in flight it leaves the pace as it was,
     # with nothing in flight it ends it.
     busy = [1]
-    with _watching(lambda: busy[0]) as (sel, a, b):
+    peer: list[socket.socket] = []
+    senders: list[threading.Timer] = []
+
+    def offloaded() -> int:
+        # select() asks this once, after reading its clock: the byte is sent 20 windows after
+        # that, however late a loaded machine runs this thread (a sender started before the
+        # call could have sent already, and the wait would not be long).
+        sender = threading.Timer(20 * W, peer[0].send, (b"x",))
+        senders.append(sender)
+        sender.start()
+        return busy[0]
+
+    with _watching(offloaded) as (sel, a, b):
+        peer.append(b)
         for in_flight, dense_after in ((1, True), (0, False)):
             busy[0] = in_flight
             sel.policy.waited(0.0)
-            sender = threading.Timer(20 * W, b.send, (b"x",))
-            sender.start()
             start = time.monotonic()
             assert sel.select(1.0)
             assert time.monotonic() - start > W
-            sender.join()
+            senders[-1].join()
             a.recv(1)
             assert sel.policy.dense is dense_after
