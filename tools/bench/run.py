@@ -61,8 +61,17 @@ class Metric:
 
 IOPS = Metric("iops", "IOPS", True)
 BW = Metric("bw_bytes", "MB/s", True)
-LAT_MEAN = Metric("clat_mean_us", "mean lat µs", False)
-LAT_P99 = Metric("clat_p99_us", "p99 lat µs", False)
+#: QD1 latency is fio's total latency: from the start of its submit call to the completion,
+#: what an application waits. fio splits it in two, and the split depends on the server, not
+#: on the request: completion latency starts once the submit call has returned, so work a
+#: server does inside that call counts as submission latency. A server asleep in epoll is
+#: woken by the request's send, and the wake-up is paid inside that send (on the same CPU the
+#: woken server even preempts fio and answers before the call returns); a polling server is
+#: not woken at all. Completion latency alone thus flatters servers that sleep.
+LAT_MEAN = Metric("lat_mean_us", "mean lat µs", False)
+LAT_P99 = Metric("lat_p99_us", "p99 lat µs", False)
+SLAT_MEAN = Metric("slat_mean_us", "↳ submit µs", False)
+CLAT_MEAN = Metric("clat_mean_us", "↳ completion µs", False)
 #: CPU time of the server's processes (every thread) per request over the measured window: on
 #: two cores, what a server spends is taken from the client and, with --rbd, from the OSD.
 CPU = Metric("cpu_us_per_op", "CPU µs/op", False)
@@ -94,7 +103,7 @@ class Workload:
 def _qd1(rw: str) -> list[Workload]:
     """A QD1 latency workload, unpinned and in both pinned placements."""
     base = f"{rw}-4k-qd1"
-    lat = (IOPS, LAT_MEAN, LAT_P99, CPU)
+    lat = (IOPS, LAT_MEAN, LAT_P99, SLAT_MEAN, CLAT_MEAN, CPU)
     return [
         Workload(f"{base}-lat", rw, "4k", 1, lat),
         Workload(f"{base}-{PIN_SAME}", rw, "4k", 1, lat, PIN_SAME),
@@ -575,6 +584,7 @@ def run_fio(uri: str, name: str, params: dict[str, str], timeout: float, out_dir
         "--numjobs=1",
         "--output-format=json",
         f"--output={out}",
+        "--lat_percentiles=1",  # percentiles of the total latency too (see LAT_MEAN)
         *(f"--{k}={v}" for k, v in params.items()),
     ]
     try:
@@ -595,15 +605,21 @@ def run_fio(uri: str, name: str, params: dict[str, str], timeout: float, out_dir
 
 def job_metrics(job: dict[str, Any], direction: str) -> dict[str, float]:
     d = job[direction]
-    clat = d["clat_ns"]
-    p99 = clat.get("percentile", {}).get("99.000000", 0.0)
+    clat, lat = d["clat_ns"], d["lat_ns"]
     return {
         "iops": float(d["iops"]),
         "bw_bytes": float(d["bw_bytes"]),
+        "lat_mean_us": float(lat["mean"]) / 1000.0,
+        "lat_p99_us": _p99(lat) / 1000.0,
+        "slat_mean_us": float(d["slat_ns"]["mean"]) / 1000.0,
         "clat_mean_us": float(clat["mean"]) / 1000.0,
-        "clat_p99_us": float(p99) / 1000.0,
+        "clat_p99_us": _p99(clat) / 1000.0,
         "ios": float(d["total_ios"]),
     }
+
+
+def _p99(stat: dict[str, Any]) -> float:
+    return float(stat.get("percentile", {}).get("99.000000", 0.0))
 
 
 def cpu_seconds(pgids: Sequence[int]) -> float:
@@ -752,7 +768,8 @@ def render_table(
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     noise = f"median [min-max] of {reps} reps" if reps > 1 else "one run each, no spread"
     lines.append("")
-    lines.append(f"cells: {noise}; MB/s = 10^6 bytes/s; latency = fio completion latency.")
+    lines.append(f"cells: {noise}; MB/s = 10^6 bytes/s; latency = fio's total latency (submit + completion,")
+    lines.append("the ↳ rows: its two parts).")
     lines.append(
         "bv/best: blockvirt / best peer for IOPS and MB/s, best peer / blockvirt for "
         "latency; > 1 means blockvirt is better."
