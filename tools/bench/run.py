@@ -66,8 +66,8 @@ BW = Metric("bw_bytes", "MB/s", True)
 #: on the request: completion latency starts once the submit call has returned, so work a
 #: server does inside that call counts as submission latency. A server asleep in epoll is
 #: woken by the request's send, and the wake-up is paid inside that send (on the same CPU the
-#: woken server even preempts fio and answers before the call returns); a polling server is
-#: not woken at all. Completion latency alone thus flatters servers that sleep.
+#: woken server may also preempt fio and answer before the call returns); a polling server
+#: is not woken at all. Completion latency alone thus flatters servers that sleep.
 LAT_MEAN = Metric("lat_mean_us", "mean lat µs", False)
 LAT_P99 = Metric("lat_p99_us", "p99 lat µs", False)
 SLAT_MEAN = Metric("slat_mean_us", "↳ submit µs", False)
