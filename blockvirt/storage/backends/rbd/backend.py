@@ -579,6 +579,11 @@ class RbdBackend:
                 log.debug("volume %s: figures: %s", vol.name, e)
                 if vol.name in st.figures:
                     figures[vol.name] = st.figures[vol.name]
+        # Volumes added while this look ran keep the figures their creation set (a clone's).
+        live = {vol.name for vol in catalog.volumes()}
+        for name, known in st.figures.items():
+            if name in live and name not in figures:
+                figures[name] = known
         st.figures = figures
         await self._refresh_space(st)
 
@@ -1079,6 +1084,8 @@ class RbdBackend:
         except BaseException:
             await remove_quietly(images, new)
             raise
+        # Known exactly until the next look: nothing of its own yet, and a parent to read through.
+        st.figures[new] = VolumeFigures(0, 0, 2)
         self._spawn(self._refresh(st))
 
     def clone_size(self, source: VolumeRecord, snap: str) -> int:
