@@ -41,6 +41,10 @@ PEERS = tuple(s for s in ALL_SERVERS if s != "blockvirt")
 #: With --baseline DIR: blockvirt run from another source tree (an older commit), measured in
 #: the same interleaved order; the table adds bv/base (this tree against that one).
 BASELINE = "blockvirt-base"
+#: With --rbd: fio's own rbd engine on an image of the same Ceph, no NBD and no server between
+#: them. Not a peer: it is the ceiling an NBD server on librbd can approach, so a row where
+#: blockvirt and qemu-nbd both sit just under it is bounded by the cluster, not by either.
+LIBRBD = "librbd"
 FIO_SLACK_S = 60.0  # added to runtime + ramp time for the fio timeout
 STOP_GRACE_S = 5.0
 
@@ -232,8 +236,16 @@ class Server:
     pgids: list[int] = field(default_factory=list)
     error: str | None = None
     fill: dict[str, Any] | None = None
+    #: fio's arguments naming the target instead of the NBD URI (LIBRBD), and its environment.
+    fio_target: list[str] | None = None
+    fio_env: dict[str, str] | None = None
+
+    def fio_args(self) -> list[str]:
+        return self.fio_target if self.fio_target is not None else ["--ioengine=nbd", f"--uri={self.uri}"]
 
     def alive(self) -> bool:
+        if self.fio_target is not None:  # no process: fio itself is the client and the driver
+            return True
         if self.proc is not None:
             return self.proc.poll() is None
         if self.daemon_pid is not None:
@@ -524,6 +536,21 @@ def start_blockvirt(
     server.uri = f"nbd://{HOST}:{nbd_port}/{EXPORT}"
 
 
+def start_librbd(server: Server, opts: Options) -> None:
+    """No server: an image for fio's rbd engine, with librbd's cache off as qemu-nbd's
+    `--cache=none` and blockvirt keep it."""
+    assert opts.ceph is not None
+    conf, pool = opts.ceph
+    image = f"fio-{server.name}"
+    subprocess.run(
+        ["rbd", "-c", conf, "create", f"{pool}/{image}", "--size", f"{opts.size // (1 << 20)}M"],
+        check=True, capture_output=True, timeout=opts.start_timeout,
+    )  # fmt: skip
+    server.uri = f"rbd:{pool}/{image}"
+    server.fio_target = ["--ioengine=rbd", f"--pool={pool}", f"--rbdname={image}", "--clientname=admin"]
+    server.fio_env = {**os.environ, "CEPH_CONF": conf, "CEPH_ARGS": "--rbd_cache=false"}
+
+
 def start_baseline(server: Server, opts: Options) -> None:
     assert opts.baseline is not None
     start_blockvirt(server, opts, root=opts.baseline, extra=opts.baseline_args)
@@ -535,6 +562,7 @@ STARTERS: dict[str, Callable[[Server, Options], None]] = {
     "nbdkit": start_nbdkit,
     "nbd-server": start_nbd_server,
     "qemu-nbd": start_qemu_nbd,
+    LIBRBD: start_librbd,
 }
 
 REQUIRED_BINARIES: dict[str, str] = {
@@ -546,7 +574,7 @@ REQUIRED_BINARIES: dict[str, str] = {
 
 def probe_size(server: Server, size: int, timeout: float) -> None:
     """Check the export answers a handshake with the expected size (needs nbdinfo)."""
-    if shutil.which("nbdinfo") is None:
+    if shutil.which("nbdinfo") is None or server.fio_target is not None:
         return
     try:
         cp = subprocess.run(
@@ -572,15 +600,16 @@ class FioError(Exception):
     pass
 
 
-def run_fio(uri: str, name: str, params: dict[str, str], timeout: float, out_dir: Path) -> dict[str, Any]:
-    """Run one fio job against an NBD URI; return fio's parsed JSON job entry."""
+def run_fio(
+    server: Server, name: str, params: dict[str, str], timeout: float, out_dir: Path
+) -> dict[str, Any]:
+    """Run one fio job against the server's export; return fio's parsed JSON job entry."""
     out = out_dir / "fio.json"
     out.unlink(missing_ok=True)
     argv = [
         "fio",
         f"--name={name}",
-        "--ioengine=nbd",
-        f"--uri={uri}",
+        *server.fio_args(),
         "--numjobs=1",
         "--output-format=json",
         f"--output={out}",
@@ -588,7 +617,9 @@ def run_fio(uri: str, name: str, params: dict[str, str], timeout: float, out_dir
         *(f"--{k}={v}" for k, v in params.items()),
     ]
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        cp = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=server.fio_env
+        )
     except subprocess.TimeoutExpired:
         raise FioError(f"fio timed out after {timeout:.0f}s") from None
     try:
@@ -671,7 +702,7 @@ class CpuWindow:
 def fill(server: Server, size: int, timeout: float, out_dir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     params = {"rw": "write", "bs": "1M", "iodepth": "8", "size": str(size)}
-    job = run_fio(server.uri, "fill", params, timeout, out_dir)
+    job = run_fio(server, "fill", params, timeout, out_dir)
     m = job_metrics(job, "write")
     return {"seconds": round(time.monotonic() - t0, 3), "bw_bytes": m["bw_bytes"]}
 
@@ -710,23 +741,26 @@ def summarize(
             }
         ratios: dict[str, Any] = {}
         for metric in wl.metrics:
-            peers = {p: per_server[p][metric.key]["median"] for p in per_server if p in PEERS}
             bv = per_server.get("blockvirt", {}).get(metric.key, {}).get("median")
-            if not peers:
-                continue
-            pick = max if metric.higher_is_better else min
-            best = pick(peers, key=lambda p: peers[p])
-            ratio: float | None = None
-            if bv:
-                ratio = bv / peers[best] if metric.higher_is_better else peers[best] / bv
-            ratios[metric.key] = {
-                "best_peer": best,
-                "best_peer_median": peers[best],
-                "ratio": ratio,
-            }
-            base = per_server.get(BASELINE, {}).get(metric.key, {}).get("median")
-            if base and bv:
-                ratios[metric.key]["vs_base"] = bv / base if metric.higher_is_better else base / bv
+
+            def against(other: float | None, m: Metric = metric, bv: float | None = bv) -> float | None:
+                """blockvirt against `other`, > 1 when blockvirt is better."""
+                if not other or not bv:
+                    return None
+                return bv / other if m.higher_is_better else other / bv
+
+            entry: dict[str, Any] = {"best_peer": "-", "best_peer_median": None, "ratio": None}
+            peers = {p: per_server[p][metric.key]["median"] for p in per_server if p in PEERS}
+            if peers:
+                pick = max if metric.higher_is_better else min
+                best = pick(peers, key=lambda p: peers[p])
+                entry.update(best_peer=best, best_peer_median=peers[best], ratio=against(peers[best]))
+            # Also without peers: `--servers blockvirt --baseline DIR` compares two trees.
+            for key, other in (("vs_base", BASELINE), ("of_librbd", LIBRBD)):
+                value = against(per_server.get(other, {}).get(metric.key, {}).get("median"))
+                if value is not None:
+                    entry[key] = value
+            ratios[metric.key] = entry
         summary[wl.name] = {"servers": per_server, "ratios": ratios}
     return summary
 
@@ -735,7 +769,16 @@ def render_table(
     summary: dict[str, Any], servers: Sequence[str], workloads: Sequence[Workload], reps: int
 ) -> str:
     with_base = BASELINE in servers
-    header = ["workload", "metric", *servers, "bv/best", "best peer", *(["bv/base"] if with_base else [])]
+    with_ceiling = LIBRBD in servers
+    header = [
+        "workload",
+        "metric",
+        *servers,
+        "bv/best",
+        "best peer",
+        *(["bv/base"] if with_base else []),
+        *([f"bv/{LIBRBD}"] if with_ceiling else []),
+    ]
     rows: list[list[str]] = []
     for wl in workloads:
         entry = summary[wl.name]
@@ -758,9 +801,10 @@ def render_table(
                 row += ["n/a", "-"]
             else:
                 row += ["n/a" if r["ratio"] is None else f"{r['ratio']:.2f}", r["best_peer"]]
-            if with_base:
-                vs = r.get("vs_base") if r is not None else None
-                row.append("n/a" if vs is None else f"{vs:.2f}")
+            for wanted, key in ((with_base, "vs_base"), (with_ceiling, "of_librbd")):
+                if wanted:
+                    vs = r.get(key) if r is not None else None
+                    row.append("n/a" if vs is None else f"{vs:.2f}")
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
@@ -776,6 +820,11 @@ def render_table(
     )
     if with_base:
         lines.append(f"bv/base: this tree against {BASELINE} (--baseline), the same way round.")
+    if with_ceiling:
+        lines.append(
+            f"bv/{LIBRBD}: blockvirt against fio's own rbd engine with no server (the ceiling), "
+            "the same way round."
+        )
     return "\n".join(lines)
 
 
@@ -817,7 +866,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rbd",
         action="store_true",
         help="every disk on a throwaway one-node Ceph (tests/cephcluster.py): blockvirt on an RBD "
-        "pool against qemu-nbd's rbd driver (servers default to blockvirt,qemu-nbd; size to 256M)",
+        "pool against qemu-nbd's rbd driver, and fio's own rbd engine with no server as the ceiling "
+        f"('{LIBRBD}'; servers default to blockvirt,qemu-nbd,{LIBRBD}; size to 256M)",
     )
     p.add_argument(
         "--baseline-arg",
@@ -875,13 +925,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rbd:
         argv_list = list(argv or sys.argv[1:])
         if not any(a.startswith("--servers") for a in argv_list):
-            args.servers = ["blockvirt", "qemu-nbd"]
+            args.servers = ["blockvirt", "qemu-nbd", LIBRBD]
         if not any(a.startswith("--size") for a in argv_list):
             args.size = 256 << 20
-        bad_rbd = [s for s in args.servers if s not in ("blockvirt", "qemu-nbd", BASELINE)]
+        bad_rbd = [s for s in args.servers if s not in ("blockvirt", "qemu-nbd", LIBRBD, BASELINE)]
         if bad_rbd:
-            p.error(f"--rbd runs blockvirt and qemu-nbd only, not {bad_rbd}")
-    bad = [s for s in args.servers if s not in ALL_SERVERS]
+            p.error(f"--rbd runs blockvirt, qemu-nbd and {LIBRBD} only, not {bad_rbd}")
+    elif LIBRBD in args.servers:
+        p.error(f"{LIBRBD} (fio's own rbd engine) needs --rbd")
+    bad = [s for s in args.servers if s not in (*ALL_SERVERS, LIBRBD)]
     if bad or not args.servers:
         p.error(f"unknown servers {bad}; choose from {','.join(ALL_SERVERS)}")
     bad = [w for w in args.workloads if w not in WORKLOADS]
@@ -1005,9 +1057,10 @@ def one_run(
     prefix = f"rep {rep + 1}/{args.reps} {wl.name:<24} {s.name:<14}"
     try:
         with CpuWindow(s.pgids, args.ramp_time, args.runtime) as cpu:
-            job = run_fio(s.uri, wl.name, params, timeout, workdir)
+            job = run_fio(s, wl.name, params, timeout, workdir)
         metrics = job_metrics(job, wl.direction)
-        metrics["cpu_us_per_op"] = cpu.seconds() * 1e6 / max(metrics["ios"], 1.0)
+        if s.pgids:  # LIBRBD has no server process: its librbd runs inside fio
+            metrics["cpu_us_per_op"] = cpu.seconds() * 1e6 / max(metrics["ios"], 1.0)
     except (FioError, KeyError, TypeError, ValueError) as exc:
         record["error"] = str(exc)
         log(f"{prefix} FAILED: {exc}")
@@ -1020,7 +1073,7 @@ def one_run(
         return record
     record["ok"] = True
     record["metrics"] = metrics
-    shown = "  ".join(f"{mt.label}={fmt_value(mt, metrics[mt.key])}" for mt in wl.metrics)
+    shown = "  ".join(f"{m.label}={fmt_value(m, metrics[m.key])}" for m in wl.metrics if m.key in metrics)
     log(f"{prefix} {shown}")
     return record
 
