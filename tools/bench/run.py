@@ -371,6 +371,18 @@ def start_nbdkit(server: Server, opts: Options) -> None:
     wait_for(f"nbdkit port {port}", lambda: port_open(port), server.alive, opts.start_timeout)
 
 
+def create_rbd_image(image: str, opts: Options) -> str:
+    """An image of --size in the throwaway Ceph's pool (--rbd), for a server that is not
+    blockvirt (blockvirt makes its own through `volume create`)."""
+    assert opts.ceph is not None
+    conf, pool = opts.ceph
+    subprocess.run(
+        ["rbd", "-c", conf, "create", f"{pool}/{image}", "--size", f"{opts.size // (1 << 20)}M"],
+        check=True, capture_output=True, timeout=opts.start_timeout,
+    )  # fmt: skip
+    return image
+
+
 def start_qemu_nbd(server: Server, opts: Options) -> None:
     port = free_port()
     argv = ["qemu-nbd", "-f", "raw", "-x", EXPORT, "-b", HOST, "-p", str(port)]
@@ -378,11 +390,7 @@ def start_qemu_nbd(server: Server, opts: Options) -> None:
         # qemu's own rbd driver on an image of the same Ceph; cache=none keeps librbd's cache
         # off, as blockvirt keeps it (a completed write is on the OSDs: same durability).
         conf, pool = opts.ceph
-        image = f"qemu-{server.name}"
-        subprocess.run(
-            ["rbd", "-c", conf, "create", f"{pool}/{image}", "--size", f"{opts.size // (1 << 20)}M"],
-            check=True, capture_output=True, timeout=opts.start_timeout,
-        )  # fmt: skip
+        image = create_rbd_image(f"qemu-{server.name}", opts)
         spawn(server, [*argv, "-t", "-e", "16", "--cache=none", f"rbd:{pool}/{image}:conf={conf}"], opts)
     else:
         img = backing_file(server.name, opts)
@@ -541,11 +549,7 @@ def start_librbd(server: Server, opts: Options) -> None:
     `--cache=none` and blockvirt keep it."""
     assert opts.ceph is not None
     conf, pool = opts.ceph
-    image = f"fio-{server.name}"
-    subprocess.run(
-        ["rbd", "-c", conf, "create", f"{pool}/{image}", "--size", f"{opts.size // (1 << 20)}M"],
-        check=True, capture_output=True, timeout=opts.start_timeout,
-    )  # fmt: skip
+    image = create_rbd_image(f"fio-{server.name}", opts)
     server.uri = f"rbd:{pool}/{image}"
     server.fio_target = ["--ioengine=rbd", f"--pool={pool}", f"--rbdname={image}", "--clientname=admin"]
     server.fio_env = {**os.environ, "CEPH_CONF": conf, "CEPH_ARGS": "--rbd_cache=false"}
