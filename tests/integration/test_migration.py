@@ -189,6 +189,46 @@ async def test_writes_during_migration_are_kept(server: BlockvirtServer) -> None
     assert writer.max_gap(t0, t1 + 0.3) < 1.0
 
 
+async def test_flush_in_flight_at_the_switchover_succeeds(tmp_path: Path) -> None:
+    """A FLUSH passes the switchover's drain (a drain never waits for an fdatasync), so one
+    can still be committing on the source when the switch retires it. The source's syncs are
+    slowed so that one always is: every FLUSH must succeed and every acknowledged write stay."""
+    with BlockvirtServer(tmp_path / "data", log_level="info", extra_args=("--fault-injection",)) as s:
+        s.api.post("/api/v1/pools", {"name": "fast", "path": str(tmp_path / "fast")})
+        uri = s.create_volume("slow", 8 * MiB)
+        writer = Writer(uri, range(0, 1024))
+        writing = asyncio.ensure_future(writer.run())
+        flushes: list[float] = []
+        failures: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def flusher() -> None:
+            async with await NbdClient.connect(uri) as c:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    try:
+                        await c.flush()
+                    except Exception as e:
+                        failures.append(e)
+                        return
+                    flushes.append(time.perf_counter() - t)
+
+        s.api.request("PUT", "/api/v1/debug/faults", {"pool": "default", "ops": ["sync"], "delay_ms": 150})
+        flushing = asyncio.ensure_future(flusher())
+        await asyncio.sleep(0.5)
+        job = s.api.post("/api/v1/volumes/slow/migrate", {"pool": "fast"})
+        job = await asyncio.to_thread(wait_job, s, job["id"])
+        await asyncio.sleep(0.5)  # flushes on the target now
+        stop.set()
+        writer.stop.set()
+        await asyncio.gather(flushing, writing)
+        assert job["state"] == "done", job
+        assert not failures and not writer.errors, (failures, writer.errors)
+        assert any(d >= 0.15 for d in flushes), "no FLUSH was slowed: the test tests nothing"
+        s.api.delete("/api/v1/debug/faults/default")
+        await writer.verify(uri)
+
+
 async def test_cancel_leaves_source_whole(server: BlockvirtServer) -> None:
     await build_tree(server, "cv", depth=2)
     writer = Writer(server.uri("cv"), range(0, 2048))

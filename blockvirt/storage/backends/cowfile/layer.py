@@ -105,6 +105,9 @@ class Layer:
         self.refs = 0  # chains using this layer (the registry closes it at zero)
         self._flusher = executor.FlushCoalescer(self._commit)
         self._committing = False  # a commit's entries are taken but not yet journaled
+        self._commits = 0  # commit() calls under way: close() waits for them (see close)
+        #: close() was called while commits were under way: the last one to end closes.
+        self.close_pending = False
         #: (first, count) block ranges guest writes are filling: a stream leaves them alone.
         self.filling: list[tuple[int, int]] = []
         #: Whether the file holds so little dirty data that a sync of it is quick: set by the
@@ -158,6 +161,19 @@ class Layer:
         return cls(layer_id, pool_dir, size, lmap, fd, map_fd, replay.valid_end, replay.next_seq, io)
 
     def close(self) -> None:
+        """Close the files, or, while a commit is under way, as soon as the last one ends.
+
+        A FLUSH passes an export's drain (a drain must not wait for an fdatasync), so a
+        migration's switchover can retire the source layers while a FLUSH still commits
+        there; its thread uses these descriptors, which must not be closed (or reused by
+        another open) under it. The commit ends normally, on files that are garbage now."""
+        if self._commits:
+            self.close_pending = True
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self.close_pending = False
         if self.fd >= 0:
             self.io.close(self.fd)
             self.fd = -1
@@ -165,6 +181,14 @@ class Layer:
             self.io.close(self.map_fd)
             self.map_fd = None
         SLOTS.give(self.slot)
+
+    def revive(self) -> None:
+        """Keep a layer whose close is pending open after all (opened again meanwhile)."""
+        self.close_pending = False
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     def close_journal(self) -> None:
         """Stop appending (a copy that is complete and committed stays read-only)."""
@@ -219,7 +243,16 @@ class Layer:
         A cancelled caller (a stopped job, a shutdown) does not cancel the commit: it has
         taken the changed block states, which would be lost, and its file I/O goes on in a
         thread anyway. It runs to the end; the next commit waits for it."""
-        await asyncio.shield(self._flusher.flush())
+        await asyncio.shield(self._counted_commit())
+
+    async def _counted_commit(self) -> None:
+        self._commits += 1
+        try:
+            await self._flusher.flush()
+        finally:
+            self._commits -= 1
+            if self.close_pending and not self._commits:
+                self._close_now()
 
     def commit_nowait(self) -> bool:
         """commit() on the loop, when it is one short fdatasync: no block state to journal,

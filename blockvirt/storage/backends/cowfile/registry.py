@@ -17,6 +17,10 @@ class LayerRegistry:
         self.catalog = catalog
         self.io = io
         self._open: dict[str, Layer] = {}
+        #: Released layers whose close waits for a commit under way (Layer.close): opened
+        #: again meanwhile, they are taken back rather than opened twice (two journal
+        #: writers of one file would append over each other).
+        self._closing: dict[str, Layer] = {}
 
     def get(self, layer_id: str) -> Layer | None:
         return self._open.get(layer_id)
@@ -24,6 +28,13 @@ class LayerRegistry:
     def acquire(self, rec: LayerRecord, *, writable: bool = False) -> Layer:
         """Open (or share) a layer; a writable request opens its journal for appending."""
         lay = self._open.get(rec.id)
+        if lay is None:
+            lay = self._closing.pop(rec.id, None)
+            if lay is not None and lay.close_pending:
+                lay.revive()
+                self._open[rec.id] = lay
+            else:
+                lay = None
         if lay is None:
             lay = Layer.open(self.io, self.catalog.layer_dir(rec), rec.id, rec.size, writable=writable)
             self._open[rec.id] = lay
@@ -61,6 +72,10 @@ class LayerRegistry:
         if lay.refs <= 0 and self._open.get(lay.id) is lay:
             del self._open[lay.id]
             lay.close()
+            if lay.close_pending:
+                self._closing[lay.id] = lay
+            for lid in [lid for lid, c in self._closing.items() if c.closed]:
+                del self._closing[lid]
 
     def release_all(self, layers: list[Layer]) -> None:
         for lay in layers:
