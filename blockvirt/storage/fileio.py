@@ -24,6 +24,12 @@ _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _DSYNC = getattr(os, "RWF_DSYNC", 0)
+#: Buffered writes larger than this go to the page cache in pieces of this size. ext4 (6.x)
+#: caches a write in a folio as large as the write, and a later small write into a large
+#: folio walks every block buffer of it: a 4k write into pages a 1M write cached costs
+#: about 1.7x one into pages 256k writes cached, and smaller pieces gain no more while each
+#: 1M write pays for more calls (docs/performance.md, "Large writes in pieces").
+WRITE_PIECE = 256 * 1024
 
 
 class _CachestatRange(ctypes.Structure):
@@ -186,17 +192,29 @@ class FileIO:
     def pwrite(
         self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, dsync: bool = False
     ) -> None:
-        if not dsync:  # one call, nearly always: the loop below is for short writes
-            n = os.pwrite(fd, data, offset)
-            if n == len(data):
+        if not dsync:
+            if len(data) <= WRITE_PIECE:  # one call, nearly always: the loop below is for short writes
+                n = os.pwrite(fd, data, offset)
+                if n == len(data):
+                    return
+                data = memoryview(data)[n:]
+                offset += n
+            else:
+                self._pwrite_pieces(fd, memoryview(data), offset)
                 return
-            data = memoryview(data)[n:]
-            offset += n
         view = memoryview(data)
         while view:
             n = os.pwritev(fd, [view], offset, _DSYNC) if dsync and _DSYNC else os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+
+    @staticmethod
+    def _pwrite_pieces(fd: int, view: memoryview, offset: int) -> None:
+        """A large buffered write, WRITE_PIECE at a time (see WRITE_PIECE)."""
+        end = len(view)
+        done = 0
+        while done < end:
+            done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
 
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
