@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     assert s.proc is not None
                     try:
                         cpu0 = cpu_seconds(s.proc.pid)
-                        job = _run.run_fio(s.uri, s.name, params, timeout, workdir)
+                        job = _run.run_fio(s, s.name, params, timeout, workdir)
                         cpu = cpu_seconds(s.proc.pid) - cpu0
                         record["iops"] = _run.job_metrics(job, direction)["iops"]
                         # With no ramp time, fio's count covers every request the server served.

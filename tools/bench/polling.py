@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if args.pin:
                                 same = args.pin == "same-cpu"
                                 params["cpus_allowed"] = str(_run.SERVER_CPU if same else _run.CROSS_CPU)
-                            job = _run.run_fio(s.uri, f"{name}-{rate}", params, args.runtime + 60, work)
+                            job = _run.run_fio(s, f"{name}-{rate}", params, args.runtime + 60, work)
                             m = _run.job_metrics(job, "write" if "write" in args.rw else "read")
                             lat = m["lat_mean_us"]  # total: see run.LAT_MEAN
                         cpu = (cpu_seconds(s.proc.pid) - c0) / (time.monotonic() - t0) * 100

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rw": args.rw, "bs": "4k", "iodepth": str(args.iodepth), "size": str(args.size),
                 "time_based": "1", "runtime": f"{args.runtime:g}",
             }  # fmt: skip
-            job = _run.run_fio(s.uri, "profile", params, args.runtime + 60, work)
+            job = _run.run_fio(s, "profile", params, args.runtime + 60, work)
             spy.send_signal(2)
             spy.wait(timeout=60)
             iops = _run.job_metrics(job, "write" if "write" in args.rw else "read")["iops"]

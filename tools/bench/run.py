@@ -605,9 +605,12 @@ class FioError(Exception):
 
 
 def run_fio(
-    server: Server, name: str, params: dict[str, str], timeout: float, out_dir: Path
+    server: Server | str, name: str, params: dict[str, str], timeout: float, out_dir: Path
 ) -> dict[str, Any]:
-    """Run one fio job against the server's export; return fio's parsed JSON job entry."""
+    """Run one fio job against the server's export (or an NBD URI); return fio's parsed JSON
+    job entry."""
+    if isinstance(server, str):
+        server = Server(name, uri=server)
     out = out_dir / "fio.json"
     out.unlink(missing_ok=True)
     argv = [
