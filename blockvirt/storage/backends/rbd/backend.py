@@ -621,7 +621,7 @@ class RbdBackend:
             head = _held(await img.diff(prev, whole_object=True, include_parent=False))
         finally:
             await img.close()
-        return VolumeFigures(total + head, head, 2 if parent else 1)
+        return VolumeFigures(total + head, head, _depth(parent is not None))
 
     # ------------------------------------------------------------ pools
     def space(self, pool: PoolRecord) -> Space:
@@ -1085,7 +1085,7 @@ class RbdBackend:
             await remove_quietly(images, new)
             raise
         # Known exactly until the next look: nothing of its own yet, and a parent to read through.
-        st.figures[new] = VolumeFigures(0, 0, 2)
+        st.figures[new] = VolumeFigures(0, 0, _depth(True))
         self._spawn(self._refresh(st))
 
     def clone_size(self, source: VolumeRecord, snap: str) -> int:
@@ -1230,3 +1230,9 @@ __all__ = ["RBD_BACKEND", "RbdBackend", "acl_key"]
 def _address(members: Members, node: str) -> str:
     info = members.nodes.get(node)
     return info.nbd if info is not None else ""
+
+
+def _depth(clone: bool) -> int:
+    """The chain depth reported for an image: its own data, and a clone's parent below it
+    (librbd reads through one parent; deeper ancestry is the parent's own depth)."""
+    return 2 if clone else 1
