@@ -27,20 +27,22 @@ class LayerRegistry:
 
     def acquire(self, rec: LayerRecord, *, writable: bool = False) -> Layer:
         """Open (or share) a layer; a writable request opens its journal for appending."""
-        lay = self._open.get(rec.id)
-        if lay is None:
-            lay = self._closing.pop(rec.id, None)
-            if lay is not None and lay.close_pending:
-                lay.revive()
-                self._open[rec.id] = lay
-            else:
-                lay = None
+        lay = self._open.get(rec.id) or self._take_back(rec.id)
         if lay is None:
             lay = Layer.open(self.io, self.catalog.layer_dir(rec), rec.id, rec.size, writable=writable)
             self._open[rec.id] = lay
         elif writable and not lay.writable:
             lay.open_journal()
         lay.refs += 1
+        return lay
+
+    def _take_back(self, layer_id: str) -> Layer | None:
+        """A released layer whose close still waits for a commit, kept open after all."""
+        lay = self._closing.pop(layer_id, None)
+        if lay is None or not lay.close_pending:
+            return None
+        lay.revive()
+        self._open[layer_id] = lay
         return lay
 
     def acquire_chain(self, head_id: str, *, writable_head: bool) -> list[Layer]:
