@@ -48,6 +48,7 @@ POOL_SETTINGS: Schema = {
     "cost_s0": Field("integer"),
     "latency_target_ms": _NUM,
     "background_shares": _NUM,
+    "alloc_unit": Field("integer"),
 }
 
 #: (method, route template) -> the body it takes. Routes not listed take no body.

@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 from blockvirt.cli.client import ApiClient
-from blockvirt.cli.common import EXIT_OK, Parser, UsageError, add_common, emit, human_size, print_table, q
+from blockvirt.cli.common import (
+    EXIT_OK,
+    Parser,
+    UsageError,
+    add_common,
+    emit,
+    human_size,
+    print_table,
+    q,
+    size_arg,
+)
+
+
+def _unit(text: str) -> int:
+    try:
+        return size_arg(text, "allocation unit")
+    except UsageError as e:  # argparse shows this message as a usage error
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 #: Settings flags shared by `pool create` and `pool set`: (flag, API key, type, help).
-SETTINGS: list[tuple[str, str, type, str]] = [
+SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--warn-percent", "warn_percent", float, "used %% at which the pool turns to warning (default 80)"),
     ("--critical-percent", "critical_percent", float, "used %% at which it turns critical (default 90)"),
     ("--iops-capacity", "iops_capacity", float, "QoS: 4 KiB I/Os per second the pool can serve (0: no cap)"),
     ("--latency-target", "latency_target_ms", float, "QoS: ms above which the capacity shrinks (0: off)"),
     ("--cost-s0", "cost_s0", int, "QoS: request cost = (1 + bytes/S0) / (1 + 4096/S0); S0 in bytes"),
     ("--background-shares", "background_shares", int, "QoS: shares of migration copies (disks: 1000)"),
+    (
+        "--alloc-unit",
+        "alloc_unit",
+        _unit,
+        "file pools: thin volumes grow by units this large (64K-64M; 0: 4K)",
+    ),
 ]
 
 
@@ -93,6 +118,9 @@ def info_text(p: dict[str, Any]) -> str:
         f"qos:          {cap}, latency target "
         + (f"{s['latency_target_ms']:g} ms" if s["latency_target_ms"] else "off"),
     ]
+    if p.get("backend", "file") == "file" and "alloc_unit" in s:
+        unit = s["alloc_unit"]
+        lines.append(f"thin growth:  {_size(unit) + ' units' if unit else 'by file-system blocks'}")
     lines += [f"warning:      {w}" for w in p.get("warnings", [])]
     return "\n".join(lines)
 

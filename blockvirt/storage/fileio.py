@@ -141,6 +141,18 @@ class FileIO:
     def preallocate(self, fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
 
+    def reserve(self, fd: int, offset: int, length: int) -> bool:
+        """Allocate the file's blocks of a range ahead of writes into it (unwritten extents:
+        they read as zeros, and the data already there stays). A hint: False if the file
+        system would not (full, or no fallocate); the writes then allocate as they go.
+        fallocate(2) itself, never glibc's posix_fallocate, which writes where the file system
+        cannot allocate."""
+        try:
+            fallocate(fd, 0, offset, length)
+        except OSError:
+            return False
+        return True
+
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         data = os.pread(fd, length, offset)
         if len(data) < length:

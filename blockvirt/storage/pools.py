@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockvirt.pools")
 
 OK, WARNING, CRITICAL = "ok", "warning", "critical"
+MIN_ALLOC_UNIT, MAX_ALLOC_UNIT = 64 << 10, 64 << 20
 STATE_LEVEL = {OK: 0, WARNING: 1, CRITICAL: 2}
 
 
@@ -47,6 +48,9 @@ class PoolSettings:
     latency_target_ms: float = 0.0
     #: QoS: shares of background work (migration copies) against volumes (default 1000 each).
     background_shares: int = 100
+    #: File pools: a thin volume's base layer grows by whole aligned units of this many bytes
+    #: (0: by the file system's blocks). See docs/performance.md, "Allocating writes".
+    alloc_unit: int = 1 << 20
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +105,18 @@ def _check_setting(key: str, value: Any) -> Any:
         if not 1 <= value <= 10_000 or value != int(value):
             raise CatalogError(
                 "invalid", f"background_shares must be a whole number in [1, 10000], not {value}"
+            )
+        return int(value)
+    if key == "alloc_unit":
+        if value != 0 and (
+            value != int(value)
+            or not MIN_ALLOC_UNIT <= value <= MAX_ALLOC_UNIT
+            or int(value) & (int(value) - 1)
+        ):
+            raise CatalogError(
+                "invalid",
+                f"alloc_unit must be 0 (the file system's blocks) or a power of two from 64K to 64M"
+                f" bytes, not {value}",
             )
         return int(value)
     raise AssertionError(key)

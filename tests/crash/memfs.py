@@ -209,6 +209,10 @@ class MemFileIO(FileIO):
         if size > len(ino.current):
             ino.do(Pending("size", length=size))
 
+    def reserve(self, fd: int, offset: int, length: int) -> bool:
+        self.log.append(("reserve", "", offset, length))
+        return True  # allocation is not modelled: contents and durability do not change
+
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         cur = self._ino(fd).view
         data = bytes(cur[offset : offset + length])

@@ -93,6 +93,40 @@ def test_pool_watermarks(server: BlockvirtServer, tmp_path: Path) -> None:
     assert r.returncode == 2 and "at least one setting" in r.stderr
 
 
+async def test_pool_allocation_unit(server: BlockvirtServer, tmp_path: Path) -> None:
+    """Thin volumes of a file pool grow by its allocation unit (a setting like the others),
+    read when a volume is opened; 0 leaves allocation to the file system's blocks."""
+    p = cli_json(server, "pool", "create", "units", "--path", str(tmp_path / "u"), "--alloc-unit", "256K")
+    assert p["settings"]["alloc_unit"] == 256 * KiB
+    assert "thin growth:  256.0 KiB units" in server.cli("pool", "info", "units").stdout
+    assert cli_json(server, "pool", "info", "default")["settings"]["alloc_unit"] == MiB
+    for bad in ("3K", "128M"):
+        assert "alloc_unit must be 0" in cli_fails(server, "pool", "set", "units", "--alloc-unit", bad)
+    r = server.cli("pool", "set", "units", "--alloc-unit", "lots")
+    assert r.returncode == 2 and "--alloc-unit: invalid size 'lots'" in r.stderr, r.stderr
+    with pytest.raises(ApiError) as ei:
+        server.api.post(
+            "/api/v1/pools", {"name": "u2", "path": str(tmp_path / "u2"), "settings": {"alloc_unit": "1M"}}
+        )
+    assert ei.value.status == 400
+    assert server.api.get("/api/v1/pools/units")["settings"]["alloc_unit"] == 256 * KiB
+
+    async def first_write(name: str) -> int:
+        uri = server.create_volume(name, 64 * MiB, pool="units")
+        async with await NbdClient.connect(uri) as c:
+            await c.write(8 * MiB + 8 * KiB, b"u" * 4096)
+            await c.flush()
+            assert await c.read(8 * MiB, 16 * KiB) == bytes(8 * KiB) + b"u" * 4096 + bytes(4 * KiB)
+        allocated: int = server.api.get(f"/api/v1/volumes/{name}")["allocated"]
+        server.api.delete(f"/api/v1/volumes/{name}")
+        return allocated
+
+    assert await first_write("unit1") >= 256 * KiB
+    cli_json(server, "pool", "set", "units", "--alloc-unit", "0")
+    assert "thin growth:  by file-system blocks" in server.cli("pool", "info", "units").stdout
+    assert await first_write("unit2") < 64 * KiB
+
+
 def test_pool_create_errors(server: BlockvirtServer, tmp_path: Path) -> None:
     full = tmp_path / "full"
     full.mkdir()

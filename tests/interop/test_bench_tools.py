@@ -53,6 +53,7 @@ def test_chain_py_allocating_writes(tmp_path: Path) -> None:
     summary = data["results"]["alloc"]["summary"]
     assert {v: bool(s["median_iops"]) for v, s in summary.items()} == {
         "blockvirt-thin": True,
+        "blockvirt-thin4k": True,
         "blockvirt-thick": True,
         "nbdkit-file": True,
     }

@@ -50,7 +50,7 @@ from blockvirt.storage.catalog import (
 from blockvirt.storage.export import Export
 from blockvirt.storage.fileio import REAL, FileIO
 from blockvirt.storage.node import BlockNode, StorageError
-from blockvirt.storage.pools import fs_space
+from blockvirt.storage.pools import PoolSettings, fs_space
 from blockvirt.storage.work import JobKind, JobView, WorkContext
 
 log = logging.getLogger("blockvirt.volumes")
@@ -298,12 +298,18 @@ class FileBackend:
         if snapshot is None:
             row = self._row(volume.name)
             layers = self.st.layers.acquire_chain(row.head, writable_head=True)
-            return ChainNode(layers, row.size, writable=True)
+            return ChainNode(layers, row.size, writable=True, alloc_unit=self._alloc_unit(row.head))
         srow = self._snap(volume.name, snapshot)
         lrec = self.catalog.layer(srow.layer)
         assert lrec is not None
         layers = self.st.layers.acquire_chain(srow.layer, writable_head=False)
         return ChainNode(layers, lrec.size, writable=False)
+
+    def _alloc_unit(self, layer_id: str) -> int:
+        """The allocation unit of the pool a layer is in (read when its volume is opened)."""
+        lrec = self.catalog.layer(layer_id)
+        prec = self.catalog.pool(lrec.pool) if lrec is not None else None
+        return PoolSettings.from_dict(prec.settings).alloc_unit if prec is not None else 0
 
     def release(self, node: BlockNode) -> None:
         assert isinstance(node, ChainNode)

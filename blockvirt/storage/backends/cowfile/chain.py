@@ -44,6 +44,7 @@ class ChainNode(BlockNode):
         *,
         writable: bool,
         budget_pages: int = DEFAULT_BUDGET_PAGES,
+        alloc_unit: int = 0,
     ) -> None:
         assert layers, "a chain has at least its head"
         self.layers = list(layers)
@@ -64,8 +65,18 @@ class ChainNode(BlockNode):
         #: Why the volume is failed (writes refused), or None. See _commit_head.
         self.failed: str | None = None
         self._small_sync = self._only_fua_unsynced  # one bound method, compared by identity
+        #: The pool's allocation unit, for a thin head with nothing below it (see _own_head).
+        self.alloc_unit = alloc_unit
         if writable:
-            self.head.small_sync = self._small_sync
+            self._own_head()
+
+    def _own_head(self) -> None:
+        """Hook the writable head up to this chain. Only a base layer (nothing below it) grows
+        by allocation units: a delta's size is what its snapshot costs, and padding each
+        change to a unit would multiply it."""
+        head = self.head
+        head.small_sync = self._small_sync
+        head.unit = self.alloc_unit if len(self.layers) == 1 and not head.map.all_data else 0
 
     def _only_fua_unsynced(self) -> bool:
         """The head's file holds no dirty data but FUA writes' (a sync of it is short), and
@@ -113,7 +124,7 @@ class ChainNode(BlockNode):
         self._forget_head()  # a former head's dirty data is not counted here
         self.layers = list(layers)
         if self.writable:
-            self.head.small_sync = self._small_sync
+            self._own_head()
         self.merged.set_chain([(lay.slot, lay.map) for lay in self.layers], keep=keep_index)
         self._fds = {lay.slot: lay.fd for lay in self.layers}
         self._depth = {lay.slot: i + 1 for i, lay in enumerate(self.layers)}
@@ -267,6 +278,8 @@ class ChainNode(BlockNode):
             return False  # a partial block not held by the head: read-modify-write (async)
         try:
             t0 = perf_counter()
+            if not in_place and n < head.unit:
+                head.reserve(offset, n)
             self.io.pwrite(head.fd, data, offset)
             seconds = perf_counter() - t0
         except OSError as e:
@@ -299,6 +312,14 @@ class ChainNode(BlockNode):
                 self.guard.note(seconds)
         else:
             self.guard.note_inline(timed_pwrite(self.io, fd, data, offset, dsync))
+
+    def _reserve(self, head: Layer, offset: int, n: int) -> None:
+        """Reserve allocation units for a small write into blocks the head does not hold, if
+        the write will run on the loop; one sent to threads (a stalling device) allocates as
+        it goes."""
+        io = self.io
+        if n < head.unit and self.guard.inline and not (io.faulty and io.slow_writes(head.fd)):
+            head.reserve(offset, n)
 
     async def _current_block(self, block: int) -> bytes:
         """The block's contents as the chain reads it now."""
@@ -336,6 +357,7 @@ class ChainNode(BlockNode):
             for b, partial in ((first, head_part), (last, tail_part))
             if partial and head.map.state(b) != DATA
         ]
+        self._reserve(head, offset, n)
         if not rmw:
             with head.fill(first, count):
                 await self._pwrite(head.fd, data, offset)
@@ -535,6 +557,7 @@ class ChainNode(BlockNode):
         """The head no longer asks this node whether its file holds only FUA writes."""
         if self.head.small_sync is self._small_sync:
             self.head.small_sync = no_small_sync
+            self.head.unit = 0
 
 
 async def _call(fn: Callable[..., None], *args: object) -> None:
