@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockvirt.storage import pooldirs
-from blockvirt.storage.catalog import DEFAULT_POOL, Catalog, CatalogError, PoolRecord, validate_name
+from blockvirt.storage.catalog import (
+    DEFAULT_POOL,
+    FILE_BACKEND,
+    Catalog,
+    CatalogError,
+    PoolRecord,
+    validate_name,
+)
 from blockvirt.storage.events import StorageEvents
 from blockvirt.storage.work import JobHost
 
@@ -76,6 +83,13 @@ class PoolSettings:
                 f"({new.critical_percent:g})",
             )
         return new
+
+
+def _file_settings_only(backend: str, changes: dict[str, Any]) -> None:
+    if backend != FILE_BACKEND and "alloc_unit" in changes:
+        raise CatalogError(
+            "invalid", "alloc_unit is a file pool's setting: an RBD pool's images take space by RADOS objects"
+        )
 
 
 def _check_setting(key: str, value: Any) -> Any:
@@ -211,6 +225,7 @@ class Pools:
         validate_name(name, "pool")
         if self.catalog.pool(name) is not None:
             raise CatalogError("conflict", f"pool {name!r} already exists")
+        _file_settings_only(backend, settings or {})
         checked = PoolSettings().updated(settings or {})
         rec = PoolRecord(name, "", time.time(), checked.to_dict(), backend, config)
         store = self.backend_of(rec)
@@ -226,6 +241,7 @@ class Pools:
 
     def update(self, name: str, changes: dict[str, Any]) -> PoolRecord:
         rec = self.require(name)
+        _file_settings_only(rec.backend, changes)
         new = PoolSettings.from_dict(rec.settings).updated(changes)
         self.events.check_pool_settings(name, new)
         self.catalog.set_pool_settings(name, new.to_dict())

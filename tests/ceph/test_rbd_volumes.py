@@ -519,6 +519,11 @@ def test_api_answers_for_rbd_pools(rbd_server: BlockvirtServer) -> None:
     p = rbd_server.api.request("PATCH", f"/api/v1/pools/{BV_POOL}", {"iops_capacity": 5000})
     assert p["settings"]["iops_capacity"] == 5000
     rbd_server.api.request("PATCH", f"/api/v1/pools/{BV_POOL}", {"iops_capacity": 0})
+    # Allocation units are a file pool's: refused here, nothing changed.
+    with pytest.raises(ApiError) as e:
+        rbd_server.api.request("PATCH", f"/api/v1/pools/{BV_POOL}", {"alloc_unit": 0})
+    assert e.value.status == 400 and "RADOS objects" in e.value.message
+    assert rbd_server.api.get(f"/api/v1/pools/{BV_POOL}")["settings"]["iops_capacity"] == 0
 
 
 async def test_many_clients_at_once(rbd_server: BlockvirtServer) -> None:
