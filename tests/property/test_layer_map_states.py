@@ -41,3 +41,32 @@ def test_states_are_each_clusters_blocks(ops: list[tuple[str, int, int]], whole_
             block = c * CLUSTER_BLOCKS + k
             state = m.state(block) if block < NBLOCKS else 0
             assert (data >> k & 1, zero >> k & 1) == (state == DATA, state == ZERO), (c, k)
+
+
+small_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "zero", "unalloc"]),
+        st.integers(0, NBLOCKS - 1),
+        st.sampled_from([1, 1, 1, 2, 3, 17]),  # one-block changes (allocating writes) mostly
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=small_ops)
+def test_set_operations_match_a_block_by_block_model(ops: list[tuple[str, int, int]]) -> None:
+    """The one-block fast paths (set_data of one block) against a list of states."""
+    m = LayerMap(NBLOCKS)
+    model = [0] * NBLOCKS
+    value = {"data": DATA, "zero": ZERO, "unalloc": 0}
+    touched: set[int] = set()
+    for op, first, count in ops:
+        count = min(count, NBLOCKS - first)
+        {"data": m.set_data, "zero": m.set_zero, "unalloc": m.set_unalloc}[op](first, count)
+        model[first : first + count] = [value[op]] * count
+        touched.update(range(first, first + count))
+    for b in touched | {0, NBLOCKS - 1}:
+        assert m.state(b) == model[b], b
+    assert set(m.dirty) == {b // CLUSTER_BLOCKS for b in touched}
+    assert all(d or z for d, z in m.pages.values())  # no page left empty

@@ -685,3 +685,21 @@ def test_merged_index_sole_owner_of_a_range() -> None:
     assert m.sole_owner(PAGE_BLOCKS - 1, 2) == -1  # crosses a page: ask runs()
     assert head.all_data_in(4, 1) and head.all_data_in(5, 1) and not head.all_data_in(6, 1)
     assert not head.all_data_in(PAGE_BLOCKS + 4, 1)
+
+
+def test_merged_index_one_block_owner_change() -> None:
+    """set_owner of one block (an allocating 4 KiB write) in a page the index holds, and in
+    one it does not hold yet (built from the maps when first asked)."""
+    from blockvirt.storage.backends.cowfile.layer_map import PAGE_BLOCKS, LayerMap
+    from blockvirt.storage.backends.cowfile.merged import MergedIndex
+
+    head, parent = LayerMap(3 * PAGE_BLOCKS), LayerMap(3 * PAGE_BLOCKS)
+    parent.set_data(0, 8)
+    m = MergedIndex([(2, head), (1, parent)])
+    assert m.sole_owner(0, 8) == 1  # page 0 is held now
+    head.set_data(3, 1)
+    m.set_owner(3, 1, 2)
+    assert [m.sole_owner(b, 1) for b in range(5)] == [1, 1, 1, 2, 1]
+    head.set_data(PAGE_BLOCKS + 7, 1)
+    m.set_owner(PAGE_BLOCKS + 7, 1, 2)  # page 1 not held: nothing to change
+    assert m.sole_owner(PAGE_BLOCKS + 7, 1) == 2 and m.sole_owner(PAGE_BLOCKS + 6, 1) == 0

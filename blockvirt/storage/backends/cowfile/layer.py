@@ -229,7 +229,10 @@ class Layer:
         file system) is not retried for that unit: the write itself then says what is wrong."""
         unit = self.unit
         marks = self._reserved
-        for u in range(offset // unit, (offset + length - 1) // unit + 1):
+        first, last = offset // unit, (offset + length - 1) // unit
+        if first == last and first >> 3 < len(marks) and marks[first >> 3] >> (first & 7) & 1:
+            return  # the common case: one unit, reserved already
+        for u in range(first, last + 1):
             byte, bit = u >> 3, 1 << (u & 7)
             if byte >= len(marks):
                 marks.extend(bytes(byte + 1 - len(marks)))

@@ -160,6 +160,21 @@ class LayerMap:
             self.dirty.update(dict.fromkeys(range(first // CLUSTER_BLOCKS, last + 1)))
 
     def set_data(self, first: int, count: int) -> None:
+        if count == 1:  # an allocating 4 KiB write: no big-int work the bit does not need
+            assert not self.all_data, "preallocated layers never change state"
+            assert 0 <= first < self.nblocks, (first, self.nblocks)
+            page, i = divmod(first, PAGE_BLOCKS)
+            bit = 1 << i
+            bits = self.pages.get(page)
+            if bits is None:
+                self.pages[page] = (bit, 0)
+            else:
+                data, zero = bits
+                if zero and zero & bit:
+                    zero ^= bit
+                self.pages[page] = (data | bit, zero)
+            self.dirty[first // CLUSTER_BLOCKS] = None
+            return
         self._set(first, count, True, False)
 
     def set_zero(self, first: int, count: int) -> None:

@@ -123,6 +123,11 @@ class MergedIndex:
     def set_owner(self, first: int, count: int, slot: int) -> None:
         """Blocks now come from `slot` (a write to the head, or ZERO_OWNER for zeroing)."""
         pages = self._pages
+        if count == 1:  # an allocating 4 KiB write
+            owners = pages.get(first // PAGE_BLOCKS)
+            if owners is not None:
+                owners[first % PAGE_BLOCKS] = slot
+            return
         while count > 0:
             page, i = divmod(first, PAGE_BLOCKS)
             n = min(count, PAGE_BLOCKS - i)
