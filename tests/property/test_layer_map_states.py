@@ -47,7 +47,7 @@ small_ops = st.lists(
     st.tuples(
         st.sampled_from(["data", "zero", "unalloc"]),
         st.integers(0, NBLOCKS - 1),
-        st.sampled_from([1, 1, 1, 2, 3, 17]),  # one-block changes (allocating writes) mostly
+        st.sampled_from([1, 1, 1, 2, 3, 17, PAGE_BLOCKS]),  # one-block changes mostly, whole pages
     ),
     max_size=80,
 )
@@ -56,7 +56,8 @@ small_ops = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(ops=small_ops)
 def test_set_operations_match_a_block_by_block_model(ops: list[tuple[str, int, int]]) -> None:
-    """The one-block fast paths (set_data of one block) against a list of states."""
+    """The one-block fast paths (set_data of one block, all_data_in of one block, a full page
+    among them) against a list of states."""
     m = LayerMap(NBLOCKS)
     model = [0] * NBLOCKS
     value = {"data": DATA, "zero": ZERO, "unalloc": 0}
@@ -68,5 +69,6 @@ def test_set_operations_match_a_block_by_block_model(ops: list[tuple[str, int, i
         touched.update(range(first, first + count))
     for b in touched | {0, NBLOCKS - 1}:
         assert m.state(b) == model[b], b
+        assert m.all_data_in(b, 1) == (model[b] == DATA), b
     assert set(m.dirty) == {b // CLUSTER_BLOCKS for b in touched}
     assert all(d or z for d, z in m.pages.values())  # no page left empty

@@ -100,7 +100,11 @@ class LayerMap:
         pages = self.pages
         if count == 1:  # the common small write: one bit, no masks of a 4096-bit page
             bits = pages.get(first // PAGE_BLOCKS)
-            return bits is not None and bool(bits[0] >> (first % PAGE_BLOCKS) & 1)
+            if bits is None:
+                return False
+            data = bits[0]
+            # A full page (a disk written through) compares without the shift's new integer.
+            return data == FULL_PAGE or bool(data >> (first % PAGE_BLOCKS) & 1)
         for page, i, n in _page_spans(first, count):
             bits = pages.get(page)
             m = _mask(i, n)
