@@ -103,3 +103,11 @@ def size_arg(text: str, what: str = "size") -> int:
         raise UsageError(e.message) from None
     except (OverflowError, ValueError):
         raise UsageError(f"invalid {what} {text!r}") from None
+
+
+def size_type(text: str) -> int:
+    """size_arg as an argparse `type`: a bad size is a usage error that names the flag."""
+    try:
+        return size_arg(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

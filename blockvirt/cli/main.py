@@ -27,6 +27,7 @@ from blockvirt.cli.common import (
     print_table,
     q,
     size_arg,
+    size_type,
     wait_job,
 )
 
@@ -51,13 +52,6 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return n
-
-
-def _size(text: str) -> int:
-    try:
-        return size_arg(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:
@@ -188,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument(
         "--max-inflight-bytes",
-        type=_size,
+        type=size_type,
         default="128M",
         metavar="SIZE",
         help="READ/WRITE bytes in flight per connection",
     )
     lim.add_argument(
         "--max-inflight-bytes-total",
-        type=_size,
+        type=size_type,
         default="1G",
         metavar="SIZE",
         help="READ/WRITE bytes in flight over all connections (unread replies included)",

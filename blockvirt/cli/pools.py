@@ -17,16 +17,8 @@ from blockvirt.cli.common import (
     human_size,
     print_table,
     q,
-    size_arg,
+    size_type,
 )
-
-
-def _unit(text: str) -> int:
-    try:
-        return size_arg(text, "allocation unit")
-    except UsageError as e:  # argparse shows this message as a usage error
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 #: Settings flags shared by `pool create` and `pool set`: (flag, API key, type, help).
 SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
@@ -39,7 +31,7 @@ SETTINGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     (
         "--alloc-unit",
         "alloc_unit",
-        _unit,
+        size_type,
         "file pools: thin volumes grow by units this large (64K-64M; 0: 4K)",
     ),
 ]
