@@ -135,14 +135,25 @@ class LayerMap:
         if count == 1:  # the common small write (an allocating 4 KiB write): one bit
             page, i = divmod(first, PAGE_BLOCKS)
             bits = pages.get(page)
-            if bits is not None or data_on or zero_on:
-                data, zero = bits if bits is not None else (0, 0)
-                bit = 1 << i
-                data = data | bit if data_on else data & ~bit
-                zero = zero | bit if zero_on else zero & ~bit
+            bit = 1 << i
+            if bits is None:
+                if data_on or zero_on:
+                    pages[page] = (bit, 0) if data_on else (0, bit)
+            else:
+                # Touch only the bit: clearing through a mask (x & ~bit) builds two more
+                # 4096-bit integers per call, even where the bit is not set.
+                data, zero = bits
+                if data_on:
+                    data |= bit
+                elif data and data & bit:
+                    data ^= bit
+                if zero_on:
+                    zero |= bit
+                elif zero and zero & bit:
+                    zero ^= bit
                 if data or zero:
                     pages[page] = (data, zero)
-                elif bits is not None:
+                else:
                     del pages[page]
             self.dirty[first // CLUSTER_BLOCKS] = None
             return
@@ -164,21 +175,6 @@ class LayerMap:
             self.dirty.update(dict.fromkeys(range(first // CLUSTER_BLOCKS, last + 1)))
 
     def set_data(self, first: int, count: int) -> None:
-        if count == 1:  # an allocating 4 KiB write: no big-int work the bit does not need
-            assert not self.all_data, "preallocated layers never change state"
-            assert 0 <= first < self.nblocks, (first, self.nblocks)
-            page, i = divmod(first, PAGE_BLOCKS)
-            bit = 1 << i
-            bits = self.pages.get(page)
-            if bits is None:
-                self.pages[page] = (bit, 0)
-            else:
-                data, zero = bits
-                if zero and zero & bit:
-                    zero ^= bit
-                self.pages[page] = (data | bit, zero)
-            self.dirty[first // CLUSTER_BLOCKS] = None
-            return
         self._set(first, count, True, False)
 
     def set_zero(self, first: int, count: int) -> None:
