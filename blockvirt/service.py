@@ -149,6 +149,11 @@ def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) ->
     catalog = Catalog(data_dir)
     try:
         others = [p for p in catalog.pools() if p.backend != FILE_BACKEND]
+        # pool -> volume names, to find a name taken in two pools (VolumeManager.locate)
+        names: dict[str, set[str]] = {}
+        for row in catalog.volumes():
+            if row.incoming is None:  # a move's copy takes the name only when it switches
+                names.setdefault(row.pool, set()).add(row.name)
     finally:
         catalog.close()
     rbd = [p for p in others if p.backend == "rbd"]
@@ -162,7 +167,17 @@ def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) ->
             for p in rbd:
                 report.damage.append(f"pool {p.name}: cannot be checked: Ceph's Python bindings: {e}")
         else:
-            check_rbd_pools(rbd, report, repair=repair)
+            names.update(check_rbd_pools(rbd, report, repair=repair))
+    pools_of: dict[str, list[str]] = {}
+    for pool in sorted(names):
+        for name in names[pool]:
+            pools_of.setdefault(name, []).append(pool)
+    for name, pools in sorted(pools_of.items()):
+        if len(pools) > 1:
+            report.notes.append(
+                f"volume {name} is in pools {', '.join(pools)}: the oldest is served, the others "
+                "are hidden until it is deleted or moved"
+            )
     return report
 
 

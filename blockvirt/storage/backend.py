@@ -191,6 +191,10 @@ class BackendHost(Protocol):
     def settings_changed(self, volume: str) -> None:
         """Another node changed the volume's settings (QoS) where the backend keeps them."""
 
+    def remember_names(self, pool: str, names: list[str]) -> None:
+        """The volume names of a pool whose catalog is kept in its own storage, as just read:
+        the node keeps them, so that they stay taken while that storage cannot be reached."""
+
 
 class VolumeBackend(Protocol):
     """One kind of storage. Methods named like tree edits run under the manager's tree lock."""
@@ -229,6 +233,10 @@ class VolumeBackend(Protocol):
     def volume(self, name: str) -> VolumeRecord | None: ...
 
     def volumes(self) -> list[VolumeRecord]: ...
+
+    def listed(self, pool: str) -> bool:
+        """Whether the pool's volumes are known now (False for a pool whose storage has not
+        been reached since the node started)."""
 
     def snapshot(self, volume: str, name: str) -> SnapshotRecord | None: ...
 

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,6 +137,16 @@ _MIGRATIONS: list[tuple[int, str]] = [
         DROP TABLE pools;
         ALTER TABLE pools_new RENAME TO pools;
         CREATE UNIQUE INDEX pools_path ON pools (path) WHERE path != ''""",
+    ),
+    # The volume names last seen in each pool whose catalog lives in its own storage (RBD):
+    # while such a pool cannot be reached, its names stay taken (VolumeManager).
+    (
+        9,
+        """CREATE TABLE remote_names (
+            pool TEXT NOT NULL,
+            name TEXT NOT NULL,
+            PRIMARY KEY (pool, name)
+        )""",
     ),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -356,6 +366,26 @@ class Catalog:
     def delete_pool(self, name: str) -> None:
         with self.transaction() as t:
             t.db.execute("DELETE FROM pools WHERE name = ?", (name,))
+            t.db.execute("DELETE FROM remote_names WHERE pool = ?", (name,))
+
+    # ------------------------------------------------------------ names kept elsewhere
+    def remember_names(self, pool: str, names: Iterable[str]) -> None:
+        """The volume names pool `pool` holds now, as its own storage says (replaces the
+        last ones)."""
+        with self.transaction() as t:
+            t.db.execute("DELETE FROM remote_names WHERE pool = ?", (pool,))
+            t.db.executemany(
+                "INSERT INTO remote_names (pool, name) VALUES (?, ?)", [(pool, n) for n in sorted(set(names))]
+            )
+
+    def remembered_names(self, pool: str) -> set[str]:
+        rows = self.db.execute("SELECT name FROM remote_names WHERE pool = ?", (pool,))
+        return {r[0] for r in rows}
+
+    def pools_remembering(self, name: str) -> list[str]:
+        """The pools whose last seen names include volume `name`."""
+        rows = self.db.execute("SELECT pool FROM remote_names WHERE name = ? ORDER BY pool", (name,))
+        return [r[0] for r in rows]
 
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager

@@ -163,11 +163,14 @@ class Pools:
         backend_of: Callable[[PoolRecord], VolumeBackend],
         jobs: JobHost,
         events: StorageEvents,
+        hidden: Callable[[str], list[tuple[str, str]]] = lambda pool: [],
     ) -> None:
         self.catalog = catalog
         self.backend_of = backend_of
         self.jobs = jobs
         self.events = events
+        #: (volume, pool served instead) for the pool's volumes that another pool's hide.
+        self.hidden = hidden
         self._states: dict[str, str] = {}  # last watermark state seen, to log transitions
 
     def require(self, name: str) -> PoolRecord:
@@ -290,6 +293,8 @@ class Pools:
             warnings.append(f"{used_pct:.1f}% used, above the {state} watermark ({limit:g}%)")
         if sp.overcommit is not None and sp.overcommit > 1.0:
             warnings.append(f"thin volumes promise {sp.overcommit:.2f}x the pool's capacity")
+        for volume, visible in self.hidden(rec.name):
+            warnings.append(f"volume {volume} is hidden by the volume of the same name in pool {visible}")
         self._note_state(rec.name, state, warnings)
         volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
         return {

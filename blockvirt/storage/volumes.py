@@ -72,7 +72,11 @@ class VolumeManager:
         self.retired: dict[str, VolumeBackend] = {}
         #: Serialises tree edits, and the commit steps of backends' background work.
         self.tree_lock = asyncio.Lock()
-        self.pools = Pools(catalog, self.backend_of_pool, jobs, self.events)
+        self.pools = Pools(catalog, self.backend_of_pool, jobs, self.events, hidden=self.hidden_in)
+        #: The names of each pool whose catalog is elsewhere, as last written (remember_names).
+        self._remembered: dict[str, set[str]] = {}
+        #: Name clashes between pools already logged, as (hidden pool, name).
+        self._clashes_logged: set[tuple[str, str]] = set()
         #: What changed in open exports since older snapshots (qemu:dirty-bitmap contexts).
         self.changes = ChangeTracking(self.locate)
 
@@ -100,6 +104,46 @@ class VolumeManager:
         """Every open export (heads and snapshots)."""
         return list(self.exports_cache)
 
+    def remember_names(self, pool: str, names: list[str]) -> None:
+        new = set(names)
+        old = self._remembered.get(pool)
+        if old is None:
+            old = self.catalog.remembered_names(pool)
+        if new != old:
+            # Also before the pool is recorded (attach reads its catalog first); rows of a
+            # pool that no longer exists take nothing (unreachable_holder looks it up).
+            self.catalog.remember_names(pool, new)
+        self._remembered[pool] = new
+        for name, visible in self.hidden_in(pool):
+            if (pool, name) not in self._clashes_logged:
+                self._clashes_logged.add((pool, name))
+                log.warning(
+                    "volume %s of pool %s is hidden: pool %s has a volume of the same name, which "
+                    "is the one served; delete or move one of them",
+                    name, pool, visible, extra={"volume": name, "pool": pool},
+                )  # fmt: skip
+
+    def unreachable_holder(self, name: str) -> str | None:
+        """The pool that held volume `name` when its storage was last reached, if that pool
+        has not been reached since the node started: the name is still taken."""
+        for pool in self.catalog.pools_remembering(name):
+            rec = self.catalog.pool(pool)
+            backend = self.backends.get(rec.backend) if rec is not None else None
+            if backend is not None and not backend.listed(pool):
+                return pool
+        return None
+
+    def hidden_in(self, pool: str) -> list[tuple[str, str]]:
+        """(volume, pool served instead) for each volume of `pool` that a volume of the same
+        name in another pool hides (pools of nodes sharing storage each took the name)."""
+        out = []
+        for _, rec in self._located():
+            if rec.pool == pool:
+                visible = self.record(rec.name)
+                if visible is not None and visible.pool != pool:
+                    out.append((rec.name, visible.pool))
+        return out
+
     # ------------------------------------------------------------ resolving names
     def backend_of_pool(self, pool: PoolRecord) -> VolumeBackend:
         backend = self.backends.get(pool.backend)
@@ -116,21 +160,36 @@ class VolumeManager:
                     yield b, rec
 
     def record(self, name: str) -> VolumeRecord | None:
-        for b in self.backends.values():
-            rec = b.volume(name)
-            if rec is not None and self.retired.get(name) is not b:
-                return rec
-        return None
+        located = self._find(name)
+        return None if located is None else located[1]
 
     def records(self) -> list[VolumeRecord]:
-        return sorted((rec for _, rec in self._located()), key=lambda r: r.name)
+        """Every volume once: of two with one name (see locate), the one served."""
+        by_name: dict[str, VolumeRecord] = {}
+        clashes = []
+        for _, rec in self._located():
+            if by_name.setdefault(rec.name, rec) is not rec:
+                clashes.append(rec.name)
+        for name in clashes:
+            served = self.record(name)
+            if served is not None:
+                by_name[name] = served
+        return sorted(by_name.values(), key=lambda r: r.name)
 
     def locate(self, name: str) -> tuple[VolumeBackend, VolumeRecord]:
+        """The backend and record of volume `name`. If pools of two backends both hold the
+        name (nodes sharing storage each took it; see hidden_in), the older volume is the one:
+        a volume clients already use is not replaced by a newcomer."""
+        best: tuple[VolumeBackend, VolumeRecord] | None = None
         for b in self.backends.values():
             rec = b.volume(name)
-            if rec is not None and self.retired.get(name) is not b:
-                return b, rec
-        raise CatalogError("not-found", f"no volume named {name!r}")
+            if rec is None or self.retired.get(name) is b:
+                continue
+            if best is None or rec.created < best[1].created:
+                best = (b, rec)
+        if best is None:
+            raise CatalogError("not-found", f"no volume named {name!r}")
+        return best
 
     def require(self, name: str) -> VolumeRecord:
         return self.locate(name)[1]
@@ -156,7 +215,8 @@ class VolumeManager:
         """Whether export `VOL` or `VOL@SNAP` exists, without opening anything."""
         vol, at, snap = export_name.partition("@")
         if self.record(vol) is None:
-            return False
+            # Its pool cannot be reached: opening it says so (an unavailable export).
+            return self.unreachable_holder(vol) is not None
         return not at or self.snapshot(vol, snap) is not None
 
     def served_elsewhere(self, name: str) -> str | None:
@@ -203,6 +263,11 @@ class VolumeManager:
         vol_name, at, snap = name.partition("@")
         located = self._find(vol_name)
         if located is None:
+            holder = self.unreachable_holder(vol_name)
+            if holder is not None:
+                raise CatalogError(
+                    "unavailable", f"volume {vol_name!r} is in pool {holder!r}, which cannot be reached now"
+                )
             return None
         backend, rec = located
         if at and backend.snapshot(vol_name, snap) is None:
@@ -274,6 +339,13 @@ class VolumeManager:
         self.catalog.check_new_volume(name, size, pool)
         if self.record(name) is not None:  # in a pool of another backend
             raise CatalogError("conflict", f"volume {name!r} already exists")
+        holder = self.unreachable_holder(name)
+        if holder is not None:
+            raise CatalogError(
+                "conflict",
+                f"volume {name!r} exists in pool {holder!r}, which cannot be reached now: "
+                "the name stays taken until that pool is back (or is deleted)",
+            )
         prec = self.catalog.pool(pool)
         assert prec is not None
         return prec

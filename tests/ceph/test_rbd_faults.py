@@ -202,6 +202,15 @@ async def test_ceph_down_at_start_then_back(
             assert "cannot be reached" in cli_error(
                 server, "volume", "create", unique("v"), "--size", "1M", "--pool", "later"
             )
+            # Its volumes' names stay taken: no file volume may take one meanwhile (it would
+            # hide the RBD volume once the pool is back), and their exports say why they
+            # cannot be served.
+            assert f"volume '{name}' exists in pool 'later', which cannot be reached now" in cli_error(
+                server, "volume", "create", name, "--size", "1M"
+            )
+            with pytest.raises(NbdClientError, match="unavailable"):
+                await NbdClient.connect(server.uri(name))
+            assert "cannot be reached now" in server.log()
         # The backend retries: the pool comes back by itself once the mon is up again.
         t0 = time.monotonic()
         wait_for("the pool to come back", lambda: "error" not in cli_json(server, "pool", "info", "later"))

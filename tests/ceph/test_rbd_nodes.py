@@ -4,6 +4,9 @@ their snapshot trees, clones, QoS settings and access rules, and serve the same 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,8 @@ import pytest
 
 from blockvirt.client import NbdClient, NbdClientError
 from blockvirt.testing import BlockvirtServer
-from tests.ceph.rbdpool import BV_POOL, SERVE_ARGS, MiB, attach, cli_json
+from tests.ceph.conftest import unique
+from tests.ceph.rbdpool import BV_POOL, SERVE_ARGS, MiB, attach, cli_json, wait_for
 from tests.cephcluster import CephCluster
 
 pytestmark = pytest.mark.ceph
@@ -111,3 +115,53 @@ async def test_another_node_and_a_restart_see_the_same_pool(
         assert await contents(again, "disk@s2") == data["disk@s2"]
         for name in ("copy", "disk", "thick", "local"):
             again.api.delete(f"/api/v1/volumes/{name}")
+
+
+async def test_a_name_taken_in_a_file_pool_and_in_the_shared_pool(
+    tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
+) -> None:
+    """A node's file volume and a volume another node made in the shared pool, one name: the
+    first node keeps serving its own, older volume and reports the clash until it is gone."""
+    name = unique("twin")
+
+    def pools_of(server: BlockvirtServer) -> list[str]:
+        return [v["pool"] for v in server.api.get("/api/v1/volumes")["volumes"] if v["name"] == name]
+
+    first = BlockvirtServer(tmp_path / "a", extra_args=SERVE_ARGS).start()
+    try:
+        attach(first, ceph_cluster, module_ceph_pool)
+        first.create_volume(name, MiB)  # in the first node's own file pool
+        async with await NbdClient.connect(first.uri(name)) as c:
+            await c.write(0, b"f" * 4096)
+            await c.flush()
+        with BlockvirtServer(tmp_path / "b", extra_args=SERVE_ARGS) as second:
+            attach(second, ceph_cluster, module_ceph_pool)
+            second.create_volume(name, MiB, pool=BV_POOL)  # the second node cannot know of it
+            clash = f"volume {name} is hidden by the volume of the same name in pool default"
+            warned = lambda: clash in cli_json(first, "pool", "info", BV_POOL)["warnings"]  # noqa: E731
+            wait_for("the first node to see the clash", warned)
+            assert pools_of(first) == ["default"] and pools_of(second) == [BV_POOL]
+            async with await NbdClient.connect(first.uri(name)) as c:
+                assert await c.read(0, 4096) == b"f" * 4096
+            assert f"volume {name} of pool {BV_POOL} is hidden" in first.log()
+            # The offline check of the first node's data directory notes it too.
+            first.stop()
+            r = subprocess.run(
+                [sys.executable, "-m", "blockvirt", "check", "--data-dir", str(tmp_path / "a"), "--json"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            notes = json.loads(r.stdout)["notes"]
+            both = ", ".join(sorted(["default", BV_POOL]))
+            want = f"volume {name} is in pools {both}: the oldest is served, the others are hidden until"
+            assert f"{want} it is deleted or moved" in notes, notes
+            first.start()
+            assert pools_of(first) == ["default"]
+            # Once one of them is gone the other one is the volume, and nothing is reported.
+            first.api.delete(f"/api/v1/volumes/{name}")
+            assert pools_of(first) == [BV_POOL]
+            assert not warned()
+            second.api.delete(f"/api/v1/volumes/{name}")
+    finally:
+        first.stop()

@@ -159,6 +159,9 @@ class FileBackend:
     def volumes(self) -> list[VolumeRecord]:
         return [_record(r) for r in self.catalog.volumes() if r.incoming is None]
 
+    def listed(self, pool: str) -> bool:
+        return True  # the node's own catalog holds them
+
     def snapshot(self, volume: str, name: str) -> SnapshotRecord | None:
         row = self.catalog.snapshot(volume, name)
         return SnapshotRecord(row.volume, row.name, row.created) if row is not None else None

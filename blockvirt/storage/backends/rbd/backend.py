@@ -268,6 +268,7 @@ class RbdBackend:
             await conn.close()
             raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
         st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
+        self._remember(st)
         await self._join(st)
         await self._refresh_space(st)
         self._spawn(self._refresh(st))  # a look at every image: not worth delaying the start
@@ -293,7 +294,12 @@ class RbdBackend:
             st.own.alive = members.alive
             st.own.address_of = lambda n: _address(members, n)
         members.start()
-        st.catalog.on_change = lambda: self._spawn(self._notify(st))
+
+        def changed() -> None:
+            self._remember(st)
+            self._spawn(self._notify(st))
+
+        st.catalog.on_change = changed
         await self._watch(st)
         if st.syncing is None or st.syncing.done():
             st.syncing = asyncio.ensure_future(self._sync_loop(st))
@@ -395,6 +401,7 @@ class RbdBackend:
         if await catalog.doc.version() != catalog.version:
             before = catalog.items
             await catalog.load()
+            self._remember(st)
             if st.members is not None:
                 known = st.members.nodes
                 if any(o.node not in known for o in owners(catalog.items).values()):
@@ -476,6 +483,7 @@ class RbdBackend:
             await st.conn.reconnect()
             assert st.catalog is not None
             await st.catalog.load()
+            self._remember(st)
             await self._join(st)
             log.warning("pool %s: back with a fresh Ceph client", st.rec.name)
         except (CephError, StorageError, CatalogError) as e:
@@ -643,6 +651,16 @@ class RbdBackend:
         return f"volumes {', '.join(vols)}" if vols else None
 
     # ------------------------------------------------------------ records
+    def _remember(self, st: PoolState) -> None:
+        """Keep the pool's volume names on this node too: they stay taken while the pool
+        cannot be reached after a restart (VolumeManager.unreachable_holder)."""
+        if st.catalog is not None:
+            self.host.remember_names(st.rec.name, [v.name for v in st.catalog.volumes()])
+
+    def listed(self, pool: str) -> bool:
+        st = self.pools.get(pool)
+        return st is not None and st.catalog is not None
+
     def _find(self, name: str) -> PoolState | None:
         """The pool holding volume `name` (incoming ones included: internal lookups)."""
         for st in self.pools.values():

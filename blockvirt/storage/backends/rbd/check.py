@@ -34,10 +34,13 @@ from blockvirt.storage.check import Report
 from blockvirt.storage.node import StorageError
 
 
-def check_rbd_pools(pools: list[PoolRecord], report: Report, *, repair: bool = False) -> None:
-    """Check every RBD pool in `pools` (blocking: runs its own event loop)."""
+def check_rbd_pools(pools: list[PoolRecord], report: Report, *, repair: bool = False) -> dict[str, set[str]]:
+    """Check every RBD pool in `pools` (blocking: runs its own event loop). Returns the
+    volume names each pool's catalog holds (of the pools that could be read)."""
+    names: dict[str, set[str]] = {}
     for rec in pools:
-        asyncio.run(_check_pool(rec, report, repair))
+        asyncio.run(_check_pool(rec, report, repair, names))
+    return names
 
 
 @dataclass
@@ -55,7 +58,7 @@ class _Pool:
         self.report.repaired.append(f"pool {self.rec.name}: {what}")
 
 
-async def _check_pool(rec: PoolRecord, report: Report, repair: bool) -> None:
+async def _check_pool(rec: PoolRecord, report: Report, repair: bool, names: dict[str, set[str]]) -> None:
     where = f"pool {rec.name} (Ceph pool {rec.config.get('pool')})"
     try:
         conn = await CephConnection.open(ceph_config(rec, RbdTuning()))
@@ -65,6 +68,7 @@ async def _check_pool(rec: PoolRecord, report: Report, repair: bool) -> None:
     try:
         catalog = RbdCatalog(conn)
         await catalog.load()
+        names[rec.name] = {v.name for v in catalog.volumes() if v.incoming is None}
         await _check(_Pool(rec, RbdPool(conn), catalog, report, repair))
     except (CephError, StorageError, CatalogError) as e:
         report.damage.append(f"{where}: check cut short: {e}")
