@@ -8,9 +8,10 @@ Everything lives in one temporary directory: config, mon and OSD data (bluestore
 file), run files, admin sockets and logs. The mon listens on 127.0.0.1 ports picked free at
 start; the OSD takes free ports from Ceph's usual range. A mgr runs too (mgr=True, the default)
 because usage figures and pool quotas come from the PG statistics only a mgr collects; start()
-does not wait for it (wait_for_stats() does). There is no cephx: the cluster exists for
-seconds and only on the loopback. stop() ends only the processes this
-object started (their command name is checked first) and removes the directory.
+does not wait for it (wait_for_stats() does). There is no cephx unless cephx=True (for the
+tests of users and their caps): the cluster exists for seconds and only on the loopback.
+stop() ends only the processes this object started (their command name is checked first)
+and removes the directory.
 
 Standard library only, so tools/bench can load it by path; it drives the Debian packages'
 binaries (ceph-mon, ceph-osd, ceph, rbd). Run it directly to keep a cluster up by hand:
@@ -59,13 +60,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _mon_keyring() -> str:
-    # A CryptoKey as Ceph encodes it: type (AES), creation time, length, 16 random bytes. The mon
-    # insists on a mon. key at mkfs even with auth none; writing it here saves a ceph-authtool run.
+def new_key() -> str:
+    """A CryptoKey as Ceph encodes it: type (AES), creation time, length, 16 random bytes
+    (what `ceph-authtool --gen-key` prints)."""
     secret = os.urandom(16)
     blob = struct.pack("<HIIH", 1, int(time.time()), 0, len(secret)) + secret
-    key = base64.b64encode(blob).decode()
-    return f'[mon.]\n\tkey = {key}\n\tcaps mon = "allow *"\n'
+    return base64.b64encode(blob).decode()
+
+
+def keyring_entry(entity: str, key: str, caps: dict[str, str] | None = None) -> str:
+    lines = [f"[{entity}]", f"\tkey = {key}"]
+    lines += [f'\tcaps {what} = "{cap}"' for what, cap in (caps or {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mon_keyring(cephx: bool) -> str:
+    # The mon insists on a mon. key at mkfs even with auth none; writing it here saves a
+    # ceph-authtool run. With cephx the daemons' and the admin's keys go in too: the mon
+    # imports them at mkfs, and every process finds its own in this one file.
+    text = keyring_entry("mon.", new_key(), {"mon": "allow *"})
+    if cephx:
+        everything = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
+        text += keyring_entry("client.admin", new_key(), everything)
+        mgr = {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
+        text += keyring_entry("mgr.x", new_key(), mgr)
+    return text
 
 
 def asok_command(path: str | os.PathLike[str], prefix: str, timeout: float = 5.0) -> Any:
@@ -101,9 +120,12 @@ class CephCluster:
         start_timeout: float = 60.0,
         extra_conf: dict[str, str] | None = None,
         mgr: bool = True,
+        cephx: bool = False,
     ) -> None:
         self.parent_dir = parent_dir
         self.mgr = mgr
+        #: Authentication on (for tests of users and their caps); off, anyone may do anything.
+        self.cephx = cephx
         self.osd_bytes = osd_bytes
         self.start_timeout = start_timeout
         #: Appended to [global]; for a test that needs one setting changed.
@@ -170,7 +192,7 @@ class CephCluster:
         v2, v1 = _free_port(), _free_port()
         self.mon_addrs = f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]"
         self.conf_path.write_text(self._conf_text())
-        (d / "keyring").write_text(_mon_keyring())
+        (d / "keyring").write_text(_mon_keyring(self.cephx))
         conf = ["-c", str(self.conf_path)]
         monmap = str(d / "monmap")
         self._run(
@@ -185,7 +207,18 @@ class CephCluster:
             self._spawn("mgr.x", ["ceph-mgr", *conf, "-i", "x", "-f"])
         # `osd new` waits for the mon itself (connect timeout), so no separate poll is needed.
         self._osd_uuid = str(uuid.uuid4())
-        out = self.ceph("osd", "new", self._osd_uuid, timeout=max(1.0, deadline - time.monotonic()))
+        wait = max(1.0, deadline - time.monotonic())
+        if self.cephx:
+            # The mon makes osd.N's auth entity with the OSD's usual caps from this secret;
+            # a fresh cluster's first OSD is osd.0, whose key goes in the shared keyring.
+            key = new_key()
+            secret = d / "osd-secret.json"
+            secret.write_text(json.dumps({"cephx_secret": key}))
+            out = self.ceph("osd", "new", self._osd_uuid, "-i", str(secret), timeout=wait)
+            with open(d / "keyring", "a") as f:
+                f.write(keyring_entry(f"osd.{int(out.strip())}", key))
+        else:
+            out = self.ceph("osd", "new", self._osd_uuid, timeout=wait)
         self.osd_id = int(out.strip())
         t1 = time.monotonic()
         self._run(
@@ -203,9 +236,9 @@ class CephCluster:
             "public_addr": "127.0.0.1",
             "cluster_addr": "127.0.0.1",
             "ms_bind_ipv6": "false",
-            "auth_cluster_required": "none",
-            "auth_service_required": "none",
-            "auth_client_required": "none",
+            "auth_cluster_required": "cephx" if self.cephx else "none",
+            "auth_service_required": "cephx" if self.cephx else "none",
+            "auth_client_required": "cephx" if self.cephx else "none",
             "keyring": f"{d}/keyring",
             "run_dir": f"{d}/run",
             "admin_socket": f"{d}/run/$name.asok",
@@ -477,6 +510,15 @@ class CephCluster:
 
     def delete_pool(self, name: str) -> None:
         self.ceph("osd", "pool", "delete", name, name, "--yes-i-really-really-mean-it")
+
+    def add_user(self, user: str, caps: dict[str, str], *, wrong_key: bool = False) -> None:
+        """A cephx user (`client.USER`) with `caps` ({"mon": "profile rbd", ...}), its key in
+        the cluster's keyring file, so the config finds it (`--ceph-user USER`). With
+        `wrong_key` the keyring holds another key than the cluster's."""
+        args = [x for what, cap in caps.items() for x in (what, cap)]
+        key = self.ceph("auth", "get-or-create-key", f"client.{user}", *args).strip()
+        with open(self._need_dir() / "keyring", "a") as f:
+            f.write(keyring_entry(f"client.{user}", new_key() if wrong_key else key))
 
     def wait_for_stats(self, timeout: float = 60.0) -> None:
         """Wait until the mgr reports PG statistics (usage figures and quotas work then)."""

@@ -258,7 +258,7 @@ async def create_pool(request: web.Request) -> web.Response:
     vm = request.app[VOLUMES]
     name = _field(body, "name", str)
     rbd = _field(body, "rbd", dict, None)
-    if rbd is not None:  # an RBD pool: {"pool": CEPHPOOL, "conf": FILE, "user": ID}
+    if rbd is not None:  # an RBD pool: {"pool": CEPHPOOL, "namespace": NS, "conf": FILE, "user": ID}
         if "path" in body:
             raise CatalogError("invalid", "give either 'path' (a file pool) or 'rbd' (an RBD pool), not both")
         rec = await vm.pools.attach(name, "rbd", _rbd_config(rbd), settings)
@@ -272,7 +272,7 @@ async def create_pool(request: web.Request) -> web.Response:
 
 
 def _rbd_config(raw: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(raw) - {"pool", "conf", "user"}
+    unknown = set(raw) - {"pool", "namespace", "conf", "user"}
     if unknown:
         raise CatalogError("invalid", f"unknown field(s) in 'rbd': {', '.join(sorted(map(repr, unknown)))}")
     pool = _field(raw, "pool", str)
@@ -284,7 +284,13 @@ def _rbd_config(raw: dict[str, Any]) -> dict[str, Any]:
     user = _field(raw, "user", str, None)
     if user is not None and (not user or len(user) > 256 or "\0" in user):
         raise CatalogError("invalid", "'rbd.user' must be a Ceph client id (as in client.ID)")
-    return {"pool": pool, "conf": conf, "user": user}
+    namespace = _field(raw, "namespace", str, "")
+    if "/" in namespace or not namespace.isprintable() or len(namespace) > 255:
+        raise CatalogError(
+            "invalid", f"bad RBD namespace {namespace!r}: printable, no '/', at most 255 characters"
+        )
+    # No key for no namespace: the config of pools made before namespaces stays as it was.
+    return {"pool": pool, "conf": conf, "user": user, **({"namespace": namespace} if namespace else {})}
 
 
 async def get_pool(request: web.Request) -> web.Response:

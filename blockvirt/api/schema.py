@@ -80,7 +80,10 @@ SCHEMAS: dict[tuple[str, str], Schema] = {
     ("POST", "/api/v1/pools"): {
         "name": Field("string", required=True),
         "path": _STR,  # a file pool; or:
-        "rbd": Field("object", fields={"pool": Field("string", required=True), "conf": _STR, "user": _STR}),
+        "rbd": Field(
+            "object",
+            fields={"pool": Field("string", required=True), "namespace": _STR, "conf": _STR, "user": _STR},
+        ),
         "settings": Field("object", fields=POOL_SETTINGS),
     },
     ("PATCH", "/api/v1/pools/{name}"): POOL_SETTINGS,

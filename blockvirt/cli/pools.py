@@ -48,7 +48,11 @@ def add_parser(sub: Any) -> None:
     pc.add_argument("name")
     where = pc.add_mutually_exclusive_group(required=True)
     where.add_argument("--path", help="a new or empty directory (a file pool)")
-    where.add_argument("--rbd", metavar="CEPHPOOL", help="an existing Ceph pool initialised for RBD")
+    where.add_argument(
+        "--rbd",
+        metavar="CEPHPOOL[/NAMESPACE]",
+        help="an existing Ceph pool initialised for RBD (and an RBD namespace in it)",
+    )
     pc.add_argument("--ceph-conf", metavar="FILE", help="the cluster's ceph.conf (default: Ceph's own)")
     pc.add_argument("--ceph-user", metavar="ID", help="the Ceph client id (client.ID; default admin)")
     _settings_flags(pc)
@@ -83,6 +87,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for _, key, _, _ in SETTINGS if getattr(args, key, None) is not None}
 
 
+def _ceph_where(p: dict[str, Any]) -> str:
+    """An RBD pool has no directory: which Ceph pool (and namespace) it is."""
+    rbd = p.get("rbd") or {}
+    ns = rbd.get("namespace")
+    return f"{p.get('backend')}:{rbd.get('pool', '?')}" + (f"/{ns}" if ns else "")
+
+
 def _size(v: int | None) -> str:
     return human_size(v) if v is not None else "?"
 
@@ -98,6 +109,7 @@ def info_text(p: dict[str, Any]) -> str:
             f"path:         {p['path']}"
             if p.get("backend", "file") == "file"
             else f"rbd:          Ceph pool {p['rbd']['pool']}"
+            + (f", namespace {p['rbd']['namespace']}" if p["rbd"].get("namespace") else "")
             + (f" ({p['rbd']['conf']})" if p["rbd"].get("conf") else "")
         ),
         f"state:        {p['state']}",
@@ -121,7 +133,10 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
     if args.action == "create":
         body: dict[str, Any] = {"name": args.name}
         if args.rbd is not None:
-            rbd: dict[str, Any] = {"pool": args.rbd}
+            ceph_pool, _, namespace = args.rbd.partition("/")
+            rbd: dict[str, Any] = {"pool": ceph_pool}
+            if namespace:
+                rbd["namespace"] = namespace
             if args.ceph_conf is not None:
                 rbd["conf"] = os.path.abspath(args.ceph_conf)
             if args.ceph_user is not None:
@@ -145,7 +160,7 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
                 {
                     **p,
                     # An RBD pool has no directory: say which Ceph pool it is.
-                    "where": p["path"] or f"{p.get('backend')}:{(p.get('rbd') or {}).get('pool', '?')}",
+                    "where": p["path"] or _ceph_where(p),
                     "cap_h": _size(p["capacity"]),
                     "free_h": _size(p["free"]),
                     "prov_h": _size(p["provisioned"]),

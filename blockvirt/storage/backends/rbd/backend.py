@@ -91,6 +91,7 @@ def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
     t = tuning or RbdTuning()
     return CephConfig(
         pool=str(cfg["pool"]),
+        namespace=str(cfg.get("namespace") or ""),
         conf_file=cfg.get("conf"),
         user=cfg.get("user"),
         connect_timeout=t.connect_timeout,
@@ -98,6 +99,23 @@ def ceph_config(rec: PoolRecord, tuning: RbdTuning | None = None) -> CephConfig:
         osd_op_timeout=t.op_timeout,
         native_aio=t.native_aio,
     )
+
+
+def _denied(e: CephError | StorageError) -> bool:
+    """Ceph refused an op for the client's caps (EPERM / EACCES)."""
+    code = getattr(e, "ceph_errno", None) or e.errno
+    return code in (errno.EPERM, errno.EACCES)
+
+
+def _caps_error(cfg: CephConfig, write: bool) -> CatalogError:
+    """The client's caps do not let a node use the pool: trying again will not help (400)."""
+    who, where, caps = f"client {cfg.user or 'admin'}", f"Ceph {cfg.where}", cfg.node_caps
+    if write:
+        why = f"{who} may not write to {where}: a node needs read-write caps there"
+        why += f" (e.g. {caps}, not rbd-read-only)"
+    else:
+        why = f"{who} may not read {where}: its caps do not allow it (a node needs e.g. {caps})"
+    return CatalogError("invalid", why)
 
 
 def _catalog_error(e: CephError) -> CatalogError:
@@ -266,10 +284,19 @@ class RbdBackend:
             await catalog.load()
         except (CephError, StorageError) as e:
             await conn.close()
+            if _denied(e):
+                raise _caps_error(cfg, write=False) from None
             raise CatalogError("unavailable", f"cannot read the pool's catalog: {e}") from None
         st.conn, st.images, st.catalog, st.error = conn, RbdPool(conn), catalog, None
         self._remember(st)
-        await self._join(st)
+        try:
+            await self._join(st)
+        except BaseException:
+            # Not usable (caps, a duplicate node name, the cluster gone): its client goes too,
+            # or every retry would leave one more behind.
+            st.conn = st.images = None
+            await conn.close()
+            raise
         await self._refresh_space(st)
         self._spawn(self._refresh(st))  # a look at every image: not worth delaying the start
 
@@ -285,6 +312,8 @@ class RbdBackend:
         except DuplicateNode as e:
             raise CatalogError("conflict", str(e)) from None
         except (CephError, StorageError) as e:
+            if _denied(e):
+                raise _caps_error(ceph_config(st.rec), write=True) from None
             raise CatalogError("unavailable", f"cannot join the pool's member list: {e}") from None
         st.members = members
         if st.own is None:
@@ -308,14 +337,16 @@ class RbdBackend:
 
     async def attach(self, rec: PoolRecord) -> None:
         """A new RBD pool (pool create --rbd): reachable and usable now, or CatalogError."""
+        namespace = rec.config.get("namespace") or ""  # checked by the API
+
+        def where(cfg: dict[str, Any]) -> tuple[Any, ...]:
+            return cfg.get("pool"), cfg.get("namespace") or "", cfg.get("conf")
+
         for other in self.pools.values():
-            if other.rec.config.get("pool") == rec.config.get("pool") and other.rec.config.get(
-                "conf"
-            ) == rec.config.get("conf"):
-                raise CatalogError(
-                    "conflict",
-                    f"Ceph pool {rec.config.get('pool')!r} is attached already as {other.rec.name!r}",
-                )
+            if where(other.rec.config) == where(rec.config):
+                what = f"Ceph pool {rec.config.get('pool')!r}"
+                what += f", namespace {namespace!r}," if namespace else ""
+                raise CatalogError("conflict", f"{what} is attached already as {other.rec.name!r}")
         st = PoolState(rec)
         await self._connect(st)
         self.pools[rec.name] = st

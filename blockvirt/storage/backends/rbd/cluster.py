@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import rados
+import rbd
 
 from blockvirt.storage.backends.rbd.errors import EBLOCKLISTED, CephError
 
@@ -41,6 +42,8 @@ class CephConfig:
     """Where and how to connect. Only `pool` is required."""
 
     pool: str
+    #: An RBD namespace of the pool ("" for none): every image and object is made in it.
+    namespace: str = ""
     #: A ceph.conf; None reads Ceph's default places (CEPH_CONF, /etc/ceph/ceph.conf), unless
     #: mon_host is given, when no file is read at all.
     conf_file: str | None = None
@@ -62,6 +65,18 @@ class CephConfig:
     #: Data-path completions through librbd's C API and an eventfd (native.py) rather than
     #: python3-rbd's per-op Python callbacks; False keeps the binding's way.
     native_aio: bool = True
+
+    @property
+    def where(self) -> str:
+        """The pool (and namespace), for messages."""
+        return f"pool {self.pool!r}" + (f", namespace {self.namespace!r}" if self.namespace else "")
+
+    @property
+    def node_caps(self) -> str:
+        """The OSD caps a node needs here, for messages about refused ones."""
+        return f"osd 'profile rbd pool={self.pool}" + (
+            f" namespace={self.namespace}'" if self.namespace else "'"
+        )
 
 
 class _Closeable(Protocol):
@@ -161,7 +176,8 @@ def _connect_error(e: BaseException, cfg: CephConfig, step: str) -> CephError:
     if code == errno.ENOENT:
         return CephError("no-pool", f"pool {cfg.pool!r} does not exist", code)
     if code in (errno.EPERM, errno.EACCES):
-        return CephError("permission", f"client {cfg.user or 'admin'} may not use pool {cfg.pool!r}", code)
+        why = f"client {cfg.user or 'admin'} may not use {cfg.where}: its caps do not allow it"
+        return CephError("permission", f"{why} (a node needs e.g. {cfg.node_caps})", code)
     return CephError("error", f"cannot open pool {cfg.pool!r}: {e}", code)
 
 
@@ -213,6 +229,19 @@ def _connect_blocking(cfg: CephConfig, session: Session) -> None:
             raise CephError(
                 "not-rbd-pool", f"pool {cfg.pool!r} is not an RBD pool (run `rbd pool init {cfg.pool}`)"
             )
+        if cfg.namespace:
+            step = "namespace"
+            if not rbd.RBD().namespace_exists(ioctx, cfg.namespace):
+                where = f"{cfg.pool}/{cfg.namespace}"
+                raise CephError(
+                    "no-namespace",
+                    f"RBD namespace {cfg.namespace!r} does not exist in pool {cfg.pool!r} "
+                    f"(create it with `rbd namespace create {where}`)",
+                    errno.ENOENT,
+                )
+            # Every image, snapshot and RADOS object (the catalog, the member list) through
+            # this client lives in the namespace.
+            ioctx.set_namespace(cfg.namespace)
         with session.lock:
             if not session.abandoned:
                 session.rados, session.ioctx = cluster, ioctx

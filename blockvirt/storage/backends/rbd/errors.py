@@ -30,6 +30,7 @@ KINDS = (
     "no-pool",  # the pool does not exist
     "permission",  # the user may not use the cluster or the pool
     "not-rbd-pool",  # the pool exists but `rbd pool init` was never run on it
+    "no-namespace",  # the RBD namespace asked for does not exist in the pool
     "fenced",  # this client instance was blocklisted
     "timeout",  # a cluster command did not answer in time
     "closed",  # the connection was closed
