@@ -178,6 +178,6 @@ def test_check_of_an_unreachable_pool_is_damage_within_seconds(
     assert code == 1 and took < 15, took
     [damage] = report["damage"]
     assert (
-        damage.startswith(f"pool far (Ceph pool {module_ceph_pool}): cannot be checked")
+        damage.startswith(f"pool far (Ceph pool '{module_ceph_pool}'): cannot be checked")
         and "monitor" in damage
     )

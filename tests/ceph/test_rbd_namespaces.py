@@ -4,6 +4,9 @@ kept apart, as Ceph's own tools show."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,17 @@ async def test_pools_in_namespaces_of_one_ceph_pool(
         assert [v["pool"] for v in server.api.get("/api/v1/volumes")["volumes"] if v["name"] == copy] == [
             "na"
         ]
+
+    # The offline check reads each pool's catalog and images in its namespace.
+    r = subprocess.run(
+        [sys.executable, "-m", "blockvirt", "check", "--data-dir", str(tmp_path / "data"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"] and not report["damage"], report
+    assert report["volumes"] >= 3, report
 
     # A restart attaches both again, each from its own namespace.
     with BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS) as again:

@@ -59,9 +59,10 @@ class _Pool:
 
 
 async def _check_pool(rec: PoolRecord, report: Report, repair: bool, names: dict[str, set[str]]) -> None:
-    where = f"pool {rec.name} (Ceph pool {rec.config.get('pool')})"
+    cfg = ceph_config(rec, RbdTuning())
+    where = f"pool {rec.name} (Ceph {cfg.where})"
     try:
-        conn = await CephConnection.open(ceph_config(rec, RbdTuning()))
+        conn = await CephConnection.open(cfg)
     except CephError as e:
         report.damage.append(f"{where}: cannot be checked: {e}")
         return
