@@ -35,7 +35,23 @@ def volume_info(vm: VolumeManager, jobs: JobHost, name: str) -> dict[str, Any]:
 
 
 def volume_list(vm: VolumeManager, jobs: JobHost) -> list[dict[str, Any]]:
-    return [volume_info(vm, jobs, rec.name) for rec in vm.records()]
+    out = [volume_info(vm, jobs, rec.name) for rec in vm.records()]
+    # Volumes of pools not reached since the start: known by name only until they are.
+    out += [_unavailable(name, pool) for name, pool in vm.unreachable()]
+    return sorted(out, key=lambda v: str(v["name"]))
+
+
+def _unavailable(name: str, pool: str) -> dict[str, Any]:
+    unknown = ("size", "thick", "allocated", "head_allocated", "chain_depth", "snapshots", "created")
+    return {
+        "name": name,
+        **dict.fromkeys(unknown),
+        "pool": pool,
+        "connections": 0,
+        "job": None,
+        "state": "unavailable",
+        "error": f"pool {pool} cannot be reached",
+    }
 
 
 async def snapshot_list(vm: VolumeManager, name: str) -> list[dict[str, Any]]:

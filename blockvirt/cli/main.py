@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _volume_row(v: dict[str, Any]) -> dict[str, Any]:
+    if v.get("state") == "unavailable":  # its pool cannot be reached: known by name only
+        return {**v, "size_h": "?", "alloc_h": "?", "kind": "unavailable"}
     return {
         **v,
         "size_h": _human_size(v["size"]),

@@ -133,6 +133,20 @@ class VolumeManager:
                 return pool
         return None
 
+    def unreachable(self) -> list[tuple[str, str]]:
+        """(volume, pool) for each volume last seen in a pool not reached since the start,
+        whose name no reachable pool holds: volumes the node knows of but cannot list now."""
+        listed = {rec.name for rec in self.records()}
+        out = []
+        for prec in self.catalog.pools():
+            backend = self.backends.get(prec.backend)
+            if backend is None or backend.listed(prec.name):
+                continue
+            out += [
+                (n, prec.name) for n in sorted(self.catalog.remembered_names(prec.name)) if n not in listed
+            ]
+        return out
+
     def hidden_in(self, pool: str) -> list[tuple[str, str]]:
         """(volume, pool served instead) for each volume of `pool` that a volume of the same
         name in another pool hides (pools of nodes sharing storage each took the name)."""
@@ -188,6 +202,11 @@ class VolumeManager:
             if best is None or rec.created < best[1].created:
                 best = (b, rec)
         if best is None:
+            holder = self.unreachable_holder(name)
+            if holder is not None:
+                raise CatalogError(
+                    "unavailable", f"volume {name!r} is in pool {holder!r}, which cannot be reached now"
+                )
             raise CatalogError("not-found", f"no volume named {name!r}")
         return best
 
@@ -261,15 +280,12 @@ class VolumeManager:
     def volume(self, name: str) -> Export | None:
         """The open export `VOL` or `VOL@SNAP`, opened on first use; None if it does not exist."""
         vol_name, at, snap = name.partition("@")
-        located = self._find(vol_name)
-        if located is None:
-            holder = self.unreachable_holder(vol_name)
-            if holder is not None:
-                raise CatalogError(
-                    "unavailable", f"volume {vol_name!r} is in pool {holder!r}, which cannot be reached now"
-                )
-            return None
-        backend, rec = located
+        try:
+            backend, rec = self.locate(vol_name)
+        except CatalogError as e:
+            if e.kind == "not-found":
+                return None
+            raise  # its pool cannot be reached: the caller says so
         if at and backend.snapshot(vol_name, snap) is None:
             return None
         return self.exports_cache.open(backend, rec, snap if at else None)

@@ -211,6 +211,11 @@ async def test_ceph_down_at_start_then_back(
             with pytest.raises(NbdClientError, match="unavailable"):
                 await NbdClient.connect(server.uri(name))
             assert "cannot be reached now" in server.log()
+            # Listed by name, as unavailable; asked for, it says why.
+            [listed] = [v for v in cli_json(server, "volume", "list") if v["name"] == name]
+            assert (listed["pool"], listed["state"], listed["size"]) == ("later", "unavailable", None), listed
+            assert "unavailable" in server.cli("volume", "list").stdout
+            assert "in pool 'later', which cannot be reached now" in cli_error(server, "volume", "info", name)
         # The backend retries: the pool comes back by itself once the mon is up again.
         t0 = time.monotonic()
         wait_for("the pool to come back", lambda: "error" not in cli_json(server, "pool", "info", "later"))

@@ -109,6 +109,15 @@ def test_names_of_a_pool_not_reached_since_the_start_stay_taken(catalog: Catalog
         vm.volume("db")
     assert e.value.kind == "unavailable" and "'ceph'" in e.value.message
     assert vm.volume("other") is None
+    # Every edit of it says why it cannot be done (not that there is no such volume).
+    with pytest.raises(CatalogError) as e:
+        vm.locate("web")
+    assert e.value.kind == "unavailable" and "which cannot be reached now" in e.value.message
+    with pytest.raises(CatalogError) as e:
+        vm.locate("other")
+    assert e.value.kind == "not-found"
+    # Listed by name, as far as no reachable pool serves the name.
+    assert vm.unreachable() == [("db", "ceph"), ("web", "ceph")]
 
 
 def test_once_the_pool_is_reached_its_names_are_what_it_says(catalog: Catalog) -> None:
