@@ -191,16 +191,8 @@ class VolumeManager:
         return sorted(by_name.values(), key=lambda r: r.name)
 
     def locate(self, name: str) -> tuple[VolumeBackend, VolumeRecord]:
-        """The backend and record of volume `name`. If pools of two backends both hold the
-        name (nodes sharing storage each took it; see hidden_in), the older volume is the one:
-        a volume clients already use is not replaced by a newcomer."""
-        best: tuple[VolumeBackend, VolumeRecord] | None = None
-        for b in self.backends.values():
-            rec = b.volume(name)
-            if rec is None or self.retired.get(name) is b:
-                continue
-            if best is None or rec.created < best[1].created:
-                best = (b, rec)
+        """The backend and record of volume `name` (see _find), or why there is none."""
+        best = self._find(name)
         if best is None:
             holder = self.unreachable_holder(name)
             if holder is not None:
@@ -225,10 +217,18 @@ class VolumeManager:
         return [] if located is None else located[0].snapshots(volume)
 
     def _find(self, name: str) -> tuple[VolumeBackend, VolumeRecord] | None:
-        try:
-            return self.locate(name)
-        except CatalogError:
-            return None
+        """Where volume `name` is (records only: no query of the node's catalog). If pools of
+        two backends both hold the name (nodes sharing storage each took it; see hidden_in),
+        the older volume is the one: a volume clients already use is not replaced by a
+        newcomer."""
+        best: tuple[VolumeBackend, VolumeRecord] | None = None
+        for b in self.backends.values():
+            rec = b.volume(name)
+            if rec is None or self.retired.get(name) is b:
+                continue
+            if best is None or rec.created < best[1].created:
+                best = (b, rec)
+        return best
 
     def exists(self, export_name: str) -> bool:
         """Whether export `VOL` or `VOL@SNAP` exists, without opening anything."""
