@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -501,6 +502,16 @@ def test_an_empty_rbd_pool_can_be_deleted_and_attached_again(
         rbd_server.api.delete(f"/api/v1/volumes/{name}")
         assert rbd_server.cli("pool", "delete", "extra").returncode == 0
         assert "no pool" in cli_error(rbd_server, "pool", "info", "extra")
+
+        # The node left the pool's member list and heartbeats there no more.
+        def members() -> list[str]:
+            argv = ["rados", "-c", conf, "-p", other, "listomapkeys", "blockvirt.nodes"]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+            return [k for k in out.split() if k.startswith("node/")]
+
+        assert members() == []
+        time.sleep(2.5)  # two heartbeat periods
+        assert members() == []
         # The Ceph pool keeps what blockvirt left there (its empty catalog): attach again.
         p = cli_json(rbd_server, "pool", "create", "extra", "--rbd", other, "--ceph-conf", conf)
         assert p["volumes"] == 0

@@ -269,9 +269,15 @@ class RbdBackend:
             await asyncio.sleep(self.tuning.retry_interval)
             try:
                 await self._connect(st)
-                log.info("pool %s: reached its Ceph cluster again", st.rec.name)
             except CatalogError as e:
                 st.error = e.message
+                continue
+            if self._closing or self.pools.get(st.rec.name) is not st:
+                # Detached (or the node stopping) while the connect was under way: without
+                # this, the node would heartbeat and sync in a pool it no longer has.
+                await self._let_go(st)
+                return
+            log.info("pool %s: reached its Ceph cluster again", st.rec.name)
 
     async def _connect(self, st: PoolState) -> None:
         cfg = ceph_config(st.rec, self.tuning)
@@ -353,8 +359,8 @@ class RbdBackend:
 
     async def detach(self, name: str) -> None:
         st = self.pools.pop(name, None)
-        if st is not None and st.conn is not None:
-            await st.conn.close()
+        if st is not None:
+            await self._let_go(st)
 
     async def close(self) -> None:
         self._closing = True
@@ -363,17 +369,26 @@ class RbdBackend:
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         for st in self.pools.values():
-            if st.members is not None:
-                await st.members.close()
-                await st.members.leave()
-            if st.own is not None:
-                for volume in st.own.mine():  # a clean stop frees its volumes at once
-                    try:
-                        await st.own.hand_to(volume, None)
-                    except (CatalogError, CephError, StorageError) as e:
-                        log.debug("freeing %s: %s", volume, e)
-            if st.conn is not None:
-                await st.conn.close()
+            await self._let_go(st)
+
+    async def _let_go(self, st: PoolState) -> None:
+        """Stop taking part in a pool: no more syncing, heartbeats (our key leaves the member
+        list, so peers need not wait to presume us dead), volumes (a clean stop frees them at
+        once), then its client."""
+        if st.syncing is not None and not st.syncing.done():
+            st.syncing.cancel()
+            await asyncio.wait({st.syncing})
+        if st.members is not None:
+            await st.members.close()
+            await st.members.leave()
+        if st.own is not None:
+            for volume in st.own.mine():
+                try:
+                    await st.own.hand_to(volume, None)
+                except (CatalogError, CephError, StorageError) as e:
+                    log.debug("freeing %s: %s", volume, e)
+        if st.conn is not None:
+            await st.conn.close()
 
     # ------------------------------------------------------------ the cluster
     async def _watch(self, st: PoolState) -> None:
