@@ -306,7 +306,8 @@ async def update_pool(request: web.Request) -> web.Response:
 
 
 async def delete_pool(request: web.Request) -> web.Response:
-    await request.app[VOLUMES].pools.delete(request.match_info["name"])
+    force = request.query.get("force") in ("1", "true")
+    await request.app[VOLUMES].pools.delete(request.match_info["name"], force=force)
     return web.Response(status=204)
 
 

@@ -65,6 +65,13 @@ def add_parser(sub: Any) -> None:
         p = psub.add_parser(action, help=helptext)
         add_common(p, top=False)
         p.add_argument("name")
+        if action == "delete":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="detach an RBD pool that cannot be reached although it held volumes when "
+                "last seen (Ceph keeps them; attaching the pool again brings them back)",
+            )
     pcal = psub.add_parser(
         "calibrate", help="measure the pool's device (direct I/O) and set its QoS capacity and cost model"
     )
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
         )
         emit(args, r, human)
     elif args.action == "delete":
-        api.delete(f"/api/v1/pools/{q(args.name)}")
+        api.delete(f"/api/v1/pools/{q(args.name)}" + ("?force=true" if args.force else ""))
         emit(args, {"deleted": args.name}, f"deleted pool {args.name}")
     else:
         raise UsageError("blockvirt pool: choose an action: create, list, info, set, calibrate, delete")

@@ -251,13 +251,25 @@ class Pools:
         self.events.pool_changed(name)
         return self.require(name)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        """Forget an empty pool. One not reached since the start cannot be seen to be empty:
+        if it held volumes when last reached, only `force` detaches it (its storage keeps
+        them, and attaching it again brings them back)."""
         rec = self.require(name)
         if name == DEFAULT_POOL:
             raise CatalogError("conflict", "the default pool cannot be deleted")
-        used = self.backend_of(rec).pool_in_use(name)
+        backend = self.backend_of(rec)
+        used = backend.pool_in_use(name)
         if used is not None:
             raise CatalogError("conflict", f"pool {name!r} still holds {used}: move or delete them first")
+        last_seen = self._last_seen(rec)
+        if last_seen is not None and last_seen and not force:
+            raise CatalogError(
+                "conflict",
+                f"pool {name!r} cannot be reached now; when last reached it held volumes "
+                f"{', '.join(sorted(last_seen))}: delete them once it is back, or detach it anyway "
+                "with --force (its storage keeps them)",
+            )
         for job in self.jobs.running():
             if job.params.get("pool") == name:
                 raise CatalogError("conflict", f"job {job.id} ({job.kind}) is moving data into pool {name!r}")
@@ -270,6 +282,13 @@ class Pools:
                 os.rmdir(rec.path)
             except OSError:
                 pass
+
+    def _last_seen(self, rec: PoolRecord) -> set[str] | None:
+        """The volume names of a pool not reached since the start, as last read; None if
+        its volumes are listed now."""
+        if self.backend_of(rec).listed(rec.name):
+            return None
+        return self.catalog.remembered_names(rec.name)
 
     def space(self, rec: PoolRecord) -> Space:
         return self.backend_of(rec).space(rec)
@@ -296,7 +315,13 @@ class Pools:
         for volume, visible in self.hidden(rec.name):
             warnings.append(f"volume {volume} is hidden by the volume of the same name in pool {visible}")
         self._note_state(rec.name, state, warnings)
-        volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
+        last_seen = self._last_seen(rec)
+        if last_seen is None:
+            volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
+        else:  # not reached since the start: its volumes as last seen
+            volumes = len(last_seen)
+            if last_seen:
+                warnings.append(f"{volumes} volume(s) as last seen, unavailable until it is reached")
         return {
             "name": rec.name,
             "backend": rec.backend,

@@ -173,14 +173,20 @@ def mon_down(ceph: CephCluster) -> Iterator[None]:
 async def test_ceph_down_at_start_then_back(
     tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
 ) -> None:
-    name, local = unique("v"), unique("f")
+    name, local, dropped = unique("v"), unique("f"), unique("d")
     data = os.urandom(65536)
+    ns = unique("ns")  # a second blockvirt pool in the same cluster, to be detached while down
+    ceph_cluster.rbd("namespace", "create", f"{module_ceph_pool}/{ns}")
     with BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS) as server:
         attach(server, ceph_cluster, module_ceph_pool, name="later")
+        attach(server, ceph_cluster, f"{module_ceph_pool}/{ns}", name="gone")
         cli_json(server, "volume", "create", name, "--size", "4M", "--pool", "later")
+        cli_json(server, "volume", "create", dropped, "--size", "4M", "--pool", "gone")
         server.create_volume(local, 4 * MiB)
         async with await NbdClient.connect(server.uri(name)) as c:
             await c.write(0, data, fua=True)
+        async with await NbdClient.connect(server.uri(dropped)) as c:
+            await c.write(0, data[::-1], fua=True)
 
     server: BlockvirtServer | None = None
     try:
@@ -216,6 +222,14 @@ async def test_ceph_down_at_start_then_back(
             assert (listed["pool"], listed["state"], listed["size"]) == ("later", "unavailable", None), listed
             assert "unavailable" in server.cli("volume", "list").stdout
             assert "in pool 'later', which cannot be reached now" in cli_error(server, "volume", "info", name)
+            # Its volumes are counted as last seen; it cannot be seen to be empty, so it is
+            # detached only when asked to be (Ceph keeps the volume).
+            info = cli_json(server, "pool", "info", "gone")
+            assert info["volumes"] == 1 and "1 volume(s) as last seen" in " ".join(info["warnings"])
+            refused = cli_error(server, "pool", "delete", "gone")
+            assert f"when last reached it held volumes {dropped}" in refused and "--force" in refused
+            cli_json(server, "pool", "delete", "gone", "--force")
+            assert dropped not in [v["name"] for v in cli_json(server, "volume", "list")]
         # The backend retries: the pool comes back by itself once the mon is up again.
         t0 = time.monotonic()
         wait_for("the pool to come back", lambda: "error" not in cli_json(server, "pool", "info", "later"))
@@ -224,6 +238,12 @@ async def test_ceph_down_at_start_then_back(
             assert await c.read(0, 65536) == data
             await c.write(65536, b"n" * 4096)
         assert name in [v["name"] for v in cli_json(server, "volume", "list")]
+        # The detached pool, attached again, brings its volume back as it was.
+        attach(server, ceph_cluster, f"{module_ceph_pool}/{ns}", name="gone")
+        async with await NbdClient.connect(server.uri(dropped)) as c:
+            assert await c.read(0, 65536) == data[::-1]
+        server.api.delete(f"/api/v1/volumes/{dropped}")
+        server.api.delete("/api/v1/pools/gone")
         server.api.delete(f"/api/v1/volumes/{name}")
         server.api.delete(f"/api/v1/volumes/{local}")
     finally:

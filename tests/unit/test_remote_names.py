@@ -165,3 +165,49 @@ def test_the_older_of_two_volumes_of_one_name_is_served_and_the_other_reported(
     assert [(r.name, r.pool) for r in vm.records()] == [("solo", "disks"), ("twin", "ceph")]
     info = vm.pools.info(cast(PoolRecord, catalog.pool("disks")))
     assert "volume twin is hidden by the volume of the same name in pool ceph" in info["warnings"]
+
+
+class NoJobs:
+    def running(self) -> list[Any]:
+        return []
+
+
+async def test_a_pool_not_reached_since_the_start_counts_and_keeps_its_last_seen_volumes(
+    catalog: Catalog,
+) -> None:
+    pool(catalog, "ceph", "remote")
+    pool(catalog, "empty", "remote")
+    remote = Remote()
+    detached: list[str] = []
+    remote.pool_in_use = lambda name: None  # type: ignore[attr-defined]  # nothing listed
+
+    async def detach(name: str) -> None:
+        detached.append(name)
+
+    remote.detach = detach  # type: ignore[attr-defined]
+    vm = VolumeManager(catalog, cast(JobHost, NoJobs()))
+    vm.add_backend(cast(VolumeBackend, Local()))
+    vm.add_backend(cast(VolumeBackend, remote))
+    vm.remember_names("ceph", ["db", "web"])
+    info = vm.pools.info(cast(PoolRecord, catalog.pool("ceph")))
+    assert info["volumes"] == 2
+    assert "2 volume(s) as last seen, unavailable until it is reached" in info["warnings"]
+    assert vm.pools.info(cast(PoolRecord, catalog.pool("empty")))["volumes"] == 0
+    # It cannot be seen to be empty: detached only when asked to be, and then forgotten.
+    with pytest.raises(CatalogError) as e:
+        await vm.pools.delete("ceph")
+    assert e.value.kind == "conflict"
+    assert e.value.message == (
+        "pool 'ceph' cannot be reached now; when last reached it held volumes db, web: delete "
+        "them once it is back, or detach it anyway with --force (its storage keeps them)"
+    )
+    assert catalog.pool("ceph") is not None and detached == []
+    await vm.pools.delete("empty")  # held nothing when last reached
+    await vm.pools.delete("ceph", force=True)
+    assert detached == ["empty", "ceph"] and catalog.pool("ceph") is None
+    assert catalog.remembered_names("ceph") == set() and vm.unreachable_holder("db") is None
+    # Once reached, the count is what the pool lists.
+    pool(catalog, "ceph", "remote")
+    remote.reached.add("ceph")
+    remote.vols["ceph"] = {"db": vol("db", "ceph", 1.0)}
+    assert vm.pools.info(cast(PoolRecord, catalog.pool("ceph")))["volumes"] == 1
