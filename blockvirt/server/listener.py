@@ -73,13 +73,13 @@ class NbdServer:
     def give_bytes(self, n: int) -> None:
         budget = self.budget
         budget.give(n)
-        loop = asyncio.get_running_loop()
+        # The loop is looked up only when needed: the lookup is a getpid(2) per call.
         if self._budget_waiters and budget.available and not self._wake_pending:
             # Not from inside the caller's own bookkeeping: the next loop turn.
             self._wake_pending = True
-            loop.call_soon(self._wake_waiters)
+            asyncio.get_running_loop().call_soon(self._wake_waiters)
         if budget.used == 0 and self._trim_timer is None:
-            self._trim_timer = loop.call_later(TRIM_AFTER_IDLE, self._trim, self._takes)
+            self._trim_timer = asyncio.get_running_loop().call_later(TRIM_AFTER_IDLE, self._trim, self._takes)
 
     def wait_for_bytes(self, session: NbdSession) -> None:
         """`session` stopped reading because the budget is exhausted: wake it later."""
