@@ -531,6 +531,9 @@ class RbdBackend:
             await st.catalog.load()
             self._remember(st)
             await self._join(st)
+            if self._closing or self.pools.get(st.rec.name) is not st:  # detached meanwhile
+                await self._let_go(st)
+                return
             log.warning("pool %s: back with a fresh Ceph client", st.rec.name)
         except (CephError, StorageError, CatalogError) as e:
             st.error = f"fenced, and could not reconnect: {e}"
