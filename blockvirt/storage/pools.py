@@ -258,12 +258,11 @@ class Pools:
         rec = self.require(name)
         if name == DEFAULT_POOL:
             raise CatalogError("conflict", "the default pool cannot be deleted")
-        backend = self.backend_of(rec)
-        used = backend.pool_in_use(name)
+        used = self.backend_of(rec).pool_in_use(name)
         if used is not None:
             raise CatalogError("conflict", f"pool {name!r} still holds {used}: move or delete them first")
         last_seen = self._last_seen(rec)
-        if last_seen is not None and last_seen and not force:
+        if last_seen and not force:
             raise CatalogError(
                 "conflict",
                 f"pool {name!r} cannot be reached now; when last reached it held volumes "
@@ -314,7 +313,6 @@ class Pools:
             warnings.append(f"thin volumes promise {sp.overcommit:.2f}x the pool's capacity")
         for volume, visible in self.hidden(rec.name):
             warnings.append(f"volume {volume} is hidden by the volume of the same name in pool {visible}")
-        self._note_state(rec.name, state, warnings)
         last_seen = self._last_seen(rec)
         if last_seen is None:
             volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
@@ -322,6 +320,7 @@ class Pools:
             volumes = len(last_seen)
             if last_seen:
                 warnings.append(f"{volumes} volume(s) as last seen, unavailable until it is reached")
+        self._note_state(rec.name, state, warnings)
         return {
             "name": rec.name,
             "backend": rec.backend,
