@@ -261,7 +261,7 @@ class Pools:
         used = self.backend_of(rec).pool_in_use(name)
         if used is not None:
             raise CatalogError("conflict", f"pool {name!r} still holds {used}: move or delete them first")
-        last_seen = self._last_seen(rec)
+        last_seen = self.last_seen(rec)
         if last_seen and not force:
             raise CatalogError(
                 "conflict",
@@ -282,7 +282,7 @@ class Pools:
             except OSError:
                 pass
 
-    def _last_seen(self, rec: PoolRecord) -> set[str] | None:
+    def last_seen(self, rec: PoolRecord) -> set[str] | None:
         """The volume names of a pool not reached since the start, as last read; None if
         its volumes are listed now."""
         if self.backend_of(rec).listed(rec.name):
@@ -313,7 +313,7 @@ class Pools:
             warnings.append(f"thin volumes promise {sp.overcommit:.2f}x the pool's capacity")
         for volume, visible in self.hidden(rec.name):
             warnings.append(f"volume {volume} is hidden by the volume of the same name in pool {visible}")
-        last_seen = self._last_seen(rec)
+        last_seen = self.last_seen(rec)
         if last_seen is None:
             volumes = sum(1 for v in self.backend_of(rec).volumes() if v.pool == rec.name)
         else:  # not reached since the start: its volumes as last seen

@@ -139,24 +139,21 @@ class VolumeManager:
         listed = {rec.name for rec in self.records()}
         out = []
         for prec in self.catalog.pools():
-            backend = self.backends.get(prec.backend)
-            if backend is None or backend.listed(prec.name):
+            if prec.backend not in self.backends:
                 continue
-            out += [
-                (n, prec.name) for n in sorted(self.catalog.remembered_names(prec.name)) if n not in listed
-            ]
+            last_seen = self.pools.last_seen(prec) or set()
+            out += [(n, prec.name) for n in sorted(last_seen) if n not in listed]
         return out
 
     def hidden_in(self, pool: str) -> list[tuple[str, str]]:
         """(volume, pool served instead) for each volume of `pool` that a volume of the same
         name in another pool hides (pools of nodes sharing storage each took the name)."""
-        out = []
-        for _, rec in self._located():
-            if rec.pool == pool:
-                visible = self.record(rec.name)
-                if visible is not None and visible.pool != pool:
-                    out.append((rec.name, visible.pool))
-        return out
+        served = {rec.name: rec.pool for rec in self.records()}
+        return [
+            (rec.name, served[rec.name])
+            for _, rec in self._located()
+            if rec.pool == pool and served[rec.name] != pool
+        ]
 
     # ------------------------------------------------------------ resolving names
     def backend_of_pool(self, pool: PoolRecord) -> VolumeBackend:
@@ -178,16 +175,12 @@ class VolumeManager:
         return None if located is None else located[1]
 
     def records(self) -> list[VolumeRecord]:
-        """Every volume once: of two with one name (see locate), the one served."""
+        """Every volume once: of two with one name, the one served (the older, as _find)."""
         by_name: dict[str, VolumeRecord] = {}
-        clashes = []
         for _, rec in self._located():
-            if by_name.setdefault(rec.name, rec) is not rec:
-                clashes.append(rec.name)
-        for name in clashes:
-            served = self.record(name)
-            if served is not None:
-                by_name[name] = served
+            best = by_name.get(rec.name)
+            if best is None or rec.created < best.created:
+                by_name[rec.name] = rec
         return sorted(by_name.values(), key=lambda r: r.name)
 
     def locate(self, name: str) -> tuple[VolumeBackend, VolumeRecord]:
