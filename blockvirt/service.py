@@ -281,7 +281,7 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.volumes is not None:
-            await self.volumes.close()  # jobs stop first
+            await self.volumes.close(self.config.shutdown_deadline)  # jobs stop first
         if self.loop_lag is not None:
             self.loop_lag.stop()
         log.info("stopped")

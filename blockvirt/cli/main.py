@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -145,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--warn-depth", type=int, default=16, metavar="N", help="warn when a chain grows past N layers"
     )
-    serve.add_argument("--shutdown-deadline", type=float, default=10.0, metavar="SECONDS")
+    serve.add_argument(
+        "--shutdown-deadline",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a stop waits at most this long for clients to finish their requests, and as long "
+        "for each Ceph cluster that does not answer (default 10)",
+    )
     serve.add_argument(
         "--api-token-file",
         metavar="FILE",
@@ -402,6 +410,7 @@ def _serve(args: argparse.Namespace) -> int:
             retry_interval=args.ceph_retry_interval,
             figures_interval=args.ceph_figures_interval,
             native_aio=not args.ceph_binding_callbacks,
+            stop_timeout=args.shutdown_deadline,
         ),
     )
     from blockvirt.server.polling import DEFAULT_WINDOW_US, new_loop
@@ -424,7 +433,25 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"blockvirt serve: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
+    _exit_if_stuck()
     return EXIT_OK
+
+
+def _exit_if_stuck() -> None:
+    """The stop gave up on calls to a Ceph cluster that does not answer (their threads are
+    still inside librados, until its op timeout): end now instead of letting Python join
+    those threads at exit. Everything of ours is closed by then."""
+    from blockvirt.storage import executor
+
+    stuck = executor.stuck_threads()
+    if stuck:
+        logging.getLogger("blockvirt.service").warning(
+            "exiting without waiting for %d call(s) to unreachable storage", stuck
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
 
 
 def _volume(args: argparse.Namespace, api: ApiClient) -> int:

@@ -48,6 +48,25 @@ async def _offload(submit: Callable[[], asyncio.Future[T]]) -> T:
         end_offload()
 
 
+#: Thread pools given up on (give_up): calls may still run inside them.
+_given_up: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def give_up(ex: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Stop waiting for `ex`: no new calls, queued ones dropped, and the calls still running
+    (inside a client library waiting on a peer that does not answer) are not waited for. The
+    process then ends without joining its threads (see stuck_threads)."""
+    ex.shutdown(wait=False, cancel_futures=True)
+    _given_up.append(ex)
+
+
+def stuck_threads() -> int:
+    """Threads of given-up pools still running a call. Python joins every pool thread at
+    exit, so with any, `blockvirt serve` ends with os._exit instead of waiting for them."""
+    # _threads: the pool's worker threads (CPython's attribute; typeshed declares it).
+    return sum(1 for ex in _given_up for t in ex._threads if t.is_alive())
+
+
 def pool(key: str = "") -> concurrent.futures.ThreadPoolExecutor:
     """The threads for `key` (a pool directory; "" for work tied to no pool)."""
     ex = _pools.get(key)

@@ -585,15 +585,31 @@ class VolumeManager:
         self.retired.pop(name, None)
 
     # ------------------------------------------------------------ shutdown
-    async def close(self) -> None:
-        """Stop background work, flush every open export, then let the backends close."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop background work, flush every open export, then let the backends close.
+
+        The flushes run together, waited for at most `deadline` seconds: storage that does not
+        answer (a Ceph cluster gone away, with writes in flight until its op timeout) must not
+        hold the stop. The backends bound their own waits (RbdTuning.stop_timeout)."""
         await self.jobs.close()
-        for exp in self.exports():
+
+        async def flush(exp: Export) -> None:
             try:
                 await exp.base.flush()
             except Exception as e:  # keep closing the rest
                 name = exp.export_name
                 log.error("flush of %s at shutdown failed: %s", name, e, extra={"volume": name})
+
+        flushes = {asyncio.ensure_future(flush(exp)): exp for exp in self.exports()}
+        if flushes:
+            _, late = await asyncio.wait(flushes, timeout=deadline)
+            for task in late:
+                task.cancel()
+                name = flushes[task].export_name
+                log.error(
+                    "flush of %s at shutdown did not finish within %g s: its storage does not answer",
+                    name, deadline, extra={"volume": name},
+                )  # fmt: skip
         self.exports_cache.clear()
         for b in self.backends.values():
             await b.close()

@@ -315,6 +315,57 @@ async def test_osd_going_away_under_io(
     rbd_server.api.delete(f"/api/v1/volumes/{local}")
 
 
+async def test_stop_while_the_cluster_is_away(
+    tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
+) -> None:
+    """A node stopped while its cluster does not answer ends within its shutdown deadline.
+    Before, each step of the stop (the in-flight writes' flush, leaving the member list,
+    the catalog's watch) waited out the op timeout in turn: a minute and more at the
+    default 30 s."""
+    name = unique("v")
+    deadline = 2.0
+    args = (*SERVE_ARGS, "--ceph-op-timeout", "30", "--shutdown-deadline", f"{deadline:g}")
+    acked = os.urandom(MiB)
+    server = BlockvirtServer(tmp_path / "data", extra_args=args, log_level="info").start()
+    try:
+        attach(server, ceph_cluster, module_ceph_pool, name="away")
+        cli_json(server, "volume", "create", name, "--size", "8M", "--pool", "away")
+        c = await NbdClient.connect(server.uri(name))
+        try:
+            await c.write(0, acked)
+            await c.flush()
+            with osd_gone(ceph_cluster, "stop"):
+                # Writes that will not be answered while the OSD is away: in flight at the stop.
+                pending = asyncio.gather(
+                    *(c.write(2 * MiB + i * 65536, b"w" * 65536) for i in range(4)), return_exceptions=True
+                )
+                await asyncio.sleep(0.5)
+                t0 = time.monotonic()
+                rc = await asyncio.to_thread(server.stop, 60.0)
+                took = time.monotonic() - t0
+                print(f"stopped in {took:.2f} s (deadline {deadline:g} s, op timeout 30 s), exit {rc}")
+                for r in await pending:  # cut off by the stop, never acknowledged
+                    assert isinstance(r, Exception), r
+                log = server.log_path.read_text()
+                assert rc == 0
+                # Sessions, then the flushes, then the pool: one deadline each at most.
+                assert took < 3 * deadline + 3, took
+                assert "flush of" in log and f"did not finish within {deadline:g} s" in log
+                assert "its Ceph cluster did not answer within" in log
+                assert "Traceback" not in log and "Exception ignored" not in log
+        finally:
+            await c.close()
+        # Back: the node starts again as itself (its key stayed in the member list) and
+        # finds what was acknowledged before the cluster went away.
+        server.start()
+        async with await NbdClient.connect(server.uri(name)) as c2:
+            assert await c2.read(0, MiB) == acked
+        server.api.delete(f"/api/v1/volumes/{name}")
+        server.api.delete("/api/v1/pools/away")
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------- full
 
 

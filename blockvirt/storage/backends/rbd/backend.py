@@ -368,8 +368,24 @@ class RbdBackend:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        for st in self.pools.values():
-            await self._let_go(st)
+        # All pools at once: N clusters that do not answer cost one stop_timeout, not N.
+        await asyncio.gather(*(self._stop(st) for st in self.pools.values()))
+
+    async def _stop(self, st: PoolState) -> None:
+        """Let go of a pool as the node stops, waiting for its cluster at most stop_timeout.
+        A cluster gone away would hold each step for the op timeout (30 s by default): the
+        member-list update, each volume freed, the watch, the images' locks."""
+        limit = self.tuning.stop_timeout
+        try:
+            await asyncio.wait_for(self._let_go(st), limit)
+        except TimeoutError:
+            running = st.conn.abandon() if st.conn is not None else 0
+            log.warning(
+                "pool %s: its Ceph cluster did not answer within %g s: stopping without leaving "
+                "its member list or freeing this node's volumes (other nodes take them over once "
+                "they presume it dead); %d call(s) to it abandoned",
+                st.rec.name, limit, running,
+            )  # fmt: skip
 
     async def _let_go(self, st: PoolState) -> None:
         """Stop taking part in a pool: no more syncing, heartbeats (our key leaves the member

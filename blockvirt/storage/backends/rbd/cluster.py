@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 import rados
 import rbd
 
+from blockvirt.storage import executor
 from blockvirt.storage.backends.rbd.errors import EBLOCKLISTED, CephError
 
 T = TypeVar("T")
@@ -121,6 +122,11 @@ class Session:
         self._busy -= 1
         if self._busy == 0:
             self._idle.set()
+
+    @property
+    def busy(self) -> int:
+        """Calls into the bindings running now."""
+        return self._busy
 
     async def idle(self) -> None:
         """Until no call into the bindings runs (begin() refuses new ones once closing)."""
@@ -279,7 +285,9 @@ class CephConnection:
         self.config = config
         self._session: Session | None = None
         self._generation = 0
-        self._retiring: set[asyncio.Task[None]] = set()
+        #: Client instances connected and not torn down yet (the current one, and those
+        #: being retired): what abandon() gives up.
+        self._live: set[Session] = set()
 
     @classmethod
     async def open(cls, config: CephConfig) -> CephConnection:
@@ -314,6 +322,7 @@ class CephConnection:
         except BaseException:
             session.executor.shutdown(wait=False)
             raise
+        self._live.add(session)
         return session
 
     @property
@@ -385,6 +394,23 @@ class CephConnection:
             await loop.run_in_executor(session.executor, session.teardown)
         finally:
             session.executor.shutdown(wait=False)
+            self._live.discard(session)
+
+    def abandon(self) -> int:
+        """Stop waiting for the cluster (a node stopping while it does not answer): every
+        client instance not torn down yet is left as it is, its calls still inside librados
+        are not waited for, and none is shut down (a call inside librados when its client
+        shuts down is a use-after-free). Returns how many calls were still running. Only
+        for a process about to end: the instances are never closed."""
+        old, self._session = self._session, None
+        live = ({old} if old is not None else set()) | self._live
+        self._live = set()
+        running = 0
+        for session in live:
+            session.closing = True  # begin() refuses new calls
+            running += session.busy
+            executor.give_up(session.executor)
+        return running
 
     async def __aenter__(self) -> CephConnection:
         if self._session is None:

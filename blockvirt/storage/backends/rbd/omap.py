@@ -55,6 +55,10 @@ class Document:
     items: dict[str, Any]
 
 
+#: Watch handles whose unwatch failed: kept for the life of the process (see OmapWatch._retire).
+_unclosed: list[Any] = []
+
+
 class OmapWatch:
     """A registered watch; close() it. When the connection is reset or closed it is closed
     for you and `on_error(ESHUTDOWN)` is called: re-read the document and watch again."""
@@ -86,6 +90,9 @@ class OmapWatch:
             await asyncio.get_running_loop().run_in_executor(self._session.executor, self._handle.close)
         except Exception as e:  # a fenced client cannot unregister; the OSD times the watch out
             log.debug("closing watch on %s: %s", self._doc.oid, e)
+            # The binding's finalizer would try again wherever the last reference drops (on
+            # the loop, blocking it; or after the client's shutdown, printing an exception).
+            _unclosed.append(self._handle)
         if self._on_error is not None:
             self._on_error(errno.ESHUTDOWN)
 
