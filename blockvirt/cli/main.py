@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="a stop waits at most this long for clients to finish their requests, and as long "
-        "for each Ceph cluster that does not answer (default 10)",
+        "for storage that does not answer (the last flushes; each Ceph cluster, as does a pool "
+        "delete) (default 10)",
     )
     serve.add_argument(
         "--api-token-file",
@@ -410,7 +411,7 @@ def _serve(args: argparse.Namespace) -> int:
             retry_interval=args.ceph_retry_interval,
             figures_interval=args.ceph_figures_interval,
             native_aio=not args.ceph_binding_callbacks,
-            stop_timeout=args.shutdown_deadline,
+            let_go_timeout=args.shutdown_deadline,
         ),
     )
     from blockvirt.server.polling import DEFAULT_WINDOW_US, new_loop

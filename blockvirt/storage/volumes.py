@@ -590,7 +590,7 @@ class VolumeManager:
 
         The flushes run together, waited for at most `deadline` seconds: storage that does not
         answer (a Ceph cluster gone away, with writes in flight until its op timeout) must not
-        hold the stop. The backends bound their own waits (RbdTuning.stop_timeout)."""
+        hold the stop. The backends bound their own waits (RbdTuning.let_go_timeout)."""
         await self.jobs.close()
 
         async def flush(exp: Export) -> None:

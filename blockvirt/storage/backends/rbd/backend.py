@@ -237,6 +237,8 @@ class RbdBackend:
         #: Closes of released nodes still running, by volume.
         self._closing_nodes: dict[str, set[asyncio.Task[None]]] = {}
         self._closing = False
+        #: Detached pools still letting go (their cluster did not answer in time).
+        self._leaving: dict[asyncio.Task[None], PoolState] = {}
 
     # ------------------------------------------------------------ life
     async def start(self) -> None:
@@ -358,9 +360,27 @@ class RbdBackend:
         self.pools[rec.name] = st
 
     async def detach(self, name: str) -> None:
+        """Let go of a deleted pool; waits for its cluster at most let_go_timeout, then lets
+        it go on in the background (a cluster gone away holds each step of it for the op
+        timeout: the member list, the watch, the client)."""
         st = self.pools.pop(name, None)
-        if st is not None:
-            await self._let_go(st)
+        if st is None:
+            return
+        leaving = asyncio.ensure_future(self._let_go(st))
+        self._leaving[leaving] = st
+        leaving.add_done_callback(self._left)
+        await asyncio.wait({leaving}, timeout=self.tuning.let_go_timeout)
+        if not leaving.done():
+            log.warning(
+                "pool %s: detached; its Ceph cluster did not answer within %g s, so its client "
+                "closes in the background once the calls to it end (the op timeout)",
+                name, self.tuning.let_go_timeout,
+            )  # fmt: skip
+
+    def _left(self, task: asyncio.Task[None]) -> None:
+        st = self._leaving.pop(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pool %s: letting go failed: %s", st.rec.name, task.exception())
 
     async def close(self) -> None:
         self._closing = True
@@ -368,24 +388,30 @@ class RbdBackend:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        # All pools at once: N clusters that do not answer cost one stop_timeout, not N.
-        await asyncio.gather(*(self._stop(st) for st in self.pools.values()))
+        # All pools at once (those detached and still letting go too): N clusters that do
+        # not answer cost one let_go_timeout, not N.
+        stops = [self._stop(st) for st in self.pools.values()]
+        stops += [self._stop(st, task) for task, st in self._leaving.items()]
+        await asyncio.gather(*stops)
 
-    async def _stop(self, st: PoolState) -> None:
-        """Let go of a pool as the node stops, waiting for its cluster at most stop_timeout.
-        A cluster gone away would hold each step for the op timeout (30 s by default): the
-        member-list update, each volume freed, the watch, the images' locks."""
-        limit = self.tuning.stop_timeout
-        try:
-            await asyncio.wait_for(self._let_go(st), limit)
-        except TimeoutError:
-            running = st.conn.abandon() if st.conn is not None else 0
-            log.warning(
-                "pool %s: its Ceph cluster did not answer within %g s: stopping without leaving "
-                "its member list or freeing this node's volumes (other nodes take them over once "
-                "they presume it dead); %d call(s) to it abandoned",
-                st.rec.name, limit, running,
-            )  # fmt: skip
+    async def _stop(self, st: PoolState, leaving: asyncio.Task[None] | None = None) -> None:
+        """Let go of a pool as the node stops (or wait for a letting go under way), waiting
+        for its cluster at most let_go_timeout; then abandon its client."""
+        limit = self.tuning.let_go_timeout
+        task = leaving or asyncio.ensure_future(self._let_go(st))
+        await asyncio.wait({task}, timeout=limit)
+        if task.done():
+            if not task.cancelled() and task.exception() is not None:
+                log.error("pool %s: letting go failed: %s", st.rec.name, task.exception())
+            return
+        task.cancel()
+        running = st.conn.abandon() if st.conn is not None else 0
+        log.warning(
+            "pool %s: its Ceph cluster did not answer within %g s: stopping without leaving "
+            "its member list or freeing this node's volumes (other nodes take them over once "
+            "they presume it dead); %d call(s) to it abandoned",
+            st.rec.name, limit, running,
+        )  # fmt: skip
 
     async def _let_go(self, st: PoolState) -> None:
         """Stop taking part in a pool: no more syncing, heartbeats (our key leaves the member

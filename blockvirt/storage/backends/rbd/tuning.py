@@ -19,10 +19,11 @@ class RbdTuning:
     retry_interval: float = 5.0
     #: Pool usage and volume allocation are looked at this often (cached for metrics).
     figures_interval: float = 10.0
-    #: A stop waits at most this long for each pool's cluster (leaving the member list,
-    #: freeing volumes, closing the client); after it, the node ends without (peers take its
-    #: volumes over once they presume it dead). `serve --shutdown-deadline` sets it.
-    stop_timeout: float = 10.0
+    #: A stop or a `pool delete` waits at most this long for the pool's cluster to let go
+    #: (leave the member list, free volumes, close the client). After it a stop ends
+    #: without (peers take its volumes over once they presume it dead) and a delete lets
+    #: it finish in the background. `serve --shutdown-deadline` sets it.
+    let_go_timeout: float = 10.0
     #: Data-path completions collected from an eventfd through librbd's C API, with no Python
     #: on Ceph's threads (about half the CPU per op); False uses python3-rbd's callbacks.
     native_aio: bool = True
