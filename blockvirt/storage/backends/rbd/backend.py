@@ -366,9 +366,7 @@ class RbdBackend:
         st = self.pools.pop(name, None)
         if st is None:
             return
-        leaving = asyncio.ensure_future(self._let_go(st))
-        self._leaving[leaving] = st
-        leaving.add_done_callback(self._left)
+        leaving = self._start_leaving(st)
         await asyncio.wait({leaving}, timeout=self.tuning.let_go_timeout)
         if not leaving.done():
             log.warning(
@@ -376,6 +374,13 @@ class RbdBackend:
                 "closes in the background once the calls to it end (the op timeout)",
                 name, self.tuning.let_go_timeout,
             )  # fmt: skip
+
+    def _start_leaving(self, st: PoolState) -> asyncio.Task[None]:
+        """_let_go(st) as a task, counted in `_leaving` until it ends."""
+        task = asyncio.ensure_future(self._let_go(st))
+        self._leaving[task] = st
+        task.add_done_callback(self._left)
+        return task
 
     def _left(self, task: asyncio.Task[None]) -> None:
         st = self._leaving.pop(task)
@@ -390,21 +395,18 @@ class RbdBackend:
             await asyncio.wait(set(self._tasks))
         # All pools at once (those detached and still letting go too): N clusters that do
         # not answer cost one let_go_timeout, not N.
-        stops = [self._stop(st) for st in self.pools.values()]
-        stops += [self._stop(st, task) for task, st in self._leaving.items()]
-        await asyncio.gather(*stops)
+        for st in self.pools.values():
+            self._start_leaving(st)
+        await asyncio.gather(*(self._stop(st, task) for task, st in list(self._leaving.items())))
 
-    async def _stop(self, st: PoolState, leaving: asyncio.Task[None] | None = None) -> None:
-        """Let go of a pool as the node stops (or wait for a letting go under way), waiting
-        for its cluster at most let_go_timeout; then abandon its client."""
+    async def _stop(self, st: PoolState, leaving: asyncio.Task[None]) -> None:
+        """Wait for a pool's letting go at most let_go_timeout as the node stops; then
+        abandon its client."""
         limit = self.tuning.let_go_timeout
-        task = leaving or asyncio.ensure_future(self._let_go(st))
-        await asyncio.wait({task}, timeout=limit)
-        if task.done():
-            if not task.cancelled() and task.exception() is not None:
-                log.error("pool %s: letting go failed: %s", st.rec.name, task.exception())
+        await asyncio.wait({leaving}, timeout=limit)
+        if leaving.done():
             return
-        task.cancel()
+        leaving.cancel()
         running = st.conn.abandon() if st.conn is not None else 0
         log.warning(
             "pool %s: its Ceph cluster did not answer within %g s: stopping without leaving "
