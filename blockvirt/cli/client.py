@@ -71,7 +71,13 @@ class ApiClient:
             raise ApiError(
                 f"cannot reach the blockvirt API at {self.base}: {e.reason} (is `blockvirt serve` running?)"
             ) from None
-        except (TimeoutError, ConnectionError) as e:
+        except TimeoutError:
+            # Sent, and no answer in time: the server took the request and may still run it.
+            raise ApiError(
+                f"the blockvirt API at {self.base} did not answer within {self.timeout:g} s; "
+                "the request may still be running there (see the server's log)"
+            ) from None
+        except ConnectionError as e:
             raise ApiError(f"cannot reach the blockvirt API at {self.base}: {e}") from None
         return json.loads(raw) if raw else None
 

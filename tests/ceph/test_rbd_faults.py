@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -371,6 +372,57 @@ async def test_stop_while_the_cluster_is_away(
             assert took < deadline + 2, took
             assert "away" not in [p["name"] for p in cli_json(server, "pool", "list")]
             assert "its client closes in the background" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+async def test_snapshot_delete_while_the_mon_is_away(
+    tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
+) -> None:
+    """Removing an RBD snapshot waits on the mon, and librbd can lose that request to a mon
+    restart: the call never returned, and its volume manager's lock held every later
+    snapshot, create and resize of every pool (file pools too) until the node was killed.
+    Now such a call fails after three op timeouts with a clear error; the delete is finished
+    by running it again."""
+    name, local = unique("v"), unique("f")
+    server = BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS, log_level="info").start()
+    try:
+        attach(server, ceph_cluster, module_ceph_pool, name="snaps")
+        cli_json(server, "volume", "create", name, "--size", "8M", "--pool", "snaps")
+        server.create_volume(local, 4 * MiB)
+        cli_json(server, "snapshot", "create", name, "s1")
+        with mon_down(ceph_cluster):
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(asyncio.to_thread(server.cli, "snapshot", "delete", name, "s1"), 60)
+            took = time.monotonic() - t0
+            print(f"snapshot delete with the mon away: {took:.2f} s: {r.stderr.strip()}")
+            assert r.returncode == 1 and "Traceback" not in r.stderr
+            assert "no answer from the cluster" in r.stderr and "run the delete again" in r.stderr
+            assert took < 3 * OP_TIMEOUT + 5, took
+            # The manager is free again: a file volume's snapshot is taken at once.
+            t0 = time.monotonic()
+            cli_json(server, "snapshot", "create", local, "f1")
+            assert time.monotonic() - t0 < 2
+
+        # Back: running the delete again finishes it, whatever Ceph did meanwhile.
+        def listed() -> list[str] | None:
+            r = server.cli("snapshot", "list", name, "--json")
+            if r.returncode != 0:  # the RBD snapshot went once the mon was back
+                assert "its delete was cut short" in r.stderr, r.stderr
+                return ["s1"]
+            return [s["name"] for s in json.loads(r.stdout)]
+
+        assert wait_for("the pool to answer", listed) == ["s1"]
+        cli_json(server, "snapshot", "delete", name, "s1")
+        assert listed() == []
+        cli_json(server, "snapshot", "create", name, "s2")
+        assert listed() == ["s2"]
+        server.api.delete(f"/api/v1/volumes/{name}")
+        server.api.delete(f"/api/v1/volumes/{local}")
+        server.api.delete("/api/v1/pools/snaps")
+        t0 = time.monotonic()
+        assert server.stop(30) == 0
+        assert time.monotonic() - t0 < 15
     finally:
         server.stop()
 

@@ -810,15 +810,27 @@ class RbdBackend:
         vol = catalog.volume(volume)
         assert vol is not None
         snaps = catalog.snapshots(volume)
+        deleting = {snap for v, snap, op in catalog.pending() if v == volume and op == "delete"}
         out = []
         for s in snaps:
             # Whole objects (the object map answers): what the snapshot reads, and what
             # changed since its parent (its own share); the rest it shares with older ones.
-            with _ceph_errors(f"cannot look at snapshot {volume}@{s.name}"):
-                allocated = await allocated_at(images, volume, s.name)
-                unique = (
-                    allocated if s.parent is None else await changed_bytes(images, volume, s.parent, s.name)
-                )
+            try:
+                with _ceph_errors(f"cannot look at snapshot {volume}@{s.name}"):
+                    allocated = await allocated_at(images, volume, s.name)
+                    unique = (
+                        allocated
+                        if s.parent is None
+                        else await changed_bytes(images, volume, s.parent, s.name)
+                    )
+            except CatalogError as e:
+                if s.name in deleting and e.kind == "conflict":  # gone from RBD: not by others
+                    raise CatalogError(
+                        "conflict",
+                        f"snapshot {volume}@{s.name}: its delete was cut short (the cluster did not "
+                        "answer); run `snapshot delete` again to finish it",
+                    ) from None
+                raise
             shared = max(0, allocated - unique)
             out.append(
                 SnapshotInfo(s.name, s.parent, s.created, s.size, unique, shared, vol.current == s.name)
@@ -869,12 +881,13 @@ class RbdBackend:
             raise CatalogError(
                 "invalid", f"snapshot {since!r} is not an older point of {until or volume.name!r}'s branch"
             )
-        img = await images.open(volume.name, snapshot=until, read_only=True)
-        try:
-            size = img.size
-            found = await img.diff(since)
-        finally:
-            await img.close()
+        with _ceph_errors(f"cannot compare {volume.name}@{since} with {until or 'the head'}"):
+            img = await images.open(volume.name, snapshot=until, read_only=True)
+            try:
+                size = img.size
+                found = await img.diff(since)
+            finally:
+                await img.close()
         base = catalog.snapshot(volume.name, since)
         assert base is not None
         spans = sorted((e.offset, e.offset + e.length) for e in found)
@@ -1152,18 +1165,27 @@ class RbdBackend:
         # The intent first: if a crash comes between removing the RBD snapshot and updating
         # the catalog, `check --repair` finishes the delete.
         await _set_pending(catalog, volume.name, snap, "delete")
+        unknown = False  # whether the removal may still happen in Ceph
         try:
             with _ceph_errors(what):
                 img = await images.open(volume.name)
                 try:
                     await img.snapshot_remove(snap)
                 except StorageError as e:
+                    if e.errno == errno.ETIMEDOUT:
+                        # Kept: the intent lets `check --repair`, or this delete run again
+                        # (a snapshot already gone counts as deleted), finish it.
+                        unknown = True
+                        raise CatalogError(
+                            "unavailable", f"{what}: {e}; run the delete again once the cluster answers"
+                        ) from None
                     if e.errno != errno.ENOENT:
                         raise
                 finally:
                     await img.close()
         except BaseException:
-            await _clear_pending(catalog, volume.name, snap)
+            if not unknown:
+                await _clear_pending(catalog, volume.name, snap)
             raise
 
         def fn(items: dict[str, Any]) -> Changes:

@@ -102,6 +102,9 @@ class Session:
         self.fenced = False
         #: Set when connect() gave up waiting: the connecting thread then cleans up itself.
         self.abandoned = False
+        #: A librbd call through this client never returned (AsyncImage._stuck): the client
+        #: is never shut down, as that call still uses it.
+        self.stuck = False
         self.lock = threading.Lock()
         self.users: weakref.WeakSet[Any] = weakref.WeakSet()
         #: Calls into the bindings that are running now (on a thread, or aio ops submitted
@@ -389,6 +392,11 @@ class CephConnection:
                 await user._retire()
             except Exception as e:
                 log.debug("closing %r: %s", user, e)
+        if session.stuck:
+            log.warning("%s: left open, a librbd call through it never returned", self._describe(session))
+            executor.give_up(session.executor)
+            self._live.discard(session)
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(session.executor, session.teardown)

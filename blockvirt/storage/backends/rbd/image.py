@@ -29,7 +29,7 @@ import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import rbd
 
@@ -46,6 +46,10 @@ T = TypeVar("T")
 log = logging.getLogger("blockvirt.rbd")
 
 _warned = False
+
+#: Images a control call never returned from (AsyncImage._stuck): kept open for good, since
+#: the binding's finalizer would close them under that call.
+_stuck_images: list[Any] = []
 
 
 def _warn_no_handle(name: str) -> None:
@@ -124,6 +128,8 @@ class AsyncImage:
         self._idle.set()
         self._closing = False
         self._closed = False
+        #: A control call never returned (see _stuck): the image is never closed.
+        self._stuck_open = False
         #: The eventfd-completed data path, or None for python3-rbd's callbacks.
         self._native: native.NativeIo | None = None
         if handle is not None:
@@ -378,9 +384,13 @@ class AsyncImage:
 
     # ------------------------------------------------------------------ control plane
 
-    async def _control(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _control(self, what: str, fn: Callable[..., T], *args: Any, bounded: bool = False) -> T:
         """Run a blocking librbd call on the control threads; counted as in flight until the
-        thread returns (even if the caller is cancelled), so close() never races it."""
+        thread returns (even if the caller is cancelled), so close() never races it.
+
+        `bounded`: a call that should end within librados' timeouts but can wait for ever
+        (a snapshot's create or removal waits on the mon, and librbd lost such a request to a
+        mon restart: it never returned) fails after `stuck_after()`; see _stuck."""
         self._check_open()
         self._begin()
         what = f"{self.name}: {what}"
@@ -399,11 +409,37 @@ class AsyncImage:
             self._end()
             raise RbdError(errno.ESHUTDOWN, f"{what}: connection closed", 0) from e
         cf.add_done_callback(lambda _f: self._loop.call_soon_threadsafe(self._end))
+        fut = asyncio.wrap_future(cf)
+        limit = self.stuck_after() if bounded else 0.0
+        if limit > 0:
+            await asyncio.wait({fut}, timeout=limit)
+            if not fut.done():
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # heard by nobody
+                self._stuck(what, limit)
         try:
-            return await asyncio.wrap_future(cf)
+            return await fut
         except RbdError as e:
             self._failed(-e.ceph_errno)
             raise
+
+    def stuck_after(self) -> float:
+        """How long a bounded control call may take: three OSD op timeouts (0: no bound)."""
+        return 3 * self._conn.config.osd_op_timeout
+
+    def _stuck(self, what: str, limit: float) -> NoReturn:
+        """A control call did not return: its thread is still inside librbd with this image,
+        so the image must not be closed (a use-after-free), nor its client shut down. Both
+        are left open for the life of the process (I/O through the image goes on); the
+        caller hears ETIMEDOUT."""
+        log.error("%s: librbd did not return within %g s; the image stays open", what, limit)
+        self._stuck_open = True
+        self._session.stuck = True
+        _stuck_images.append(self._image)
+        raise RbdError(
+            errno.ETIMEDOUT,
+            f"{what}: no answer from the cluster within {limit:g} s (it may still happen there)",
+            errno.ETIMEDOUT,
+        )
 
     async def refresh_size(self) -> int:
         """Read the size again (another client may have resized the image)."""
@@ -525,11 +561,11 @@ class AsyncImage:
     # snapshots -------------------------------------------------------
 
     async def snapshot_create(self, name: str) -> None:
-        await self._control(f"snapshot {name}", self._image.create_snap, name)
+        await self._control(f"snapshot {name}", self._image.create_snap, name, bounded=True)
 
     async def snapshot_remove(self, name: str) -> None:
         """Remove a snapshot. With clone v2, one that clones still use moves to the trash."""
-        await self._control(f"remove snapshot {name}", self._image.remove_snap, name)
+        await self._control(f"remove snapshot {name}", self._image.remove_snap, name, bounded=True)
 
     async def snapshot_rename(self, old: str, new: str) -> None:
         await self._control(f"rename snapshot {old}", self._image.rename_snap, old, new)
@@ -664,6 +700,8 @@ class AsyncImage:
 
     async def close(self) -> None:
         """Wait for in-flight ops, then close the image (releasing its lock). Idempotent."""
+        if self._stuck_open:
+            return
         if self._closing:
             await self._idle.wait()
             return
@@ -672,6 +710,8 @@ class AsyncImage:
     async def _retire(self) -> None:
         self._closing = True
         self._session.users.discard(self)
+        if self._stuck_open:
+            return  # a call is inside librbd with it for good (see _stuck)
         # Every in-flight op ends: librados fails it within the op timeout at worst.
         await self._idle.wait()
         if self._closed:
