@@ -165,7 +165,7 @@ def check_data_dir(data_dir: str, *, repair: bool = False, io: FileIO = REAL) ->
             from blockvirt.storage.backends.rbd.check import check_rbd_pools
         except ImportError as e:
             for p in rbd:
-                report.damage.append(f"pool {p.name}: cannot be checked: Ceph's Python bindings: {e}")
+                report.unchecked.append(f"pool {p.name}: cannot be checked: Ceph's Python bindings: {e}")
         else:
             names.update(check_rbd_pools(rbd, report, repair=repair))
     pools_of: dict[str, list[str]] = {}

@@ -64,7 +64,7 @@ async def _check_pool(rec: PoolRecord, report: Report, repair: bool, names: dict
     try:
         conn = await CephConnection.open(cfg)
     except CephError as e:
-        report.damage.append(f"{where}: cannot be checked: {e}")
+        report.unchecked.append(f"{where}: cannot be checked: {e}")
         return
     try:
         catalog = RbdCatalog(conn)
