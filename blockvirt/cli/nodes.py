@@ -42,7 +42,13 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
                         "pool": pool["pool"],
                         "name": n["name"] + (" (this)" if n["me"] else ""),
                         "nbd": n["nbd"] or "-",
-                        "state": "alive" if n["alive"] else "dead",
+                        "state": (
+                            "heartbeats failing"
+                            if n.get("heartbeat_error")
+                            else "alive"
+                            if n["alive"]
+                            else "dead"
+                        ),
                         "age": f"{age:.1f}s" if age is not None else "?",
                         "volumes": ",".join(n["volumes"]) or "-",
                     }
@@ -55,6 +61,10 @@ def run(args: argparse.Namespace, api: ApiClient) -> int:
             [("pool", "POOL"), ("name", "NODE"), ("nbd", "NBD"), ("state", "STATE"), ("age", "HEARTBEAT"),
              ("volumes", "VOLUMES")],
         )  # fmt: skip
+        for pool in view["pools"]:
+            for n in pool["nodes"]:
+                if n.get("heartbeat_error"):
+                    print(f"pool {pool['pool']}: this node's heartbeat failed: {n['heartbeat_error']}")
     elif args.action == "drain":
         out = api.post(f"/api/v1/nodes/{q(args.name)}/drain", {})
         moves = ", ".join(f"{m['volume']} -> {m['to']}" for m in out["moves"]) or "nothing to move"

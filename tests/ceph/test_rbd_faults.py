@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -308,6 +309,20 @@ async def test_osd_going_away_under_io(
             text = await asyncio.to_thread(scrape, rbd_server)
             assert metric(text, "blockvirt_volume_errors_total", volume=name) == 16
             assert metric(text, "blockvirt_volume_errors_total", volume=local) == 0
+
+            # The node's own row says its heartbeats fail, and since when they did not.
+            def me() -> dict[str, Any]:
+                [pool] = [p for p in rbd_server.api.get("/api/v1/nodes")["pools"] if p["pool"] == BV_POOL]
+                [row] = [n for n in pool["nodes"] if n["me"]]
+                return row  # type: ignore[no-any-return]
+
+            failing = await asyncio.to_thread(
+                wait_for, "the heartbeat to fail", lambda: me() if me()["heartbeat_error"] else None
+            )
+            assert "timed out" in failing["heartbeat_error"] and failing["heartbeat_age"] > 1.0, failing
+            assert "heartbeats failing" in rbd_server.cli("node", "list").stdout
+        await asyncio.to_thread(wait_for, "a heartbeat again", lambda: me()["heartbeat_error"] is None)
+        assert me()["heartbeat_age"] < 5.0
         # Back: the same session carries on, and nothing acknowledged was lost.
         await c.write(2 * MiB, b"b" * 65536, fua=True)
         assert await c.read(2 * MiB, 65536) == b"b" * 65536

@@ -636,6 +636,9 @@ class RbdBackend:
                         "api": info.api if info else "",
                         "alive": st.members.alive(name),
                         "heartbeat_age": round(age, 3) if age is not None else None,
+                        # Ours only: why our last heartbeat could not be written (peers will
+                        # presume us dead if that lasts), else None.
+                        "heartbeat_error": st.members.last_error if name == self.host.node.name else None,
                         "volumes": sorted(served.get(name, [])),
                     }
                 )

@@ -147,6 +147,8 @@ class Members:
         #: Called (with why) when another process heartbeats under this node's name.
         self.on_duplicate: Callable[[str], None] | None = None
         self.last_error: str | None = None
+        #: When (clock) our last heartbeat was written: our own age grows while they fail.
+        self._beaten: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -198,6 +200,7 @@ class Members:
             "incarnation": self.incarnation,
         }
         await self.doc.update(set={key: record})
+        self._beaten = self.clock()
         await self.refresh()
 
     async def refresh(self) -> None:
@@ -249,8 +252,8 @@ class Members:
         return self.liveness.alive(name, self.clock())
 
     def age(self, name: str) -> float | None:
-        if name == self.me:
-            return 0.0
+        if name == self.me:  # since our last heartbeat was written (peers see that one)
+            return 0.0 if self._beaten is None else self.clock() - self._beaten
         return self.liveness.age(name, self.clock())
 
     def holder(self, client: str) -> tuple[str, bool] | None:
