@@ -251,7 +251,12 @@ class Service:
         app = build_app(
             self.volumes, self.jobs, self.qos, metrics, token=token, fault_io=io, limits=cfg.api_limits
         )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A stop waits for API requests under way at most the deadline (aiohttp's default is
+        # 60 s): one waiting on a cluster that does not answer must not hold it. aiohttp waits
+        # twice, for the request to finish and then for it to end once cancelled.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=cfg.shutdown_deadline / 2
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.api_host, cfg.api_port, reuse_address=True)
         await site.start()

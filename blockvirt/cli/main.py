@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="a stop waits at most this long for clients to finish their requests, and as long "
-        "for storage that does not answer (the last flushes; each Ceph cluster, as does a pool "
-        "delete) (default 10)",
+        help="a stop waits at most this long for clients to finish their requests, as long for "
+        "API requests, and as long for storage that does not answer (the last flushes; each Ceph "
+        "cluster, as does a pool delete) (default 10)",
     )
     serve.add_argument(
         "--api-token-file",

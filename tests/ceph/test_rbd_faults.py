@@ -335,9 +335,9 @@ async def test_stop_while_the_cluster_is_away(
     tmp_path: Path, ceph_cluster: CephCluster, module_ceph_pool: str
 ) -> None:
     """A node stopped while its cluster does not answer ends within its shutdown deadline.
-    Before, each step of the stop (the in-flight writes' flush, leaving the member list,
-    the catalog's watch) waited out the op timeout in turn: a minute and more at the
-    default 30 s."""
+    Before, each step of the stop (an API request under way, the in-flight writes' flush,
+    leaving the member list, the catalog's watch) waited out the op timeout in turn: a
+    minute and more at the default 30 s."""
     name = unique("v")
     deadline = 2.0
     args = (*SERVE_ARGS, "--ceph-op-timeout", "30", "--shutdown-deadline", f"{deadline:g}")
@@ -355,6 +355,8 @@ async def test_stop_while_the_cluster_is_away(
                 pending = asyncio.gather(
                     *(c.write(2 * MiB + i * 65536, b"w" * 65536) for i in range(4)), return_exceptions=True
                 )
+                # And an API request that waits on the cluster (30 s, the op timeout).
+                asking = asyncio.ensure_future(asyncio.to_thread(server.cli, "snapshot", "create", name, "s"))
                 await asyncio.sleep(0.5)
                 t0 = time.monotonic()
                 rc = await asyncio.to_thread(server.stop, 60.0)
@@ -364,8 +366,9 @@ async def test_stop_while_the_cluster_is_away(
                     assert isinstance(r, Exception), r
                 log = server.log_path.read_text()
                 assert rc == 0
-                # Sessions, then the flushes, then the pool: one deadline each at most.
-                assert took < 3 * deadline + 3, took
+                assert (await asking).returncode != 0  # cut off by the stop: never acknowledged
+                # Sessions, API requests, the flushes, the pool: one deadline each at most.
+                assert took < 4 * deadline + 3, took
                 assert "flush of" in log and f"did not finish within {deadline:g} s" in log
                 assert "its Ceph cluster did not answer within" in log
                 assert "Traceback" not in log and "Exception ignored" not in log
