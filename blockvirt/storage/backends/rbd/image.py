@@ -412,7 +412,11 @@ class AsyncImage:
         fut = asyncio.wrap_future(cf)
         limit = self.stuck_after() if bounded else 0.0
         if limit > 0:
-            await asyncio.wait({fut}, timeout=limit)
+            try:
+                await asyncio.wait({fut}, timeout=limit)
+            except asyncio.CancelledError:
+                fut.cancel()  # as awaiting it would: a call not started yet never starts
+                raise
             if not fut.done():
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # heard by nobody
                 self._stuck(what, limit)
