@@ -55,6 +55,8 @@ def test_latency_target_keeps_the_queue_in_the_scheduler(tmp_path: Path) -> None
     (an uncontrolled device queue serves first come first served)."""
     need("fio")
     with BlockvirtServer(tmp_path / "data", extra_args=("--fault-injection",)) as server:
-        res = qb.latency(qb.Bench(server, tmp_path, runtime=10.0, warmup=3))
+        # 17 s measured per mode: with 7 s, one CI run's controlled throughput dipped to 93 %
+        # of the uncontrolled one (1846 against 1980 IOPS) where quiet runs give 96.4 %.
+        res = qb.latency(qb.Bench(server, tmp_path, runtime=20.0, warmup=3))
     failed = [what for what, ok in res.checks if not ok]
     assert not failed, failed
