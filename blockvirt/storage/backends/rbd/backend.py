@@ -276,8 +276,9 @@ class RbdBackend:
                 continue
             if self._closing or self.pools.get(st.rec.name) is not st:
                 # Detached (or the node stopping) while the connect was under way: without
-                # this, the node would heartbeat and sync in a pool it no longer has.
-                await self._let_go(st)
+                # this, the node would heartbeat and sync in a pool it no longer has. As a
+                # letting go of its own, which a stop bounds (see close).
+                self._start_leaving(st)
                 return
             log.info("pool %s: reached its Ceph cluster again", st.rec.name)
 
@@ -576,7 +577,7 @@ class RbdBackend:
             self._remember(st)
             await self._join(st)
             if self._closing or self.pools.get(st.rec.name) is not st:  # detached meanwhile
-                await self._let_go(st)
+                self._start_leaving(st)
                 return
             log.warning("pool %s: back with a fresh Ceph client", st.rec.name)
         except (CephError, StorageError, CatalogError) as e:

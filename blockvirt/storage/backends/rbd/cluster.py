@@ -80,6 +80,15 @@ class CephConfig:
         )
 
 
+#: Binding objects whose finalizer must never run (it would call into librados under a call
+#: that never returned, or after the client's shutdown): kept for the process's life.
+_kept: list[Any] = []
+
+
+def keep_for_good(obj: Any) -> None:
+    _kept.append(obj)
+
+
 class _Closeable(Protocol):
     async def _retire(self) -> None: ...
 
@@ -126,9 +135,11 @@ class Session:
         if self._busy == 0:
             self._idle.set()
 
-    @property
-    def busy(self) -> int:
-        """Calls into the bindings running now."""
+    def give_up(self) -> int:
+        """Stop waiting for this client instance: no new calls, and its threads are not
+        waited for (executor.give_up); it is never shut down. Returns the calls running."""
+        self.closing = True
+        executor.give_up(self.executor)
         return self._busy
 
     async def idle(self) -> None:
@@ -394,7 +405,7 @@ class CephConnection:
                 log.debug("closing %r: %s", user, e)
         if session.stuck:
             log.warning("%s: left open, a librbd call through it never returned", self._describe(session))
-            executor.give_up(session.executor)
+            session.give_up()
             self._live.discard(session)
             return
         loop = asyncio.get_running_loop()
@@ -413,12 +424,7 @@ class CephConnection:
         old, self._session = self._session, None
         live = ({old} if old is not None else set()) | self._live
         self._live = set()
-        running = 0
-        for session in live:
-            session.closing = True  # begin() refuses new calls
-            running += session.busy
-            executor.give_up(session.executor)
-        return running
+        return sum(session.give_up() for session in live)
 
     async def __aenter__(self) -> CephConnection:
         if self._session is None:

@@ -36,7 +36,7 @@ import rbd
 from blockvirt.storage import executor
 from blockvirt.storage.backends.rbd import native
 from blockvirt.storage.backends.rbd.bridge import completion
-from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
+from blockvirt.storage.backends.rbd.cluster import CephConnection, Session, keep_for_good
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError, from_exception, rbd_error
 from blockvirt.storage.backends.rbd.native import NativeIo
 from blockvirt.storage.node import HOLE, ZERO, Buffer, StorageError
@@ -46,10 +46,6 @@ T = TypeVar("T")
 log = logging.getLogger("blockvirt.rbd")
 
 _warned = False
-
-#: Images a control call never returned from (AsyncImage._stuck): kept open for good, since
-#: the binding's finalizer would close them under that call.
-_stuck_images: list[Any] = []
 
 
 def _warn_no_handle(name: str) -> None:
@@ -438,7 +434,7 @@ class AsyncImage:
         log.error("%s: librbd did not return within %g s; the image stays open", what, limit)
         self._stuck_open = True
         self._session.stuck = True
-        _stuck_images.append(self._image)
+        keep_for_good(self._image)  # its finalizer would close it under that call
         raise RbdError(
             errno.ETIMEDOUT,
             f"{what}: no answer from the cluster within {limit:g} s (it may still happen there)",

@@ -28,7 +28,7 @@ from typing import Any
 import rados
 
 from blockvirt.storage.backends.rbd.bridge import completion
-from blockvirt.storage.backends.rbd.cluster import CephConnection, Session
+from blockvirt.storage.backends.rbd.cluster import CephConnection, Session, keep_for_good
 from blockvirt.storage.backends.rbd.errors import RbdError, from_exception
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ class Document:
 
     version: int
     items: dict[str, Any]
-
-
-#: Watch handles whose unwatch failed: kept for the life of the process (see OmapWatch._retire).
-_unclosed: list[Any] = []
 
 
 class OmapWatch:
@@ -92,7 +88,7 @@ class OmapWatch:
             log.debug("closing watch on %s: %s", self._doc.oid, e)
             # The binding's finalizer would try again wherever the last reference drops (on
             # the loop, blocking it; or after the client's shutdown, printing an exception).
-            _unclosed.append(self._handle)
+            keep_for_good(self._handle)
         if self._on_error is not None:
             self._on_error(errno.ESHUTDOWN)
 
