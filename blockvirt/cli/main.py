@@ -351,6 +351,11 @@ def _volume_row(v: dict[str, Any]) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import faulthandler
+
+    # A crash inside a native library (librados, librbd, libnbd) leaves the Python stack of
+    # every thread in the log instead of just an exit status.
+    faulthandler.enable()
 
     from blockvirt import logs
     from blockvirt.api.auth import TokenError

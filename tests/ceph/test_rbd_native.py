@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import os
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,8 +24,14 @@ pytestmark = pytest.mark.ceph
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _eventfds() -> int:
+    """Open eventfds: each image on this path has one; librados's own sockets and pipes are
+    not counted, as it opens and closes them on its own schedule."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    return n
 
 
 async def test_the_handle_is_found_and_checked(image: AsyncImage, conn: CephConnection) -> None:
@@ -92,14 +100,14 @@ async def test_images_leave_no_descriptors_behind(pool: RbdPool) -> None:
         first = await pool.open(name)
         await first.write(b"a" * 4096, 0)
         await first.close()  # the first open starts librbd's threads and sockets
-        before = _open_fds()
+        before = _eventfds()
         for _ in range(10):
             img = await pool.open(name)
-            assert img.native
+            assert img.native and _eventfds() == before + 1
             await img.write(b"b" * 4096, 0)
             assert await img.read(0, 4096) == b"b" * 4096
             await img.close()
-        assert _open_fds() <= before
+        assert _eventfds() == before
     finally:
         await remove_image(pool, name)
 
@@ -124,3 +132,54 @@ async def test_the_binding_path_when_asked(binding_conn: CephConnection) -> None
             await img.close()
     finally:
         await remove_image(RbdPool(binding_conn), name)
+
+
+class _CountingPolls:
+    """librbd's functions as NativeIo calls them, counting rbd_poll_io_events once `armed`."""
+
+    def __init__(self, held: object) -> None:
+        self._held = held
+        self.armed = False
+        self.polls = 0
+
+    def __getattr__(self, name: str) -> object:
+        fn = getattr(self._held, name)
+        if name != "rbd_poll_io_events":
+            return fn
+
+        def counted(*args: object) -> object:
+            if self.armed:
+                self.polls += 1
+            return fn(*args)
+
+        return counted
+
+
+async def test_the_loop_never_polls_an_image_while_it_closes(pool: RbdPool) -> None:
+    # The eventfd may be readable with nothing to collect: librbd signals after queueing a
+    # completion, so a poll can take the event before its signal lands. A signal that late,
+    # seen while another thread closes the image, had the loop poll a dying image (a
+    # use-after-free that once killed a fenced node). Here the late signal is made by hand
+    # while the close is held open on its thread.
+    name = unique()
+    await pool.create(name, 16 * MiB)
+    try:
+        img = await pool.open(name)
+        assert img.native and img._native is not None
+        await img.write(b"d" * 4096, 0)
+        nio = img._native
+        counting = _CountingPolls(nio._held)
+        nio._held = counting  # type: ignore[assignment]
+        real_close = img._close_blocking
+
+        def close_late() -> None:
+            counting.armed = True
+            os.eventfd_write(nio._fd, 1)  # a completion's signal, late
+            time.sleep(0.3)  # the loop is free meanwhile: a watched eventfd would be serviced
+            real_close()
+
+        img._close_blocking = close_late  # type: ignore[method-assign]
+        await img.close()
+        assert counting.polls == 0, "the loop polled the image while it was being closed"
+    finally:
+        await remove_image(pool, name)

@@ -119,7 +119,8 @@ async def test_a_frozen_owner_is_fenced_and_none_of_its_writes_land(cluster2: Cl
 
     # The zombie noticed: it logged it, counted it, and is back with a fresh Ceph client (same
     # process), alive in B's eyes.
-    assert a.running and a.server.proc is not None
+    assert a.server.proc is not None
+    assert a.running, f"node A ended (exit {a.server.proc.returncode}) after the thaw:\n{a.log()[-6000:]}"
     await asyncio.to_thread(cluster2.wait_alive, a, by=b)
     log = a.log()
     assert "fenced" in log, log[-3000:]

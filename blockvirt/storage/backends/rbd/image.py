@@ -718,13 +718,15 @@ class AsyncImage:
             return
         self._closed = True
         self._begin()
+        if self._native is not None:  # nothing is in flight: no completion is to come
+            self._native.stop_watching()  # the loop must not poll the image while it closes
         try:
             loop = self._loop
             await loop.run_in_executor(self._session.executor, self._close_blocking)
         except RuntimeError:  # the executor is gone; the handle goes with the client
             pass
         finally:
-            if self._native is not None:  # nothing is in flight: no completion is to come
+            if self._native is not None:
                 self._native.close()
             self._end()
 

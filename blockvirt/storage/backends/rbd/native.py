@@ -133,6 +133,7 @@ class NativeIo:
             os.close(self._fd)
             raise OSError(-r, f"{label}: rbd_set_image_notification: {os.strerror(-r)}")
         loop.add_reader(self._fd, self._collect)
+        self._watching = True
         self._closed = False
 
     # ------------------------------------------------------------ submit
@@ -255,11 +256,22 @@ class NativeIo:
     def inflight(self) -> int:
         return len(self._ops)
 
+    def stop_watching(self) -> None:
+        """Take the eventfd off the loop: no _collect runs from now on. Before the image is
+        closed, and only once no op is in flight. The eventfd can be readable with nothing to
+        collect (librbd signals after queueing an event, so a poll may take the event before
+        its signal lands); left watched, that late signal would have the loop poll an image
+        that another thread is closing, a use-after-free."""
+        if self._watching:
+            self._watching = False
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+
     def close(self) -> None:
-        """Stop watching. Only once no op is in flight and before the image is closed."""
+        """Stop watching and close the eventfd: after the image is closed, so librbd never
+        signals a descriptor number that may be reused by then."""
         if self._closed:
             return
         self._closed = True
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
+        self.stop_watching()
         os.close(self._fd)
