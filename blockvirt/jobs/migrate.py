@@ -36,8 +36,7 @@ async def start(
     bps_limit: float = 0.0,
 ) -> Job:
     """Check and start a migration job."""
-    async with vm.tree_lock:
-        backend, rec = vm.locate(name)
+    async with vm.editing(name, pool) as (backend, rec):
         target = vm.catalog.pool(pool)
         if target is None:
             raise CatalogError("not-found", f"no pool named {pool!r}")

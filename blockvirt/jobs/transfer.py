@@ -132,7 +132,7 @@ async def run(vm: VolumeManager, job: Job, throttle: Throttle) -> None:
             await target.snapshot_create(tgt_rec, s.name, tgt_head)
         tgt_rec = await _position(target, tgt_rec, tgt_head, current, src_rec.size)
         # The live head: mirror from now on, then one pass over what it changed.
-        async with vm.tree_lock:
+        async with vm.editing_pools(src_rec.pool, p["pool"]):
             head = vm.head(name)
             src_rec = head.record
             if src_rec.size != tgt_head.size:
@@ -207,7 +207,8 @@ async def _switch(
     onto it. Returns when requests were held and released, or None to copy on."""
     name = job.volume
     started = time.monotonic()
-    async with vm.tree_lock, contextlib.AsyncExitStack() as drains:
+    pools = (head.record.pool, job.params["pool"])
+    async with vm.editing_pools(*pools), contextlib.AsyncExitStack() as drains:
         exports = vm.exports_cache.of_volume(name)
         for e in exports:
             await drains.enter_async_context(e.drained())
@@ -236,7 +237,7 @@ async def _finish(vm: VolumeManager, job: Job, source: VolumeBackend, target: Vo
     vm.retired[name] = source
     rec = source.volume(name)  # the source still knows it: only the manager skips it
     if rec is not None:
-        async with vm.tree_lock:
+        async with vm.editing_pools(rec.pool):
             await source.delete(rec)
     vm.unretire(name)
 

@@ -133,7 +133,7 @@ class NodeIdentity:
 class MoveHooks:
     """What the job moving a volume between pools gives the backend doing it."""
 
-    #: The volume's head export (opened if need be); called under the tree lock.
+    #: The volume's head export (opened if need be); called under the edit lock.
     open_head: Callable[[], Export]
     #: A pause before copying n bytes (the job's rate limit, the pools' QoS background class).
     throttle: Callable[[int], Awaitable[None]]
@@ -167,9 +167,9 @@ class BackendHost(Protocol):
     @property
     def jobs(self) -> JobHost: ...
 
-    @property
-    def tree_lock(self) -> asyncio.Lock:
-        """Held by tree edits; a backend takes it for the commit steps of background work."""
+    def scope_lock(self, scope: str) -> asyncio.Lock:
+        """The edit lock of one edit scope (VolumeBackend.edit_scope): held by tree edits of
+        its pools; a backend takes it for the commit steps of its background work."""
 
     def exports(self) -> Iterable[Export]:
         """Every open export (of every backend: a backend picks its own by `base`)."""
@@ -197,10 +197,15 @@ class BackendHost(Protocol):
 
 
 class VolumeBackend(Protocol):
-    """One kind of storage. Methods named like tree edits run under the manager's tree lock."""
+    """One kind of storage. Methods named like tree edits run under the edit lock of the
+    volume's pool's scope (edit_scope)."""
 
     #: The pool kind this backend serves ("file", "rbd").
     kind: str
+
+    def edit_scope(self, pool: str) -> str:
+        """The pools whose tree edits one lock serialises, by name: every pool whose edits
+        share state with `pool`'s (a layer, a catalog, a background job) gives the same."""
 
     @property
     def settings(self) -> VolumeSettings:

@@ -1,7 +1,9 @@
 """The volume manager: names to pools to backends, and the rules every tree edit follows.
 
 It resolves a volume's name to the backend of its pool, keeps the cache of open exports,
-serialises tree edits under one lock, refuses what is never allowed whatever the backend (an
+serialises tree edits by edit scope (a lock per scope: all file pools share one, each RBD
+pool has its own, so a cluster that does not answer holds up only its own pool's edits),
+refuses what is never allowed whatever the backend (an
 edit while a job runs on the volume, a delete or shrink under connected clients), asks the
 backend to do the edit (the backend drains the exports it must), and tells the rest of the
 process what changed (`StorageEvents`). It holds no SQL, no file and no job logic.
@@ -10,10 +12,11 @@ process what changed (`StorageEvents`). It holds no SQL, no file and no job logi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from blockvirt.storage.backend import (
@@ -70,8 +73,11 @@ class VolumeManager:
         #: Volumes a migration switched to another kind of storage whose old copy is not
         #: deleted yet: name -> the backend that must no longer answer for it.
         self.retired: dict[str, VolumeBackend] = {}
-        #: Serialises tree edits, and the commit steps of backends' background work.
-        self.tree_lock = asyncio.Lock()
+        #: Per edit scope (VolumeBackend.edit_scope): serialises the tree edits of its pools,
+        #: and the commit steps of their background work.
+        self._scope_locks: dict[str, asyncio.Lock] = {}
+        #: Names being created (create, clone) under some scope's lock: taken for every scope.
+        self._creating: set[str] = set()
         self.pools = Pools(catalog, self.backend_of_pool, jobs, self.events, hidden=self.hidden_in)
         #: The names of each pool whose catalog is elsewhere, as last written (remember_names).
         self._remembered: dict[str, set[str]] = {}
@@ -95,6 +101,48 @@ class VolumeManager:
         """Each backend collects what a crash left behind (jobs resume after this)."""
         for b in self.backends.values():
             await b.start()
+
+    # ------------------------------------------------------------ edit locks
+    def scope_lock(self, scope: str) -> asyncio.Lock:
+        lock = self._scope_locks.get(scope)
+        if lock is None:
+            lock = self._scope_locks[scope] = asyncio.Lock()
+        return lock
+
+    def _scope_of(self, pool: str) -> str:
+        prec = self.catalog.pool(pool)
+        backend = self.backends.get(prec.backend) if prec is not None else None
+        # A pool unknown here is refused by the caller's own checks, under a lock of its own.
+        return backend.edit_scope(pool) if backend is not None else "?"
+
+    @contextlib.asynccontextmanager
+    async def editing_pools(self, *pools: str) -> AsyncIterator[None]:
+        """Hold the edit locks of these pools' scopes, taken in one order (no deadlock)."""
+        async with contextlib.AsyncExitStack() as held:
+            for scope in sorted({self._scope_of(p) for p in pools}):
+                await held.enter_async_context(self.scope_lock(scope))
+            yield
+
+    @contextlib.asynccontextmanager
+    async def editing(self, name: str, *also: str) -> AsyncIterator[tuple[VolumeBackend, VolumeRecord]]:
+        """Hold the edit lock of volume `name`'s pool (and of pools `also`), and give where the
+        volume is, found again under the lock (a migration may have moved it meanwhile)."""
+        while True:
+            backend, rec = self.locate(name)
+            async with self.editing_pools(rec.pool, *also):
+                now = self.locate(name)
+                if now[0] is backend and now[1].pool == rec.pool:
+                    yield now
+                    return
+
+    @contextlib.contextmanager
+    def _creating_name(self, name: str) -> Iterator[None]:
+        """Keep `name` taken while it is created: another scope's create checks this."""
+        self._creating.add(name)
+        try:
+            yield
+        finally:
+            self._creating.discard(name)
 
     # ------------------------------------------------------------ BackendHost
     def pool_records(self) -> list[PoolRecord]:
@@ -344,10 +392,15 @@ class VolumeManager:
                 raise CatalogError("conflict", f"job {job.id} ({job.kind}) is already running on {name!r}")
             raise CatalogError("conflict", f"cannot {what}: job {job.id} ({job.kind}) is running on {name!r}")
 
-    def _check_new(self, name: str, size: int, pool: str) -> PoolRecord:
-        self.catalog.check_new_volume(name, size, pool)
+    def _check_free(self, name: str) -> None:
         if self.record(name) is not None:  # in a pool of another backend
             raise CatalogError("conflict", f"volume {name!r} already exists")
+        if name in self._creating:  # in a pool of another scope, right now
+            raise CatalogError("conflict", f"volume {name!r} is being created")
+
+    def _check_new(self, name: str, size: int, pool: str) -> PoolRecord:
+        self.catalog.check_new_volume(name, size, pool)
+        self._check_free(name)
         holder = self.unreachable_holder(name)
         if holder is not None:
             raise CatalogError(
@@ -363,14 +416,14 @@ class VolumeManager:
     async def create(
         self, name: str, size: int, *, thick: bool = False, pool: str = DEFAULT_POOL
     ) -> VolumeRecord:
-        async with self.tree_lock:
+        async with self.editing_pools(pool):
             prec = self._check_new(name, size, pool)
-            return await self.backend_of_pool(prec).create(name, size, thick=thick, pool=pool)
+            with self._creating_name(name):
+                return await self.backend_of_pool(prec).create(name, size, thick=thick, pool=pool)
 
     async def delete(self, name: str) -> None:
         await self.exports_cache.settle(name)
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._check_idle(name, "delete the volume")
             self.exports_cache.close_volume(name)
             await backend.delete(rec)
@@ -381,8 +434,7 @@ class VolumeManager:
         what was written since its last good commit is gone, as after a crash. Returns what
         the failure was."""
         await self.exports_cache.settle(name)
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._check_idle(name, "reset the volume")
             head = self.exports_cache.get(name)
             was = backend.failed(head.base) if head is not None else None
@@ -397,8 +449,7 @@ class VolumeManager:
         Snapshots keep their own size. Returns the old size and the new record."""
         validate_size(size)
         await self.exports_cache.settle(name)
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             job = self.jobs.busy(name)
             if job is not None:
                 raise CatalogError(
@@ -425,8 +476,7 @@ class VolumeManager:
     # ------------------------------------------------------------ snapshots
     async def snapshot_create(self, name: str, snap: str) -> dict[str, Any]:
         validate_name(snap, "snapshot")
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._refuse_migrating(name, "snapshot it")
             if backend.snapshot(name, snap) is not None:
                 raise CatalogError("conflict", f"volume {name!r} already has a snapshot named {snap!r}")
@@ -456,8 +506,7 @@ class VolumeManager:
         """Put the volume on a new empty head over SNAP. Newer snapshots stay (a branch); the
         current head's unsnapshotted data is discarded."""
         await self.exports_cache.settle(name)
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._require_snap(backend, name, snap)
             self._refuse_migrating(name, "revert it")
             head = self.head(name)
@@ -498,8 +547,7 @@ class VolumeManager:
         """Forget the snapshot; what its data becomes is the backend's business (merged away
         by a job, or kept while branches share it)."""
         await self.exports_cache.settle(name)
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._require_snap(backend, name, snap)
             self._refuse_migrating(name, "delete its snapshots")
             exp = self.exports_cache.get(name, snap)
@@ -517,20 +565,18 @@ class VolumeManager:
         vol_name, sep, snap = source.partition("@")
         if not sep:
             raise CatalogError("invalid", f"clone source must be VOLUME@SNAPSHOT, not {source!r}")
-        async with self.tree_lock:
-            backend, rec = self.locate(vol_name)
+        async with self.editing(vol_name) as (backend, rec):
             self._require_snap(backend, vol_name, snap)
             self._refuse_migrating(vol_name, "clone it")
             validate_name(new)
-            if self.record(new) is not None:
-                raise CatalogError("conflict", f"volume {new!r} already exists")
-            await backend.clone(rec, snap, new)
+            self._check_free(new)
+            with self._creating_name(new):
+                await backend.clone(rec, snap, new)
         return self.require(new)
 
     async def flatten(self, name: str) -> JobView:
         """Copy everything the volume reads from its ancestors into its head (a job)."""
-        async with self.tree_lock:
-            backend, rec = self.locate(name)
+        async with self.editing(name) as (backend, rec):
             self._refuse_busy(name)
             return await backend.flatten(rec)
 

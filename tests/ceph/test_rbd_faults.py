@@ -401,7 +401,8 @@ async def test_snapshot_delete_while_the_mon_is_away(
     restart: the call never returned, and its volume manager's lock held every later
     snapshot, create and resize of every pool (file pools too) until the node was killed.
     Now such a call fails after three op timeouts with a clear error; the delete is finished
-    by running it again."""
+    by running it again. While it waits, only its own pool's edits wait: file pools' edits
+    go on at once (each RBD pool has its own edit lock)."""
     name, local = unique("v"), unique("f")
     server = BlockvirtServer(tmp_path / "data", extra_args=SERVE_ARGS, log_level="info").start()
     try:
@@ -411,16 +412,31 @@ async def test_snapshot_delete_while_the_mon_is_away(
         cli_json(server, "snapshot", "create", name, "s1")
         with mon_down(ceph_cluster):
             t0 = time.monotonic()
-            r = await asyncio.wait_for(asyncio.to_thread(server.cli, "snapshot", "delete", name, "s1"), 60)
+            deleting = asyncio.ensure_future(asyncio.to_thread(server.cli, "snapshot", "delete", name, "s1"))
+            await asyncio.sleep(1.0)  # the delete holds its pool's edit lock by now
+            assert not deleting.done()
+            # Every kind of edit of a file pool, while the RBD pool's delete waits on Ceph.
+            edits: list[tuple[str, float]] = []
+            for what, args in (
+                ("create", ("volume", "create", f"{local}-2", "--size", "4M")),
+                ("snapshot", ("snapshot", "create", local, "f1")),
+                ("resize", ("volume", "resize", local, "8M")),
+                ("clone", ("volume", "clone", f"{local}@f1", f"{local}-c")),
+                ("delete", ("volume", "delete", f"{local}-2")),
+            ):
+                e0 = time.monotonic()
+                await asyncio.to_thread(cli_json, server, *args)
+                edits.append((what, time.monotonic() - e0))
+            assert not deleting.done(), "the RBD delete ended before the file edits were timed"
+            timed = ", ".join(f"{w} {t:.2f} s" for w, t in edits)
+            print(f"file pool edits while an RBD pool's edit waits: {timed}")
+            assert all(t < 2 for _, t in edits), edits
+            r = await asyncio.wait_for(deleting, 60)
             took = time.monotonic() - t0
             print(f"snapshot delete with the mon away: {took:.2f} s: {r.stderr.strip()}")
             assert r.returncode == 1 and "Traceback" not in r.stderr
             assert "no answer from the cluster" in r.stderr and "run the delete again" in r.stderr
             assert took < 3 * OP_TIMEOUT + 5, took
-            # The manager is free again: a file volume's snapshot is taken at once.
-            t0 = time.monotonic()
-            cli_json(server, "snapshot", "create", local, "f1")
-            assert time.monotonic() - t0 < 2
 
         # Back: running the delete again finishes it, whatever Ceph did meanwhile.
         def listed() -> list[str] | None:
@@ -436,6 +452,7 @@ async def test_snapshot_delete_while_the_mon_is_away(
         cli_json(server, "snapshot", "create", name, "s2")
         assert listed() == ["s2"]
         server.api.delete(f"/api/v1/volumes/{name}")
+        server.api.delete(f"/api/v1/volumes/{local}-c")
         server.api.delete(f"/api/v1/volumes/{local}")
         server.api.delete("/api/v1/pools/snaps")
         t0 = time.monotonic()

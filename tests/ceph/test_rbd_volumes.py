@@ -121,6 +121,30 @@ def test_duplicate_and_cross_pool_names_are_conflicts(rbd_server: BlockvirtServe
     rbd_server.api.delete(f"/api/v1/volumes/{name}-f")
 
 
+async def test_one_name_created_in_two_pools_at_once_is_made_once(rbd_server: BlockvirtServer) -> None:
+    # Each RBD pool has its own edit lock, apart from the file pools': two creates of one
+    # name may run at once, and the name is still made once.
+    def create(name: str, pool: str) -> str:
+        try:
+            rbd_server.create_volume(name, 8 * MiB, pool=pool)
+        except ApiError as e:
+            return f"{e.status} {e}"
+        return "made"
+
+    for _ in range(8):
+        name = unique("race")
+        got = await asyncio.gather(
+            asyncio.to_thread(create, name, BV_POOL), asyncio.to_thread(create, name, "default")
+        )
+        assert got.count("made") == 1, got
+        [refusal] = [g for g in got if g != "made"]
+        assert refusal.startswith("409 "), refusal
+        assert "already exists" in refusal or "is being created" in refusal, refusal
+        [listed] = [v for v in rbd_server.api.get("/api/v1/volumes")["volumes"] if v["name"] == name]
+        rbd_server.api.delete(f"/api/v1/volumes/{name}")
+        assert listed["pool"] == (BV_POOL if got[0] == "made" else "default")
+
+
 async def test_io_fua_and_flush_reach_ceph(rbd_server: BlockvirtServer, ceph_view: CephView) -> None:
     name = volume(rbd_server, 16 * MiB)
     data = os.urandom(MiB + 4096)

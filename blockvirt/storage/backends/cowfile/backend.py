@@ -99,7 +99,7 @@ class FileBackend:
         #: Access rules and QoS settings of file volumes: tables of the node's catalog.
         self.settings = FileSettings(catalog)
         self.io = io
-        self.st = FileState(catalog, io, LayerRegistry(catalog, io), host, host.tree_lock)
+        self.st = FileState(catalog, io, LayerRegistry(catalog, io), host, host.scope_lock(self.kind))
         self._tasks: set[asyncio.Task[None]] = set()
         #: Volumes whose layers were last seen damaged, and why (to log a change once).
         self._damaged: dict[str, str] = {}
@@ -248,6 +248,11 @@ class FileBackend:
 
     def failed(self, node: BlockNode) -> str | None:
         return node.failed if isinstance(node, ChainNode) else None
+
+    def edit_scope(self, pool: str) -> str:
+        # One scope for every file pool: they share the layer registry and the node's
+        # catalog, and a move or merge spans pools.
+        return self.kind
 
     def served_elsewhere(self, volume: str) -> str | None:
         return None  # a file pool belongs to this node alone
@@ -401,7 +406,7 @@ class FileBackend:
             self.st.layers.release(new_head)
             raise
         async with head.drained():
-            assert node.head is old, "the head changed under the tree lock"
+            assert node.head is old, "the head changed under the edit lock"
             node.freeze_head(new_head)
         self._background(node.commit_frozen())
         return SnapshotResult(depth)

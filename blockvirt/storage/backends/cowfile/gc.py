@@ -40,7 +40,7 @@ def job_layers(st: FileState, job: JobView) -> set[str]:
 
 async def collect(st: FileState, *, start_merges: bool) -> list[JobView]:
     """Delete layers nothing needs; start merges of hidden layers with one child. Runs under
-    the tree lock."""
+    the file pools' edit lock."""
     while True:
         live = st.catalog.live_layers()
         removed = 0

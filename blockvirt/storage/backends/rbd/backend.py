@@ -596,6 +596,11 @@ class RbdBackend:
                 e.base.failed = why
                 await self.host.evict(e.volume, why)
 
+    def edit_scope(self, pool: str) -> str:
+        # A scope per pool: each has its own Ceph client, catalog and images, so one whose
+        # cluster does not answer holds only its own edits.
+        return f"{self.kind}:{pool}"
+
     def served_elsewhere(self, volume: str) -> str | None:
         st = self._find(volume)
         if st is None or st.own is None or st.members is None:
