@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from blockvirt.storage.backends.rbd.cluster import CephConnection
+from blockvirt.storage.backends.rbd.errors import EBLOCKLISTED
 from blockvirt.storage.backends.rbd.omap import OmapDocument, VersionConflict
 from tests.ceph.conftest import unique
+from tests.cephcluster import CephCluster
 
 pytestmark = pytest.mark.ceph
 
@@ -116,3 +118,30 @@ async def test_reconnect_closes_watches_and_says_so(conn: CephConnection) -> Non
     await conn.reconnect()
     assert watch.closed and errors == [errno.ESHUTDOWN]
     await doc.delete()  # the document works through the new client instance
+
+
+async def test_a_watch_lost_in_ceph_says_so(conn: CephConnection, ceph_cluster: CephCluster) -> None:
+    # Fenced (blocklisted), the watcher's client loses its watch: librados calls the error
+    # callback from its own thread. python3-rados passes it two arguments; a callback of one
+    # raised TypeError there, so the loss went unseen and the watch was never made again.
+    doc = OmapDocument(conn, unique("doc"))
+    errors: list[int] = []
+    lost = asyncio.Event()
+
+    def on_error(code: int) -> None:
+        errors.append(code)
+        lost.set()
+
+    watch = await doc.watch(lambda _m: None, on_error)
+    try:
+        ceph_cluster.ceph("osd", "blocklist", "add", conn.client_address())
+        await asyncio.wait_for(lost.wait(), 30)
+        print("watch lost:", errors)
+        assert errors[0] in (errno.ENOTCONN, EBLOCKLISTED), errors
+        if errors[0] == EBLOCKLISTED:
+            assert conn.fenced  # noticed through the watch alone
+    finally:
+        await watch.close()
+        ceph_cluster.blocklist_clear()
+    await conn.reconnect()
+    await doc.delete()

@@ -449,14 +449,28 @@ class RbdBackend:
         def changed(message: str) -> None:
             st.kick.set()
 
+        #: [this watch] once made, [None] if it was lost before that. A loss is this watch's
+        #: own only: a late one of an older watch must not drop the current.
+        made: list[OmapWatch | None] = []
+
         def lost(code: int) -> None:
-            st.watch = None
             st.kick.set()
+            if not made:
+                made.append(None)
+            elif made[0] is not None and st.watch is made[0]:
+                st.watch = None
+                self._spawn(made[0].close())  # unregistered; the sync loop makes a new one
 
         try:
-            st.watch = await st.catalog.doc.watch(changed, lost)
+            watch = await st.catalog.doc.watch(changed, lost)
         except (CephError, StorageError) as e:
             log.info("pool %s: cannot watch the catalog (%s): looking every %g s", st.rec.name, e, HEARTBEAT)
+            return
+        if made:
+            self._spawn(watch.close())
+        else:
+            made.append(watch)
+            st.watch = watch
 
     async def _notify(self, st: PoolState) -> None:
         """Tell the other nodes this node changed the catalog. Not waited for: a watcher that

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import json
 import logging
@@ -80,13 +81,12 @@ class CephConfig:
         )
 
 
-#: Binding objects whose finalizer must never run (it would call into librados under a call
-#: that never returned, or after the client's shutdown): kept for the process's life.
-_kept: list[Any] = []
-
-
 def keep_for_good(obj: Any) -> None:
-    _kept.append(obj)
+    """Never finalize a binding object (its finalizer would call into librados under a call
+    that never returned, or after the client's shutdown). A reference is taken and never
+    given back: a list of them would be emptied as the interpreter clears modules at exit,
+    and the finalizers would run then."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 class _Closeable(Protocol):

@@ -322,8 +322,10 @@ class OmapDocument:
             except RuntimeError:
                 pass
 
-        def failed(err: int) -> None:  # Ceph thread
-            code = abs(int(err))
+        def failed(*args: Any) -> None:  # Ceph thread
+            # python3-rados passes (watch id, error), though its docstring says (error): with
+            # one parameter, every lost watch was a TypeError in Ceph's thread, never seen.
+            code = abs(int(args[-1]))
             try:
                 loop.call_soon_threadsafe(self._watch_failed, session, code, on_error)
             except RuntimeError:
