@@ -3,10 +3,10 @@
 It resolves a volume's name to the backend of its pool, keeps the cache of open exports,
 serialises tree edits by edit scope (a lock per scope: all file pools share one, each RBD
 pool has its own, so a cluster that does not answer holds up only its own pool's edits),
-refuses what is never allowed whatever the backend (an
-edit while a job runs on the volume, a delete or shrink under connected clients), asks the
-backend to do the edit (the backend drains the exports it must), and tells the rest of the
-process what changed (`StorageEvents`). It holds no SQL, no file and no job logic.
+refuses what is never allowed whatever the backend (an edit while a job runs on the
+volume, a delete or shrink under connected clients), asks the backend to do the edit (the
+backend drains the exports it must), and tells the rest of the process what changed
+(`StorageEvents`). It holds no SQL, no file and no job logic.
 """
 
 from __future__ import annotations
