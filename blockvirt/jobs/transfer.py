@@ -276,7 +276,15 @@ async def _abandon(
             async with head.drained():
                 head.remove(filt)
         target.release(tgt_head.base)
-        await _discard_incoming(target, name)
+        try:
+            await _discard_incoming(target, name)
+        except (CatalogError, StorageError) as e:
+            # What made the job fail is its error, not this (a target that went away fails
+            # both); the next attempt removes the copy before it starts.
+            log.warning(
+                "migration of %s: its copy in pool %s stays for now: %s", name, job.params["pool"], e,
+                extra=job.log_extra(),
+            )  # fmt: skip
 
     task = asyncio.ensure_future(undo())
     try:

@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import Awaitable, Callable
 
 from blockvirt.storage.node import HOLE, ZERO, BlockNode, StorageError
+
+log = logging.getLogger("blockvirt.transfer")
 
 #: Unit of the copy pass, of its locks and of the dirty set.
 CHUNK = 1 << 20
 #: A target that fails this many times in a row ends the move (the source stays authoritative).
 MAX_TARGET_FAILURES = 5
+#: How long a guest's request waits for its mirrored copy. A target that takes longer (an RBD
+#: pool whose cluster stopped answering fails a write only after its op timeout, 30 s) is not
+#: the guest's problem: its chunk is left to the pass, and mirroring stops until the pass
+#: copies a chunk again.
+MIRROR_WAIT = 1.0
 
 #: A pause before copying n bytes (rate limit, QoS background admission).
 Throttle = Callable[[int], Awaitable[None]]
@@ -66,7 +74,9 @@ def chunks_of(extents: list[tuple[int, int]]) -> set[int]:
 class NodeReplica:
     """Copies a live head (the source node) into a target node while guests write to it."""
 
-    def __init__(self, source: BlockNode, target: BlockNode, dirty: set[int]) -> None:
+    def __init__(
+        self, source: BlockNode, target: BlockNode, dirty: set[int], *, mirror_wait: float = MIRROR_WAIT
+    ) -> None:
         self.source = source
         self.target = target
         #: Chunks the pass has yet to copy.
@@ -75,6 +85,12 @@ class NodeReplica:
         self.failures = 0
         self.error: BaseException | None = None
         self.mirrored_writes = 0
+        self.mirror_wait = mirror_wait
+        #: The target failed or stalled, and the pass has not copied a chunk since: guest
+        #: changes only mark their chunks dirty, and guests never wait for the target.
+        self.degraded = False
+        #: Times a mirrored copy outlasted mirror_wait (the guest went on without it).
+        self.stalls = 0
 
     @property
     def clean(self) -> bool:
@@ -99,19 +115,27 @@ class NodeReplica:
             await asyncio.shield(lock)
         if chunk not in self.dirty:
             return 0
+        # Clean from the moment its copy starts: a guest change during the copy (degraded
+        # mirroring does not wait for the lock) marks it dirty again, and that mark stays.
+        self.dirty.discard(chunk)
         start, n = self._span(chunk)
         try:
             copied = await self._locked(chunk, start, n) if n else 0
         except (OSError, StorageError) as e:
+            self.dirty.add(chunk)
+            self.degraded = True  # guests would meet the same target: they stop mirroring
             self._failed(e)
             raise
-        self.dirty.discard(chunk)
         self.failures = 0
+        self.degraded = False  # the target answers again: mirror again
         return copied
 
     async def changed(self, offset: int, length: int, fua: bool) -> None:
         """A guest changed [offset, offset + length) of the source (Replica)."""
         for chunk in range(offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK + 1):
+            if self.degraded:
+                self.dirty.add(chunk)  # the pass reads our change when it copies the chunk
+                continue
             while (lock := self._locks.get(chunk)) is not None:
                 await asyncio.shield(lock)  # being copied: mirror our part once it is done
             if chunk in self.dirty:
@@ -120,22 +144,47 @@ class NodeReplica:
             lo, hi = max(offset, start), min(offset + length, start + n)
             if hi <= lo:
                 continue
-            try:
-                await self._locked(chunk, lo, hi - lo)
-            except (OSError, StorageError) as e:
-                self.dirty.add(chunk)  # never fail the guest: the pass copies it again
-                self._failed(e)
+            if not await self._bounded(self._locked(chunk, lo, hi - lo), chunk):
                 continue
             self.mirrored_writes += 1
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        """After a guest FLUSH: the target is all there will be after the switch."""
+        """After a guest FLUSH or FUA: the target too, as far as it answers in time. Not
+        needed for safety (the switch flushes the target under its drain before promoting
+        it), so a degraded or slow target is not waited for."""
+        if not self.degraded:
+            await self._bounded(self.target.flush(), None)
+
+    async def _bounded(self, op: Awaitable[object], chunk: int | None) -> bool:
+        """Run a copy (or flush) for a guest, waiting at most mirror_wait. False if it
+        failed or is still running: then its chunk is dirty and mirroring degraded."""
+        task = asyncio.ensure_future(op)
         try:
-            await self.target.flush()
+            await asyncio.wait_for(asyncio.shield(task), self.mirror_wait)
+            return True
+        except TimeoutError:
+            self.stalls += 1  # it goes on, holding its chunk's lock: the pass copies after it
         except (OSError, StorageError) as e:
+            self._failed(e)  # never fail the guest: the pass copies it again
+        finally:
+            if not task.done():  # timed out, or the guest's request was cancelled
+                task.add_done_callback(self._late)
+        if chunk is not None:
+            self.dirty.add(chunk)
+        self.degraded = True
+        return False
+
+    def _late(self, task: asyncio.Future[object]) -> None:
+        """A copy that outlived its guest's wait ended."""
+        if task.cancelled():
+            return
+        e = task.exception()
+        if isinstance(e, OSError | StorageError):
             self._failed(e)
+        elif e is not None:
+            log.error("mirrored copy failed: %r", e)
 
     def _failed(self, e: BaseException) -> None:
         self.failures += 1

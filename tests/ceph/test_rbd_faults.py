@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -266,6 +267,90 @@ def osd_gone(ceph: CephCluster, how: str) -> Iterator[None]:
             ceph.start_osd()
         else:
             ceph.thaw_osd()
+
+
+async def test_a_migration_whose_rbd_target_goes_away(
+    rbd_server: BlockvirtServer, ceph_cluster: CephCluster
+) -> None:
+    """A file volume migrating to an RBD pool whose OSD stops under the copy: the initiator
+    writing to it waits at most about the mirror wait (1 s) for any write, where each write
+    to a chunk already copied waited for Ceph's op timeout before. The job gives up, the
+    volume stays in its file pool with every write, and once the OSD is back a migration
+    goes through."""
+    name = unique("m")
+    size, block = 32 * MiB, 4096
+    rbd_server.create_volume(name, size)
+    model: dict[int, bytes] = {}
+    rng = random.Random(4)
+    async with await NbdClient.connect(rbd_server.uri(name)) as c:
+        for off in range(0, size, MiB):  # data for the pass to copy: it takes 8 s at 4 MB/s
+            await c.write(off, bytes([off // MiB + 1]) * MiB)
+        await c.flush()
+        job = cli_json(rbd_server, "migrate", name, "--pool", BV_POOL, "--bps-limit", "4M")
+        stopped_at: list[float] = []
+        slowest = 0.0
+        writes = 0
+
+        async def writer(until: asyncio.Event) -> None:
+            nonlocal slowest, writes
+            while not until.is_set():
+                blk = rng.randrange(size // block)
+                data = os.urandom(block)
+                t0 = time.monotonic()
+                await c.write(blk * block, data)
+                took = time.monotonic() - t0
+                model[blk] = data
+                writes += 1
+                if stopped_at and t0 > stopped_at[0]:
+                    slowest = max(slowest, took)
+                await asyncio.sleep(0.01)
+
+        def state() -> str:
+            st: str = rbd_server.api.get(f"/api/v1/jobs/{job['id']}")["state"]
+            return st
+
+        until = asyncio.Event()
+        writing = asyncio.ensure_future(writer(until))
+        try:
+            await asyncio.sleep(2.0)  # the pass is copying; changes to copied chunks are mirrored
+            assert await asyncio.to_thread(state) == "running"
+            stopped_at.append(time.monotonic())
+            await asyncio.to_thread(ceph_cluster.stop_osd)
+            try:
+                deadline = time.monotonic() + 60
+                while await asyncio.to_thread(state) == "running":
+                    assert time.monotonic() < deadline, "the migration neither failed nor finished"
+                    await asyncio.sleep(0.5)
+                gave_up = time.monotonic() - stopped_at[0]
+                until.set()
+                await writing
+            finally:
+                await asyncio.to_thread(ceph_cluster.start_osd)
+        finally:
+            until.set()
+            writing.cancel()
+        print(f"target away: {writes} writes, slowest after stop {slowest:.3f} s; job ended in {gave_up:.1f}")
+        assert await asyncio.to_thread(state) == "failed"
+        assert slowest < 1.8, slowest
+        info = cli_json(rbd_server, "volume", "info", name)
+        assert info["pool"] == "default", info
+
+        async def check() -> None:
+            for blk, data in model.items():
+                assert await c.read(blk * block, block) == data, blk
+
+        await check()
+        # Back: the same migration goes through once the copy left by the first attempt is
+        # removed (its stale watch lasts about 30 s after the OSD is back: the delete waits).
+        r = await asyncio.to_thread(rbd_server.cli, "migrate", name, "--pool", BV_POOL, "--wait", timeout=120)
+        assert r.returncode == 0, r.stderr
+        # Its copy was closed while the OSD was away and kept that handle's lock: released,
+        # not broken (librbd's remove would have blocklisted this node's own client).
+        assert ceph_cluster.blocklist_ls() == []
+        assert "by a handle of this client that is gone" in rbd_server.log_path.read_text()
+        assert cli_json(rbd_server, "volume", "info", name)["pool"] == BV_POOL
+        await check()
+    rbd_server.api.delete(f"/api/v1/volumes/{name}")
 
 
 @pytest.mark.parametrize("how", ["stop", "freeze"])

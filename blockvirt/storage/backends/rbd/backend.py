@@ -50,6 +50,7 @@ from blockvirt.storage.backends.rbd.errors import CephError, RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage, DiffExtent
 from blockvirt.storage.backends.rbd.imageops import (
     MARK,
+    STALE_WATCH_WAIT,
     allocated_at,
     changed_bytes,
     fill_zeros,
@@ -1009,10 +1010,12 @@ class RbdBackend:
                 # beside the owner. The sessions go; on reconnecting, the client is told where.
                 self._spawn(self.host.evict(name, e.message))
                 raise StorageError(errno.EROFS, e.message) from None
+        await self._released(name)  # our own handles of it closed: a lock of ours left is orphaned
         img = await images.open(name)
         members = st.members
         try:
-            fenced = await take_lock(img, members.holder if members is not None else lambda _: None)
+            holder = members.holder if members is not None else lambda _: None
+            fenced = await take_lock(img, holder, st.conn.client_address() if st.conn is not None else None)
         except HeldByLiveNode as e:
             await img.close()
             message = ServedElsewhere(name, e.node, _address(members, e.node) if members else "").message
@@ -1034,6 +1037,12 @@ class RbdBackend:
         task.add_done_callback(closing.discard)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _released(self, volume: str) -> None:
+        """Wait until the images of the volume's released nodes are closed (kept tracked)."""
+        closing = self._closing_nodes.get(volume)
+        if closing:
+            await asyncio.wait(set(closing))
 
     async def _closed(self, volume: str) -> None:
         """Wait until the images of the volume's released nodes are closed (an open image
@@ -1089,10 +1098,15 @@ class RbdBackend:
         st = self._state(volume.name)
         images, catalog = st.require()
         await self._closed(volume.name)
+        vol = catalog.volume(volume.name)
+        # A failed migration's copy, discarded when its OSDs may just have come back: an
+        # image it closed while they were away keeps a stale watch for a while. A job can
+        # wait for it; a user's delete is told to try again.
+        busy_wait = STALE_WATCH_WAIT if vol is not None and vol.incoming else 0.0
         with _ceph_errors(f"cannot delete volume {volume.name!r}"):
             # The catalog first: an image a crash leaves behind is marked, so provably ours.
             await catalog.remove_volume(volume.name)
-            await remove_image(images, volume.name)
+            await remove_image(images, volume.name, busy_wait=busy_wait)
         st.figures.pop(volume.name, None)
         await purge_trash(images)  # its parent may have waited there for this clone
 

@@ -696,6 +696,39 @@ class AsyncImage:
         await self._conn.wait_for_latest_osdmap()
         return broken
 
+    async def release_orphaned_lock(self) -> int:
+        """Release the exclusive lock that this very client holds through a handle that is
+        gone. An image closed while its OSDs were away keeps its lock (and, for a while, its
+        watch). librbd would break such a lock, and breaking blocklists the holder's
+        address: here our own, fencing this client and every volume it serves; blockvirt's
+        own take-over refuses it as held by a live node, this one. So it is released the way
+        its holder would release it: a RADOS unlock as the same client entity. Only when no
+        handle of this client still has the image open for writing (the caller's to know).
+        Returns how many locks were released."""
+        session = self._session
+
+        def do() -> int:
+            if self._image.is_exclusive_lock_owner():
+                return 0
+            info = self._image.list_lockers()  # a fresh handle's view: the header's lockers
+            if not isinstance(info, dict):
+                return 0
+            me = f"client.{session.rados.get_instance_id()}"
+            header = f"rbd_header.{self._image.id()}"
+            released = 0
+            for client, cookie, _addr in info.get("lockers", []):
+                if str(client) == me:
+                    session.ioctx.unlock(header, "rbd_lock", str(cookie))
+                    released += 1
+            return released
+
+        released = await self._control("release orphaned lock", do)
+        if released:
+            log.warning(
+                "%s: released %d lock(s) left by a handle of this client that is gone", self.name, released
+            )
+        return released
+
     # close -----------------------------------------------------------
 
     async def close(self) -> None:

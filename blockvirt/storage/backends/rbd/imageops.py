@@ -20,6 +20,10 @@ log = logging.getLogger("blockvirt.rbd")
 #: name). Set before the catalog knows the volume, so an image a crash leaves behind is
 #: provably blockvirt's; trashed images carry it too.
 MARK = "blockvirt.volume"
+#: How long Ceph keeps the watch of a client that stopped answering (the OSDs'
+#: osd_client_watch_timeout, 30 s by default), plus a margin: an image closed while its
+#: OSDs were away keeps such a watch, counted as a user, until then.
+STALE_WATCH_WAIT = 60.0
 
 
 async def fill_zeros(img: AsyncImage, size: int, start: int = 0) -> None:
@@ -62,9 +66,11 @@ async def changed_bytes(images: RbdPool, volume: str, since: str, until: str) ->
         await img.close()
 
 
-async def remove_image(images: RbdPool, name: str) -> None:
+async def remove_image(images: RbdPool, name: str, *, busy_wait: float = 0.0) -> None:
     """Remove an image and its snapshots; one whose snapshots clones still read goes to the
-    RBD trash instead (librbd removes it once they are gone or flattened)."""
+    RBD trash instead (librbd removes it once they are gone or flattened). An image still
+    watched (open somewhere, or a stale watch: STALE_WATCH_WAIT) is tried again for up to
+    `busy_wait` seconds, then refused with EBUSY and a clear message."""
     try:
         img = await images.open(name)
     except StorageError as e:
@@ -74,16 +80,36 @@ async def remove_image(images: RbdPool, name: str) -> None:
     try:
         for s in await img.snapshots():
             await img.snapshot_remove(s.name)
+        await img.release_orphaned_lock()  # librbd's remove would break it: fencing us
     finally:
         await img.close()
-    try:
-        await images.remove(name)
-    except RbdError as e:
-        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+    deadline = asyncio.get_running_loop().time() + busy_wait
+    while True:
+        try:
+            await images.remove(name)
+            return
+        except RbdError as e:
+            if e.errno == errno.ENOENT:
+                return
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
+        try:
             await images.trash_move(name)
             log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
-        elif e.errno != errno.ENOENT:
-            raise
+            return
+        except RbdError as e:
+            # Neither removed nor trashed: the image has a watcher (the trash takes an
+            # image whose snapshots clones read, not one a client has open).
+            if e.errno != errno.EBUSY:
+                raise
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RbdError(
+                    errno.EBUSY,
+                    f"image {name} is still open by a client (or held by the watch of one that "
+                    f"went away, which Ceph keeps for about 30 s): try again shortly",
+                    errno.EBUSY,
+                ) from None
+        await asyncio.sleep(2.0)
 
 
 async def purge_trash(images: RbdPool) -> None:

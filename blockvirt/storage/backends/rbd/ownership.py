@@ -210,7 +210,9 @@ class HeldByLiveNode(CatalogError):
         self.node = node
 
 
-async def take_lock(img: AsyncImage, holder_node: Callable[[str], tuple[str, bool] | None]) -> list[str]:
+async def take_lock(
+    img: AsyncImage, holder_node: Callable[[str], tuple[str, bool] | None], me: str | None = None
+) -> list[str]:
     """Hold the image's exclusive lock; a holder that is not us is fenced first (lock_break
     blocklists its Ceph client and waits for the newest OSD map). Returns who was fenced.
 
@@ -222,7 +224,13 @@ async def take_lock(img: AsyncImage, holder_node: Callable[[str], tuple[str, boo
     no longer its own. (On resume it is blind, so it presumes nobody dead: it refuses.)"""
     fenced: list[str] = []
     if not await img.is_lock_owner():
-        for holder in await img.lock_owners():
+        owners = await img.lock_owners()
+        if me is not None and any(h.owner == me for h in owners):
+            # Held by this client (address `me`) through a handle that is gone: every handle
+            # of ours on the image is closed by now (the caller waits for them).
+            await img.release_orphaned_lock()
+            owners = [h for h in owners if h.owner != me]
+        for holder in owners:
             known = holder_node(holder.owner)
             if known is not None and known[1]:
                 raise HeldByLiveNode(img.name, known[0], "")
