@@ -100,14 +100,22 @@ class NodeReplica:
         start = chunk * CHUNK
         return start, max(0, min(CHUNK, self.source.size - start))
 
-    async def _locked(self, chunk: int, offset: int, length: int) -> int:
+    def _lock(self, chunk: int) -> asyncio.Future[None]:
+        """Lock a chunk at once (not at a task's first step: a second change of the chunk in
+        the same turn must find it locked, or two copies of it could land out of order)."""
         fut = asyncio.get_running_loop().create_future()
         self._locks[chunk] = fut
+        return fut
+
+    async def _copy_locked(self, chunk: int, fut: asyncio.Future[None], offset: int, length: int) -> int:
         try:
             return await copy_range(self.source, self.target, offset, length)
         finally:
             del self._locks[chunk]
             fut.set_result(None)
+
+    async def _locked(self, chunk: int, offset: int, length: int) -> int:
+        return await self._copy_locked(chunk, self._lock(chunk), offset, length)
 
     async def copy_chunk(self, chunk: int) -> int:
         """The pass: copy one dirty chunk (waits if a mirrored change holds it)."""
@@ -144,7 +152,8 @@ class NodeReplica:
             lo, hi = max(offset, start), min(offset + length, start + n)
             if hi <= lo:
                 continue
-            if not await self._bounded(self._locked(chunk, lo, hi - lo), chunk):
+            copy = self._copy_locked(chunk, self._lock(chunk), lo, hi - lo)
+            if not await self._bounded(copy, chunk):
                 continue
             self.mirrored_writes += 1
         if fua:

@@ -41,6 +41,14 @@ class StallingNode(MemoryNode):
         await super().flush()
 
 
+class SlowNode(MemoryNode):
+    """A target whose writes take a while: copies of one chunk would overlap."""
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        await asyncio.sleep(0.01)
+        await super().write(offset, data, fua)
+
+
 async def guest_write(source: MemoryNode, replica: NodeReplica, offset: int, data: bytes) -> float:
     """What MirrorFilter.write does; returns how long the guest waited."""
     t0 = time.monotonic()
@@ -130,3 +138,17 @@ async def test_failing_target_writes_end_the_move_after_five() -> None:
     except StorageError:
         pass
     assert replica.error is not None  # the fifth failure in a row: the job gives up
+
+
+async def test_two_changes_of_a_chunk_in_one_turn_are_copied_in_order() -> None:
+    # Each mirrored copy runs as a task (so a guest can stop waiting for it); the chunk is
+    # locked before that task starts, so the second change waits for the first copy and the
+    # target ends with the second.
+    source, target = MemoryNode(SIZE), SlowNode(SIZE)
+    replica = NodeReplica(source, target, set(), mirror_wait=1.0)
+    await source.write(0, b"1" * 4096)
+    first = asyncio.ensure_future(replica.changed(0, 4096, fua=False))
+    second = asyncio.ensure_future(replica.changed(0, 4096, fua=False))
+    await asyncio.gather(first, second)
+    assert replica.failures == 0 and not replica.degraded and replica.clean
+    assert replica.mirrored_writes == 2 and target.data[:4096] == b"1" * 4096
