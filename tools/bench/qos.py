@@ -386,9 +386,14 @@ def latency(b: Bench, target_ms: float = 10.0, device_iops: float = 2000.0) -> R
         run["probe_p95_ms"] = clat["95.000000"] / 1e6
         run["server_device_p95_ms"] = statistics.median(seen) if seen else None
         run["total"] = sum(run["mean"][n] for n in vols)
+        # What the device served: the probe too. Controlled, the probe waits ~10 ms instead
+        # of ~50 and so takes ~90 IOPS instead of ~20, out of the same 2000: counting only
+        # the three disks read that as throughput lost (96.5 % where the device served 100 %).
+        run["device_total"] = run["total"] + run["mean"]["probe"]
         out[mode] = run
         split = ", ".join(f"{run['mean'][n]:.0f}" for n in vols)
-        log(f"  {mode}: {run['total']:.0f} IOPS ({split}), probe p95 {run['probe_p95_ms']:.1f} ms (fio), "
+        log(f"  {mode}: {run['total']:.0f} IOPS ({split}) + probe {run['mean']['probe']:.0f}, "
+            f"probe p95 {run['probe_p95_ms']:.1f} ms (fio), "
             f"device p95 {run['server_device_p95_ms']} ms (server)")  # fmt: skip
     s.api.delete("/api/v1/debug/faults/dev")
     c, u = out["controlled"], out["uncontrolled"]
@@ -401,8 +406,8 @@ def latency(b: Bench, target_ms: float = 10.0, device_iops: float = 2000.0) -> R
         c["probe_p95_ms"] < 0.5 * u["probe_p95_ms"],
     )
     r.check(
-        f"throughput {c['total']:.0f} >= 95% of uncontrolled {u['total']:.0f}",
-        c["total"] >= 0.95 * u["total"],
+        f"throughput {c['device_total']:.0f} >= 95% of uncontrolled {u['device_total']:.0f}",
+        c["device_total"] >= 0.95 * u["device_total"],
     )
     m = c["mean"]
     for n, share in zip(vols, (1, 2, 4), strict=True):
