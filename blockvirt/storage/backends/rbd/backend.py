@@ -1039,17 +1039,13 @@ class RbdBackend:
         task.add_done_callback(self._tasks.discard)
 
     async def _released(self, volume: str) -> None:
-        """Wait until the images of the volume's released nodes are closed (kept tracked)."""
+        """Wait until the images of the volume's released nodes are closed (an open image
+        cannot be removed: librbd says busy; a lock still held is then an orphan's)."""
         closing = self._closing_nodes.get(volume)
         if closing:
             await asyncio.wait(set(closing))
-
-    async def _closed(self, volume: str) -> None:
-        """Wait until the images of the volume's released nodes are closed (an open image
-        cannot be removed: librbd says busy)."""
-        closing = self._closing_nodes.pop(volume, set())
-        if closing:
-            await asyncio.wait(closing)
+        if not self._closing_nodes.get(volume, True):
+            del self._closing_nodes[volume]  # nothing of it left closing
 
     # ------------------------------------------------------------ tree edits
     async def create(
@@ -1097,7 +1093,7 @@ class RbdBackend:
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
         images, catalog = st.require()
-        await self._closed(volume.name)
+        await self._released(volume.name)
         vol = catalog.volume(volume.name)
         # A failed migration's copy, discarded when its OSDs may just have come back: an
         # image it closed while they were away keeps a stale watch for a while. A job can
@@ -1198,7 +1194,7 @@ class RbdBackend:
         st = self._state(volume.name)
         images, catalog = st.require()
         what = f"cannot delete snapshot {volume.name}@{snap}"
-        await self._closed(volume.name)  # its export, if it was open
+        await self._released(volume.name)  # its export, if it was open
         # The intent first: if a crash comes between removing the RBD snapshot and updating
         # the catalog, `check --repair` finishes the delete.
         await _set_pending(catalog, volume.name, snap, "delete")
