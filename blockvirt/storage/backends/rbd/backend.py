@@ -1010,12 +1010,16 @@ class RbdBackend:
                 # beside the owner. The sessions go; on reconnecting, the client is told where.
                 self._spawn(self.host.evict(name, e.message))
                 raise StorageError(errno.EROFS, e.message) from None
-        await self._released(name)  # our own handles of it closed: a lock of ours left is orphaned
+        # Our own handles of it closed: a lock of ours left is then an orphan's. Bounded: a
+        # close held up (a fenced client's) must not hold the take-over; then a lock of ours
+        # is left to take_lock's usual judgement.
+        closed = await self._released(name, within=st.conn.config.osd_op_timeout if st.conn else 0.0)
         img = await images.open(name)
         members = st.members
         try:
             holder = members.holder if members is not None else lambda _: None
-            fenced = await take_lock(img, holder, st.conn.client_address() if st.conn is not None else None)
+            me = st.conn.client_address() if closed and st.conn is not None and st.conn.connected else None
+            fenced = await take_lock(img, holder, me)
         except HeldByLiveNode as e:
             await img.close()
             message = ServedElsewhere(name, e.node, _address(members, e.node) if members else "").message
@@ -1038,14 +1042,18 @@ class RbdBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _released(self, volume: str) -> None:
+    async def _released(self, volume: str, within: float | None = None) -> bool:
         """Wait until the images of the volume's released nodes are closed (an open image
-        cannot be removed: librbd says busy; a lock still held is then an orphan's)."""
+        cannot be removed: librbd says busy; a lock still held is then an orphan's), at
+        most `within` seconds. Whether they all are."""
         closing = self._closing_nodes.get(volume)
         if closing:
-            await asyncio.wait(set(closing))
+            _, pending = await asyncio.wait(set(closing), timeout=within)
+            if pending:
+                return False
         if not self._closing_nodes.get(volume, True):
             del self._closing_nodes[volume]  # nothing of it left closing
+        return True
 
     # ------------------------------------------------------------ tree edits
     async def create(
