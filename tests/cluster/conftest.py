@@ -295,3 +295,39 @@ def cluster2(tmp_path: Path, ceph_cluster: CephCluster) -> Iterator[Cluster]:
 def cluster3(tmp_path: Path, ceph_cluster: CephCluster) -> Iterator[Cluster]:
     """Three nodes, node-a, node-b, node-c (127.0.0.2-4), over one fresh RBD pool."""
     yield from _make_cluster(tmp_path, ceph_cluster, 3)
+
+
+#: How much of each node's log a failed test's report shows (CI keeps only the report).
+LOG_TAIL_LINES = 40
+
+
+def _log_tail(node: Node) -> str:
+    """The node's last log lines, a run of one repeated message shown once with its count."""
+    lines: list[str] = []
+    last, repeats = "", 0
+    for line in node.log().splitlines():
+        message = line.split(" ", 2)[-1]  # without the date and time
+        if message == last:
+            repeats += 1
+            continue
+        if repeats:
+            lines.append(f"    ... {repeats} more of the line above")
+        lines.append(line[:400])
+        last, repeats = message, 0
+    if repeats:
+        lines.append(f"    ... {repeats} more of the line above")
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed cluster test's report carries the tail of every node's log: what the nodes did
+    is often the only clue, and the logs go with the test's temporary directory."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Cluster):
+            for node in value.nodes:
+                report.sections.append((f"{node.name} log (tail)", _log_tail(node)))

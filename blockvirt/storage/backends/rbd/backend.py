@@ -45,7 +45,7 @@ from blockvirt.storage.backends.rbd.catalog import (
     snap_raw,
     vol_key,
 )
-from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
+from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection, Session
 from blockvirt.storage.backends.rbd.errors import CephError, RbdError
 from blockvirt.storage.backends.rbd.image import AsyncImage, DiffExtent
 from blockvirt.storage.backends.rbd.imageops import (
@@ -235,8 +235,9 @@ class RbdBackend:
         self.pools: dict[str, PoolState] = {}
         self.settings = RbdSettings(self)
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: Closes of released nodes still running, by volume.
-        self._closing_nodes: dict[str, set[asyncio.Task[None]]] = {}
+        #: Closes of released nodes still running, by volume: each with the client instance
+        #: its image was opened on (None: it was not open yet).
+        self._closing_nodes: dict[str, dict[asyncio.Task[None], Session | None]] = {}
         self._closing = False
         #: Detached pools still letting go (their cluster did not answer in time).
         self._leaving: dict[asyncio.Task[None], PoolState] = {}
@@ -1013,7 +1014,7 @@ class RbdBackend:
         # Our own handles of it closed: a lock of ours left is then an orphan's. Bounded: a
         # close held up (a fenced client's) must not hold the take-over; then a lock of ours
         # is left to take_lock's usual judgement.
-        closed = await self._released(name, within=st.conn.config.osd_op_timeout if st.conn else 0.0)
+        closed = await self._released(st, name, within=st.conn.config.osd_op_timeout if st.conn else 0.0)
         img = await images.open(name)
         members = st.members
         try:
@@ -1035,22 +1036,31 @@ class RbdBackend:
 
     def release(self, node: BlockNode) -> None:
         assert isinstance(node, RbdNode)
+        img = node.opened
         task = asyncio.ensure_future(node.close())
-        closing = self._closing_nodes.setdefault(node.volume, set())
-        closing.add(task)
-        task.add_done_callback(closing.discard)
+        closing = self._closing_nodes.setdefault(node.volume, {})
+        closing[task] = img.session if img is not None else None
+        task.add_done_callback(lambda t: closing.pop(t, None))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _released(self, volume: str, within: float | None = None) -> bool:
+    async def _released(self, st: PoolState, volume: str, within: float | None = None) -> bool:
         """Wait until the images of the volume's released nodes are closed (an open image
         cannot be removed: librbd says busy; a lock still held is then an orphan's), at
-        most `within` seconds. Whether they all are."""
+        most `within` seconds. Whether they all are.
+
+        Only those of the pool's current client instance count. One replaced since (fenced,
+        or reset after the cluster hung) is a different client to Ceph: its locks are never
+        taken for ours, a fenced one's watches went with the blocklisting, and its images
+        close with its teardown, which for a fenced client can take a long while."""
         closing = self._closing_nodes.get(volume)
         if closing:
-            _, pending = await asyncio.wait(set(closing), timeout=within)
-            if pending:
-                return False
+            current = st.conn.session if st.conn is not None and st.conn.connected else None
+            ours = {t for t, session in closing.items() if session is None or session is current}
+            if ours:
+                _, pending = await asyncio.wait(ours, timeout=within)
+                if pending:
+                    return False
         if not self._closing_nodes.get(volume, True):
             del self._closing_nodes[volume]  # nothing of it left closing
         return True
@@ -1101,7 +1111,7 @@ class RbdBackend:
     async def delete(self, volume: VolumeRecord) -> None:
         st = self._state(volume.name)
         images, catalog = st.require()
-        await self._released(volume.name)
+        await self._released(st, volume.name)
         vol = catalog.volume(volume.name)
         # A failed migration's copy, discarded when its OSDs may just have come back: an
         # image it closed while they were away keeps a stale watch for a while. A job can
@@ -1202,7 +1212,7 @@ class RbdBackend:
         st = self._state(volume.name)
         images, catalog = st.require()
         what = f"cannot delete snapshot {volume.name}@{snap}"
-        await self._released(volume.name)  # its export, if it was open
+        await self._released(st, volume.name)  # its export, if it was open
         # The intent first: if a crash comes between removing the RBD snapshot and updating
         # the catalog, `check --repair` finishes the delete.
         await _set_pending(catalog, volume.name, snap, "delete")

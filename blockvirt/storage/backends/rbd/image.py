@@ -191,6 +191,11 @@ class AsyncImage:
         return self._closing
 
     @property
+    def session(self) -> Session:
+        """The client instance the image was opened on."""
+        return self._session
+
+    @property
     def inflight(self) -> int:
         """Ops submitted and not yet completed (data path and control calls)."""
         return self._inflight
