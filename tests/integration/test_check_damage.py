@@ -130,6 +130,16 @@ def _patch(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+def _flip(path: Path, offset: int) -> None:
+    """Invert one byte: a byte of a random layer id is 0xff one time in 256, so writing a
+    fixed value there would sometimes change nothing."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([old ^ 0xFF]))
+
+
 def _data_and_zero(b: Built) -> None:
     # Cluster 0 of the snapshot's layer: block 0 both DATA and ZERO.
     m = b.file(b.snap, "map")
@@ -156,7 +166,7 @@ DAMAGE: dict[str, tuple[Callable[[Built], None], Callable[[Built], str]]] = {
         lambda b: f"layer {b.head}: not a blockvirt layer map (bad magic)",
     ),
     "header checksum": (
-        lambda b: _patch(b.file(b.snap, "map"), 30, b"\xff"),  # inside the layer id
+        lambda b: _flip(b.file(b.snap, "map"), 30),  # inside the layer id
         lambda b: f"layer {b.snap}: layer header checksum mismatch",
     ),
     "catalog row without files": (
