@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockvirt.storage.catalog import Catalog, CatalogError, JobRecord
+from blockvirt.storage.node import StorageError
 from blockvirt.storage.work import CANCELLABLE, JobKind, JobState
 
 log = logging.getLogger("blockvirt.jobs")
@@ -139,6 +140,11 @@ class Job:
 Runner = Callable[[Job], Awaitable[None]]
 
 
+#: Failures that storage reports on purpose (a disk error, a pool away, an edit refused):
+#: logged as one line. Anything else is logged with its stack.
+EXPECTED_FAILURES = (OSError, StorageError, CatalogError)
+
+
 def public_error(e: BaseException) -> str:
     """What the API may show of a failure: an OSError's text names files, so only its
     strerror goes out (the full error is in the server log)."""
@@ -206,7 +212,11 @@ class JobManager:
                     self.save(job)
                 raise  # a stop: stays RUNNING in the catalog, resumed next time
             except Exception as e:
-                log.exception("job %s (%s on %s) failed", job.id, job.kind, job.volume, extra=job.log_extra())
+                what = (job.id, job.kind, job.volume)
+                if isinstance(e, EXPECTED_FAILURES):  # storage said no: its words are the story
+                    log.error("job %s (%s on %s) failed: %s", *what, e, extra=job.log_extra())
+                else:  # a bug: the stack is what finds it
+                    log.exception("job %s (%s on %s) failed", *what, extra=job.log_extra())
                 job.state, job.error = FAILED, public_error(e)
                 self.save(job)
                 return
