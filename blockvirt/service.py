@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import signal
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -282,11 +284,11 @@ class Service:
         if self.qos is not None:
             await self.qos.close()  # waiting requests go now: in-flight work must finish
         if self.nbd is not None:
-            await self.nbd.stop(self.config.shutdown_deadline)
+            await _timed("NBD sessions", self.nbd.stop(self.config.shutdown_deadline))
         if self._runner is not None:
-            await self._runner.cleanup()
+            await _timed("API requests", self._runner.cleanup())
         if self.volumes is not None:
-            await self.volumes.close(self.config.shutdown_deadline)  # jobs stop first
+            await _timed("storage", self.volumes.close(self.config.shutdown_deadline))  # jobs stop first
         if self.loop_lag is not None:
             self.loop_lag.stop()
         log.info("stopped")
@@ -326,6 +328,18 @@ class Service:
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+#: A step of the stop that takes longer says so: what held a stop is otherwise a guess.
+SLOW_STOP_STEP = 1.0
+
+
+async def _timed(what: str, step: Awaitable[None]) -> None:
+    started = time.monotonic()
+    await step
+    took = time.monotonic() - started
+    if took >= SLOW_STOP_STEP:
+        log.info("stop: waiting for %s took %.1f s", what, took)
 
 
 def _write_ready_file(path: str, info: dict[str, object]) -> None:

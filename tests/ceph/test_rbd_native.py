@@ -8,14 +8,15 @@ import dataclasses
 import errno
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from blockvirt.storage.backends.rbd import native
-from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection
+from blockvirt.storage.backends.rbd.cluster import CephConfig, CephConnection, Session
 from blockvirt.storage.backends.rbd.errors import RbdError, rbd_error
 from blockvirt.storage.backends.rbd.image import AsyncImage
+from blockvirt.storage.backends.rbd.omap import OmapDocument
 from blockvirt.storage.backends.rbd.pool import RbdPool
 from tests.ceph.conftest import remove_image, unique
 
@@ -153,6 +154,62 @@ class _CountingPolls:
             return fn(*args)
 
         return counted
+
+
+class _SlowClose:
+    """Wraps a handle whose close() is held 0.5 s on its thread, noting the order of events.
+    If the client was shut down first, the real close is skipped: it would abort the test run
+    as it once aborted a fenced node (Objecter: FAILED ceph_assert(initialized))."""
+
+    def __init__(self, close: Callable[[], None], order: list[str]) -> None:
+        self._close, self._order = close, order
+
+    def close(self) -> None:
+        time.sleep(0.5)
+        if "client shut down" not in self._order:
+            self._close()
+            self._order.append("closed")
+
+
+def _noting_teardown(session: Session, order: list[str]) -> None:
+    real = session.teardown
+
+    def teardown() -> None:
+        order.append("client shut down")
+        real()
+
+    session.teardown = teardown  # type: ignore[method-assign]
+
+
+async def test_a_client_is_never_shut_down_under_a_close_under_way(ceph_config: CephConfig) -> None:
+    # A fenced node closes its volumes' images on tasks of their own (which its stop may
+    # cancel) while it replaces its client; a lost watch is closed the same way. The old
+    # client's teardown must wait for every such close still in librbd.
+    name = unique()
+    conn = CephConnection(ceph_config)
+    await conn.connect()
+    try:
+        pool = RbdPool(conn)
+        await pool.create(name, 16 * MiB)
+        img = await pool.open(name)
+        await img.write(b"d" * 4096, 0)
+        watch = await OmapDocument(conn, f"doc-{name}").watch(lambda _: None)
+        order: list[str] = []
+        img._close_blocking = _SlowClose(img._close_blocking, order).close  # type: ignore[method-assign]
+        watch._handle = _SlowClose(watch._handle.close, order)
+        _noting_teardown(conn.session, order)
+        closing = [asyncio.ensure_future(img.close()), asyncio.ensure_future(watch.close())]
+        await asyncio.sleep(0.1)  # both closes are on their threads now
+        for task in closing:
+            task.cancel()  # their callers give up: the closes go on
+        await conn.close()
+        assert order == ["closed", "closed", "client shut down"], order
+    finally:
+        await conn.close()
+        async with CephConnection(ceph_config) as c:
+            await remove_image(RbdPool(c), name)
+            with contextlib.suppress(Exception):
+                await c.run(lambda: c.session.ioctx.remove_object(f"doc-{name}"))
 
 
 async def test_the_loop_never_polls_an_image_while_it_closes(pool: RbdPool) -> None:

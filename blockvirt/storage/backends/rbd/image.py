@@ -124,6 +124,8 @@ class AsyncImage:
         self._idle.set()
         self._closing = False
         self._closed = False
+        #: The close, once begun (see _retire).
+        self._closer: asyncio.Task[None] | None = None
         #: A control call never returned (see _stuck): the image is never closed.
         self._stuck_open = False
         #: The eventfd-completed data path, or None for python3-rbd's callbacks.
@@ -740,33 +742,41 @@ class AsyncImage:
         """Wait for in-flight ops, then close the image (releasing its lock). Idempotent."""
         if self._stuck_open:
             return
-        if self._closing:
-            await self._idle.wait()
-            return
         await self._retire()
 
     async def _retire(self) -> None:
-        self._closing = True
-        self._session.users.discard(self)
-        if self._stuck_open:
-            return  # a call is inside librbd with it for good (see _stuck)
-        # Every in-flight op ends: librados fails it within the op timeout at worst.
-        await self._idle.wait()
-        if self._closed:
-            return
-        self._closed = True
-        self._begin()
-        if self._native is not None:  # nothing is in flight: no completion is to come
-            self._native.stop_watching()  # the loop must not poll the image while it closes
+        """Close the image, or wait for the close under way. The close runs as a task of its
+        own, which a cancelled caller does not stop: a close abandoned half-way would go on
+        in its thread while the client it uses is shut down. The image stays among its
+        session's users until the close has returned, so the session's teardown (which
+        retires every user first) never shuts the client down under it."""
+        if self._closer is None:
+            self._closing = True
+            self._closer = asyncio.ensure_future(self._close_now())
+        await asyncio.shield(self._closer)
+
+    async def _close_now(self) -> None:
         try:
-            loop = self._loop
-            await loop.run_in_executor(self._session.executor, self._close_blocking)
-        except RuntimeError:  # the executor is gone; the handle goes with the client
-            pass
+            if self._stuck_open:
+                return  # a call is inside librbd with it for good (see _stuck)
+            # Every in-flight op ends: librados fails it within the op timeout at worst.
+            await self._idle.wait()
+            if self._closed:
+                return
+            self._closed = True
+            self._begin()
+            if self._native is not None:  # nothing is in flight: no completion is to come
+                self._native.stop_watching()  # the loop must not poll the image while it closes
+            try:
+                await self._loop.run_in_executor(self._session.executor, self._close_blocking)
+            except RuntimeError:  # the executor is gone; the handle goes with the client
+                pass
+            finally:
+                if self._native is not None:
+                    self._native.close()
+                self._end()
         finally:
-            if self._native is not None:
-                self._native.close()
-            self._end()
+            self._session.users.discard(self)
 
     def _close_blocking(self) -> None:
         try:

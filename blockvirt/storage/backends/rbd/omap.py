@@ -67,6 +67,7 @@ class OmapWatch:
         self._handle = handle
         self._on_error = on_error
         self._closed = False
+        self._closer: asyncio.Task[None] | None = None
         session.users.add(self)
 
     @property
@@ -78,10 +79,15 @@ class OmapWatch:
         await self._retire()
 
     async def _retire(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._session.users.discard(self)
+        """Unregister, or wait for the unregistering under way: in a task of its own that a
+        cancelled caller does not stop, and among the session's users until it is done, so
+        the client is never shut down while it runs (as for AsyncImage._retire)."""
+        if self._closer is None:
+            self._closed = True
+            self._closer = asyncio.ensure_future(self._unwatch())
+        await asyncio.shield(self._closer)
+
+    async def _unwatch(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._session.executor, self._handle.close)
         except Exception as e:  # a fenced client cannot unregister; the OSD times the watch out
@@ -89,6 +95,8 @@ class OmapWatch:
             # The binding's finalizer would try again wherever the last reference drops (on
             # the loop, blocking it; or after the client's shutdown, printing an exception).
             keep_for_good(self._handle)
+        finally:
+            self._session.users.discard(self)
         if self._on_error is not None:
             self._on_error(errno.ESHUTDOWN)
 
