@@ -184,6 +184,33 @@ async def test_deleting_a_volume_just_used_removes_its_image(
     assert f"image {name} moved to the RBD trash" not in rbd_server.log()
 
 
+async def test_a_volume_left_in_the_trash_is_purged_in_the_background(
+    rbd_server: BlockvirtServer, ceph_view: CephView, ceph_cluster: CephCluster
+) -> None:
+    # A delete that met a stale watch moves the image to the RBD trash; only a purge removes
+    # it from there, and deletes of clones are not the only purges: the server's periodic
+    # look purges too (every 6th look; 1 s apart in these tests). A foreign image in the
+    # trash, or one of ours whose snapshots clones still read, is left alone.
+    ours, foreign = unique("trashed"), unique("theirs")
+    for image in (ours, foreign):
+        ceph_cluster.rbd("create", "--size", "4M", ceph_view.spec(image))
+    ceph_cluster.rbd("image-meta", "set", ceph_view.spec(ours), "blockvirt.volume", ours)
+    for image in (ours, foreign):
+        ceph_cluster.rbd("trash", "mv", ceph_view.spec(image))
+
+    def trash() -> list[str]:
+        return [
+            t["name"]
+            for t in json.loads(ceph_cluster.rbd("trash", "ls", "-p", ceph_view.pool, "--format", "json"))
+        ]
+
+    assert sorted(trash()) == sorted([ours, foreign])
+    wait_for("the trashed volume purged", lambda: ours not in trash() or None, timeout=20, every=1.0)
+    assert trash() == [foreign]
+    assert f"image {ours} (id " in rbd_server.log() and "removed from the RBD trash" in rbd_server.log()
+    ceph_cluster.rbd("trash", "purge", "-p", ceph_view.pool)
+
+
 async def test_trim_and_write_zeroes_give_space_back(
     rbd_server: BlockvirtServer, ceph_view: CephView
 ) -> None:

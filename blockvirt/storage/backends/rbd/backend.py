@@ -80,6 +80,8 @@ from blockvirt.storage.work import JobKind, JobView, WorkContext
 log = logging.getLogger("blockvirt.rbd")
 
 RBD_BACKEND = "rbd"
+#: Every how many looks at the figures (RbdTuning.figures_interval) the RBD trash is purged.
+TRASH_PURGE_EVERY = 6
 #: How long a first request waits for a planned move to this node to be handed over (the
 #: owner drains, flushes and releases in tens of milliseconds; one that dies meanwhile is
 #: presumed dead within DEAD_AFTER and the volume taken over).
@@ -685,12 +687,18 @@ class RbdBackend:
 
     # ------------------------------------------------------------ figures (cached)
     async def _figures_loop(self) -> None:
+        looks = 0
         while True:
             await asyncio.sleep(self.tuning.figures_interval)
+            looks += 1
             for st in list(self.pools.values()):
                 if st.ready:
                     try:
                         await self._refresh(st)
+                        if looks % TRASH_PURGE_EVERY == 0 and st.images is not None:
+                            # An image trashed while a stale watch held it is removed
+                            # only by a purge: deletes of clones purge, and so does this.
+                            await purge_trash(st.images)
                     except Exception as e:  # a look that fails keeps the last figures
                         log.debug("pool %s: figures: %s", st.rec.name, e)
 

@@ -93,9 +93,14 @@ async def remove_image(images: RbdPool, name: str, *, busy_wait: float = 0.0) ->
                 return
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 raise
+            why = (
+                "clones still read its snapshots"
+                if e.errno == errno.ENOTEMPTY
+                else "still watched (a stale watch?); removed from the trash later"
+            )
         try:
             await images.trash_move(name)
-            log.info("image %s moved to the RBD trash: clones still read its snapshots", name)
+            log.info("image %s moved to the RBD trash: %s", name, why)
             return
         except RbdError as e:
             # Neither removed nor trashed: the image has a watcher (the trash takes an
@@ -127,7 +132,12 @@ async def purge_trash(images: RbdPool) -> None:
                 await images.trash_remove(t.id)
                 log.info("image %s (id %s) removed from the RBD trash", t.name, t.id)
             except StorageError as e:
-                log.warning("image %s (id %s) stays in the RBD trash: %s", t.name, t.id, e)
+                if e.errno == errno.ENOENT:
+                    continue  # another node of the pool removed it first
+                # Still watched (a stale watch Ceph drops within about 30 s): the next
+                # purge tries again.
+                level = logging.INFO if e.errno == errno.EBUSY else logging.WARNING
+                log.log(level, "image %s (id %s) stays in the RBD trash for now: %s", t.name, t.id, e)
 
 
 async def remove_quietly(images: RbdPool, name: str) -> None:
