@@ -698,7 +698,7 @@ class RbdBackend:
                         if looks % TRASH_PURGE_EVERY == 0 and st.images is not None:
                             # An image trashed while a stale watch held it is removed
                             # only by a purge: deletes of clones purge, and so does this.
-                            await purge_trash(st.images)
+                            await purge_trash(st.images, background=True)
                     except Exception as e:  # a look that fails keeps the last figures
                         log.debug("pool %s: figures: %s", st.rec.name, e)
 

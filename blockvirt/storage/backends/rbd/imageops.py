@@ -117,14 +117,22 @@ async def remove_image(images: RbdPool, name: str, *, busy_wait: float = 0.0) ->
         await asyncio.sleep(2.0)
 
 
-async def purge_trash(images: RbdPool) -> None:
+async def purge_trash(images: RbdPool, *, background: bool = False) -> None:
     """Delete the volumes that waited in the RBD trash for their clones and now have none:
     with clone v2, a cloned snapshot stays (in the trash namespace) while a clone reads it,
-    and goes with the last clone; the image itself stays in the trash until removed."""
+    and goes with the last clone; the image itself stays in the trash until removed. Also
+    those trashed while a stale watch held them. `background`: the periodic purge."""
     try:
         entries = await images.trash()
     except StorageError as e:
-        log.warning("pool %s: cannot list the RBD trash: %s", images.name, e)
+        # The periodic purge of a pool whose cluster is away would say so every minute;
+        # the pool's state says it already.
+        log.log(
+            logging.DEBUG if background else logging.WARNING,
+            "pool %s: cannot list the RBD trash: %s",
+            images.name,
+            e,
+        )
         return
     for t in entries:
         if t.snapshots == 0 and MARK in t.metadata:  # ours, and no clone needs it any more
