@@ -114,9 +114,6 @@ class NodeReplica:
             del self._locks[chunk]
             fut.set_result(None)
 
-    async def _locked(self, chunk: int, offset: int, length: int) -> int:
-        return await self._copy_locked(chunk, self._lock(chunk), offset, length)
-
     async def copy_chunk(self, chunk: int) -> int:
         """The pass: copy one dirty chunk (waits if a mirrored change holds it)."""
         while (lock := self._locks.get(chunk)) is not None:
@@ -128,7 +125,7 @@ class NodeReplica:
         self.dirty.discard(chunk)
         start, n = self._span(chunk)
         try:
-            copied = await self._locked(chunk, start, n) if n else 0
+            copied = await self._copy_locked(chunk, self._lock(chunk), start, n) if n else 0
         except (OSError, StorageError) as e:
             self.dirty.add(chunk)
             self.degraded = True  # guests would meet the same target: they stop mirroring
@@ -171,15 +168,18 @@ class NodeReplica:
         failed or is still running: then its chunk is dirty and mirroring degraded."""
         task = asyncio.ensure_future(op)
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.mirror_wait)
-            return True
-        except TimeoutError:
-            self.stalls += 1  # it goes on, holding its chunk's lock: the pass copies after it
-        except (OSError, StorageError) as e:
-            self._failed(e)  # never fail the guest: the pass copies it again
+            await asyncio.wait({task}, timeout=self.mirror_wait)  # never cancels the copy
         finally:
             if not task.done():  # timed out, or the guest's request was cancelled
                 task.add_done_callback(self._late)
+        if not task.done():
+            self.stalls += 1  # it goes on, holding its chunk's lock: the pass copies after it
+        elif (e := task.exception()) is None:
+            return True
+        elif isinstance(e, OSError | StorageError):
+            self._failed(e)  # never fail the guest: the pass copies it again
+        else:
+            raise e
         if chunk is not None:
             self.dirty.add(chunk)
         self.degraded = True
